@@ -1,0 +1,120 @@
+"""Dictionary files: one safetensors file holding every trained dictionary.
+
+Layout (see docs/architecture.md):
+- tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
+  (scope 'layer'), C = channel-split chunks (1 for keys, `value_split` for values),
+  N atoms of Dc = D / C channels, each atom of unit norm;
+- string metadata: `format` = 'csrtool-dicts', `version`, `config` (training config,
+  JSON), `source` (model, key_space, num_kv_heads, head_dim, tokens, JSON),
+  `errors` (per-dictionary train/val relative error, JSON), `fingerprint`
+  (sha256 of names, shapes and bytes of all atoms; checked on load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, safe_open, save_file
+
+from csrtool.errors import CsrError
+from csrtool.io import atomic_path
+
+FORMAT = "csrtool-dicts"
+VERSION = 1
+KINDS = ("k", "v")
+
+
+def dict_name(layer: int, kind: str) -> str:
+    assert kind in KINDS, kind
+    return f"layer.{layer}.{kind}"
+
+
+def fingerprint(atoms: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, shapes and float32 bytes: identifies a dictionary set."""
+    h = hashlib.sha256()
+    for name in sorted(atoms):
+        t = atoms[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DictSet:
+    """All dictionaries of one model, with the config and data that made them."""
+
+    atoms: dict[str, torch.Tensor]  # "layer.{l}.{k|v}" -> [G, C, N, Dc]
+    config: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def get(self, layer: int, kind: str) -> torch.Tensor:
+        name = dict_name(layer, kind)
+        if name not in self.atoms:
+            have = ", ".join(sorted(self.layers_str()))
+            raise CsrError(f"the dictionary file has no dictionary for {name} (it covers layers {have}): train one with csrtool train-dict --layers")
+        return self.atoms[name]
+
+    def layers_str(self) -> set[str]:
+        return {name.split(".")[1] for name in self.atoms}
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(name.split(".")[1]) for name in self.atoms})
+
+    @property
+    def n_atoms(self) -> int:
+        return next(iter(self.atoms.values())).shape[2]
+
+
+def save_dicts(path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict) -> str:
+    """Write a dictionary file atomically; returns its fingerprint."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(atoms.items())}
+    fp = fingerprint(tensors)
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "config": json.dumps(config, sort_keys=True),
+        "source": json.dumps(source, sort_keys=True),
+        "errors": json.dumps(errors, sort_keys=True),
+        "fingerprint": fp,
+    }
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return fp
+
+
+def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
+    """Read and verify a dictionary file; every problem is a CsrError naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CsrError(f"dictionary file {path} not found: train one with csrtool train-dict")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+        raise CsrError(f"{path} is not a readable dictionary file ({exc}): re-run csrtool train-dict") from None
+    if meta.get("format") != FORMAT:
+        raise CsrError(f"{path} is not a csrtool dictionary file (format {meta.get('format')!r}): pass the output of csrtool train-dict")
+    if int(meta.get("version", "0")) > VERSION:
+        raise CsrError(f"{path} has dictionary format version {meta['version']}, newer than this csrtool ({VERSION}): upgrade csrtool")
+    fp = fingerprint(tensors)
+    if fp != meta.get("fingerprint"):
+        raise CsrError(f"{path} was modified after training (fingerprint mismatch): re-run csrtool train-dict")
+    try:
+        config, source, errors = (json.loads(meta.get(k, "{}")) for k in ("config", "source", "errors"))
+    except json.JSONDecodeError:
+        raise CsrError(f"{path} has corrupted metadata: re-run csrtool train-dict") from None
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise CsrError(f"{path}: dictionary {name} has shape {list(t.shape)}, expected [G, C, N, Dc]")
+    atoms = {k: v.to(device) for k, v in tensors.items()}
+    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp)
