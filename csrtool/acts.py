@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
 from csrtool.errors import CsrError
@@ -125,7 +125,7 @@ class ActsReader:
                     if name not in fh.keys():
                         raise CsrError(f"{self.dir / shard} has no tensor {name}: was layer {layer} collected? (see --layers)")
                     parts.append(fh.get_tensor(name).float())
-            except (SafetensorsError, OSError) as exc:
+            except (SafetensorError, OSError) as exc:
                 raise CsrError(f"{self.dir / shard} is unreadable ({exc}): re-run csrtool collect") from None
             have += parts[-1].shape[0]
             if max_tokens is not None and have >= max_tokens:

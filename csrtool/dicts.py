@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from csrtool.errors import CsrError
@@ -100,7 +100,7 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CsrError(f"{path} is not a readable dictionary file ({exc}): re-run csrtool train-dict") from None
     if meta.get("format") != FORMAT:
         raise CsrError(f"{path} is not a csrtool dictionary file (format {meta.get('format')!r}): pass the output of csrtool train-dict")

@@ -120,14 +120,14 @@ def _looks_safetensors(path: Path) -> bool:
 
 
 def _load_safetensors(path: Path) -> KVCache:
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             names = list(fh.keys())
             meta_raw = (fh.metadata() or {}).get("meta", "{}")
             tensors = {n: fh.get_tensor(n) for n in names}
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CsrError(f"{path} is not a readable safetensors cache ({exc})") from None
     n_layers = len([n for n in names if n.startswith("keys.")])
     try:
