@@ -1,0 +1,230 @@
+"""`csrtool compress`, `decompress`, `inspect`: the .csr file (docs/format.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from tqdm import tqdm
+
+from csrtool.cli import app
+from csrtool.cli.common import ForceOpt, JsonOpt, err, guarded, out, write_json
+from csrtool.errors import CsrError
+from csrtool.io import check_output
+
+DictsOpt = Annotated[Path, typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict.")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
+
+
+# ---------------------------------------------------------------- lazy cache input
+
+
+class _LazyTensors(Sequence):
+    """Tensors of a safetensors file read one at a time (bounded memory)."""
+
+    def __init__(self, fh, names: list[str]) -> None:
+        self.fh, self.names = fh, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.fh.get_tensor(self.names[i])
+
+
+def open_cache(path: Path):
+    """A validated KVCache whose tensors are memory-mapped or read lazily, layer by layer.
+
+    Falls back to csrtool.kvcache.load_cache (and its error messages) for anything
+    that is not a zip .pt or a safetensors file. Never unpickles code."""
+    from csrtool import kvcache
+
+    path = Path(path)
+    if not path.is_file():
+        raise CsrError(f"cache file {path} not found")
+    if kvcache._looks_safetensors(path):
+        return _open_safetensors(path)
+    if zipfile.is_zipfile(path):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - load_cache reports the precise problem
+            return kvcache.load_cache(path)
+        return kvcache.from_object(obj, name=str(path)).validate(str(path))
+    return kvcache.load_cache(path)
+
+
+def _open_safetensors(path: Path):
+    import json
+
+    from safetensors import SafetensorsError, safe_open
+
+    from csrtool import kvcache
+
+    try:
+        fh = safe_open(str(path), framework="pt")
+        names = set(fh.keys())
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise CsrError(f"{path} is not a readable safetensors cache ({exc})") from None
+    n = len([x for x in names if x.startswith("keys.")])
+    if not all(f"keys.{i}" in names and f"values.{i}" in names for i in range(n)):
+        raise CsrError(f"{path}: a safetensors cache needs tensors keys.0..keys.{{L-1}} and values.0..values.{{L-1}}")
+    cache = kvcache.KVCache(_LazyTensors(fh, [f"keys.{i}" for i in range(n)]), _LazyTensors(fh, [f"values.{i}" for i in range(n)]), meta)
+    return cache.validate(str(path))
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, unit="layer", desc=desc, disable=None, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _parse_sparsity(spec: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in spec.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise CsrError(f"--sparsity {spec!r} is not valid: pass S (keys and values) or SK,SV, positive integers")
+    return (parts[0], parts[-1])
+
+
+@app.command()
+@guarded
+def compress(
+    cache: Annotated[Path, typer.Argument(help="KV cache: csrtool cache .pt, legacy tuple .pt, or safetensors.")],
+    dicts: DictsOpt,
+    output: OutputOpt,
+    bits: Annotated[Optional[float], typer.Option("--bits", "-b", help="Target code bits per channel (K and V averaged). Default 1.")] = None,
+    sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Atoms per vector: S, or SK,SV (values: per chunk).")] = None,
+    coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16 or int8.")] = "fp8",
+    window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed (default 16).")] = None,
+    method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
+    force: ForceOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Compress a KV cache into a .csr file with sparse codes over a dictionary."""
+    from csrtool import codec, csrfile
+    from csrtool.dicts import load_dicts
+
+    check_output(output, force=force)
+    if bits is not None and sparsity is not None:
+        raise CsrError("pass either --bits or --sparsity, not both")
+    ds = load_dicts(dicts)
+    kv = open_cache(cache)
+    if sparsity is not None:
+        s_k, s_v = _parse_sparsity(sparsity)
+    else:
+        v_split = ds.get(0, "v").shape[1]
+        s_k, s_v = codec.choose_sparsity(1.0 if bits is None else bits, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
+    cfg = codec.CodecConfig(s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window)
+    header = csrfile.make_header(kv, ds, cfg)
+    with _bar(len(header.layers), "compress") as bar:
+        size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
+    report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method,
+              "window": cfg.window, "target_bits": bits, **csrfile.size_report(header, size)}
+    cb = report["code_bits_per_channel"]
+    (err if str(json_out) == "-" else out).print(
+        f"wrote {output}: {size:,} bytes, {report['ratio_vs_fp16']:.2f}x smaller than fp16; "
+        f"S_k={s_k} S_v={s_v} ({coef}), code bits/channel K {cb['k']:.4f} V {cb['v']:.4f} avg {cb['avg']:.4f}; "
+        f"file bits/channel {report['bits_per_channel']['with_header']:.4f} (window {cfg.window})"
+    )
+    write_json(json_out, report)
+
+
+@app.command()
+@guarded
+def decompress(
+    file: Annotated[Path, typer.Argument(help="A .csr file from csrtool compress.")],
+    dicts: DictsOpt,
+    output: OutputOpt,
+    force: ForceOpt = False,
+) -> None:
+    """Rebuild a KV cache (.pt, loadable with csrtool.kvcache.load_cache) from a .csr file."""
+    from csrtool import csrfile
+    from csrtool.dicts import load_dicts
+
+    check_output(output, force=force)
+    reader = csrfile.open_csr(file)
+    ds = load_dicts(dicts)
+    reader.check_dicts(ds)
+    hd = reader.header
+    with _spill(output, hd) as (keys, values):
+        with _bar(len(hd.layers), "decompress") as bar:
+            for i, k, v in reader.layers(ds):
+                keys[i].copy_(k)
+                values[i].copy_(v)
+                bar.update()
+        from csrtool.kvcache import KVCache, save_cache
+
+        save_cache(output, KVCache(keys, values, dict(hd.meta)))
+    out.print(f"wrote {output}: {len(hd.layers)} layers, {hd.n_tokens} tokens, {hd.dtype}")
+
+
+@contextlib.contextmanager
+def _spill(output: Path, hd):
+    """Output tensors backed by a scratch file beside `output` (memory-mapped), removed after."""
+    dtype = hd.torch_dtype
+    shapes = [s for i in range(len(hd.layers)) for s in hd.shapes(i)]
+    total = sum(int(torch.Size(s).numel()) for s in shapes)
+    fd, scratch = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".scratch", dir=output.parent or ".")
+    os.close(fd)
+    try:
+        storage = torch.from_file(scratch, shared=True, size=max(total, 1), dtype=dtype)
+        tensors, pos = [], 0
+        for s in shapes:
+            n = int(torch.Size(s).numel())
+            tensors.append(storage[pos : pos + n].view(s))
+            pos += n
+        yield tensors[0::2], tensors[1::2]
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+
+
+@app.command()
+@guarded
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .csr file from csrtool compress.")],
+    dicts: Annotated[Optional[Path], typer.Option("--dicts", "-d", help="Dictionary file: amortise its real size.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the header and sizes as JSON on stdout.")] = False,
+) -> None:
+    """Show a .csr file's header, sizes, bits per channel and compression ratios (verifies the checksum)."""
+    import json
+
+    from csrtool import csrfile
+
+    reader = csrfile.open_csr(file)
+    hd = reader.header
+    dict_bytes = None
+    if dicts is not None:
+        if not Path(dicts).is_file():
+            raise CsrError(f"dictionary file {dicts} not found")
+        dict_bytes = Path(dicts).stat().st_size
+    report = {"file": str(file), "header": hd.to_json(), **csrfile.size_report(hd, reader.size, dict_bytes)}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    cfg, bpc = hd.config, report["bits_per_channel"]
+    b, h, t, dk, dv = hd.layers[0]
+    out.print(f"[bold]{file}[/bold]  .csr v{csrfile.VERSION}  model {hd.model or '?'}  dtype {hd.dtype}")
+    out.print(f"  shape     {len(hd.layers)} layers x [B={b}, H={h}, T={t}, Dk={dk}, Dv={dv}]")
+    out.print(f"  codec     N={hd.n_atoms} ({report['header']['codec']['index_bits']}-bit indices), S_k={cfg.sparsity_k}, "
+              f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}")
+    out.print(f"  keys      coded {hd.key_space}, cache {hd.cache_key_space}; dictionary {hd.dict_fingerprint[:16]} ({hd.dict_scope} scope)")
+    out.print(f"  size      {reader.size:,} bytes = header {report['header_bytes']:,} + payload {report['payload_bytes']:,} + checksum 32")
+    cb = report["code_bits_per_channel"]
+    out.print(f"  bits/ch   codes K {cb['k']:.4f} V {cb['v']:.4f}; payload {bpc['payload']:.4f}; with header {bpc['with_header']:.4f}; "
+              f"with dictionary {bpc['with_dict']:.4f} ({report['dict_bytes']:,} bytes over {hd.n_tokens} tokens)")
+    out.print(f"  ratio     {report['ratio_vs_fp16']:.2f}x vs fp16, {report['ratio_vs_original']:.2f}x vs {hd.dtype}")
+    out.print("  checksum  ok")

@@ -1,0 +1,128 @@
+"""Bit-packing of atom indices and quantisation of coefficients (docs/format.md §3).
+
+Pure torch, device-agnostic, no Python loop per element:
+
+    index_bits(N) -> b = ceil(log2 N)
+    pack_indices(idx [n] int, b) -> uint8 [ceil(n*b/8)]      LSB-first bit stream
+    unpack_indices(buf uint8, n, b) -> int64 [n]
+    quantize(coef [G, M, K], fmt) -> (q [G, M, K], g [G] f32, v [G, M] f16 | None)
+    dequantize(q, g, v, fmt) -> float32 [G, M, K]
+
+G groups share one float32 scale g; M vectors (int8 only) share one float16
+scale v; K = C*S coefficients per vector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+COEF_FORMATS = ("fp16", "fp8", "int8")
+COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8}
+VECTOR_SCALE_BITS = {"fp16": 0, "fp8": 0, "int8": 16}
+_STORE_DTYPE = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+FP8_MAX = 448.0
+FP16_LIMIT = 32768.0
+INT8_MAX = 127
+
+
+def index_bits(n_atoms: int) -> int:
+    """Bits per index: ceil(log2 N), at least 1."""
+    assert n_atoms >= 2, n_atoms
+    return max(1, math.ceil(math.log2(n_atoms)))
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+CHUNK = 1 << 18  # elements per step: a multiple of 8, so every chunk ends on a byte boundary
+
+
+def pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack n non-negative integers < 2**bits into ceil(n*bits/8) bytes, LSB first."""
+    idx = idx.reshape(-1)
+    n = idx.numel()
+    if n > CHUNK:
+        return torch.cat([_pack(idx[s : s + CHUNK].to(torch.int64), bits) for s in range(0, n, CHUNK)])
+    return _pack(idx.to(torch.int64), bits)
+
+
+def _pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    n = idx.numel()
+    shifts = torch.arange(bits, device=idx.device, dtype=torch.int64)
+    stream = ((idx[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)  # [n*bits]
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=idx.device, dtype=torch.int64)).to(torch.uint8)
+    out = (stream.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+    assert out.numel() == packed_nbytes(n, bits)
+    return out
+
+
+def unpack_indices(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, bool]:
+    """Inverse of pack_indices: (int64 [n], padding_is_zero)."""
+    assert buf.dtype == torch.uint8 and buf.numel() == packed_nbytes(n, bits)
+    if n > CHUNK:
+        step = CHUNK * bits // 8
+        parts = [
+            _unpack(buf[s * bits // 8 : s * bits // 8 + step] if s + CHUNK < n else buf[s * bits // 8 :], min(CHUNK, n - s), bits)
+            for s in range(0, n, CHUNK)
+        ]
+        return torch.cat([p[0] for p in parts]), all(p[1] for p in parts)
+    return _unpack(buf, n, bits)
+
+
+def _unpack(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, bool]:
+    shifts = torch.arange(8, device=buf.device, dtype=torch.uint8)
+    stream = ((buf[:, None] >> shifts) & 1).reshape(-1)  # [8*nbytes]
+    pad_ok = bool((stream[n * bits :] == 0).all())
+    weights = 1 << torch.arange(bits, device=buf.device, dtype=torch.int64)
+    idx = (stream[: n * bits].reshape(n, bits).to(torch.int64) * weights).sum(dim=1)
+    return idx, pad_ok
+
+
+def quantize(coef: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantise coef [G, M, K] (float) to storage format; returns (q, g [G] f32, v [G, M] f16 or None)."""
+    assert fmt in COEF_FORMATS, fmt
+    c = coef.to(torch.float32)
+    absmax = c.abs().amax(dim=(1, 2)) if c.numel() else c.new_zeros(c.shape[0])  # [G]
+    if fmt == "fp16":
+        g = torch.where(absmax > FP16_LIMIT, absmax / FP16_LIMIT, torch.ones_like(absmax))
+        q = (c / g[:, None, None]).to(torch.float16)
+        return q, g, None
+    if fmt == "fp8":
+        g = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+        q = (c / g[:, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return q, g, None
+    g = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
+    vmax = c.abs().amax(dim=2) if c.shape[2] else c.new_zeros(c.shape[:2])  # [G, M]
+    v = (vmax / (INT8_MAX * g[:, None])).to(torch.float16)
+    denom = v.to(torch.float32) * g[:, None]  # [G, M]
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    q = torch.round(c / safe[:, :, None]).clamp(-INT8_MAX, INT8_MAX)
+    q = torch.where(denom[:, :, None] > 0, q, torch.zeros_like(q)).to(torch.int8)
+    return q, g, v
+
+
+def dequantize(q: torch.Tensor, g: torch.Tensor, v: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """float32 [G, M, K] coefficients from storage (docs/format.md §3.2)."""
+    assert fmt in COEF_FORMATS, fmt
+    c = q.to(torch.float32)
+    if fmt == "int8":
+        assert v is not None
+        c = c * v.to(torch.float32)[:, :, None]
+    return c * g.to(torch.float32)[:, None, None]
+
+
+def to_bytes_view(q: torch.Tensor) -> torch.Tensor:
+    """Storage elements as a flat uint8 tensor (little-endian machines)."""
+    return q.contiguous().reshape(-1).view(torch.uint8)
+
+
+def from_bytes_view(buf: torch.Tensor, fmt_or_dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of to_bytes_view for a coefficient format name or a torch dtype."""
+    dtype = _STORE_DTYPE[fmt_or_dtype] if isinstance(fmt_or_dtype, str) else fmt_or_dtype
+    return buf.contiguous().view(dtype).reshape(shape)
