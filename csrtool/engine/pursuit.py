@@ -1,49 +1,244 @@
 """Sparse coding: batched Matching Pursuit and Orthogonal Matching Pursuit.
 
-PLACEHOLDER: a simple, correct version of the final API. The fast Gram-form
-implementation (incremental Cholesky OMP) replaces the bodies, not the API.
-
-    encode(x [B, D], atoms [N, D], sparsity S, method) -> (idx [B, S] int64, coef [B, S])
+    encode(x [B, D], atoms [N, D], S, method) -> (idx [B, S] int64, coef [B, S] float32)
     decode(idx [B, S], coef [B, S], atoms [N, D]) -> [B, D]
+    encode_split(x [B, C*Dc], atoms [C, N, Dc], S) -> (idx [B, C, S], coef [B, C, S])
+    encode_groups(x [G, B, D], atoms [G, N, D], S) -> (idx [G, B, S], coef [G, B, S])
+
+Atoms are unit-norm rows. Everything runs in the "Gram form" (batch-OMP,
+Rubinstein/Zibulevsky/Elad 2008): the correlations a = X·Dᵀ [B, N] come from
+one GEMM per chunk, after which a step touches only rows of G = D·Dᵀ [N, N].
+
+- MP:  pick i = argmax |a|, c = a[i], a ← a − c·G[i].
+- OMP: the support's Gram submatrix G_II = L·Lᵀ is Cholesky-factored one row per
+  step. With u_k = D·q_k the correlations of the k-th orthonormalised atom q_k
+  (Gram-Schmidt of the support), everything is incremental:
+      L[k, :k] = u_{:k}[i_k]                (the new Cholesky row is a gather)
+      L[k, k]  = sqrt(G[i_k, i_k] − |L[k, :k]|²)
+      γ_k      = a[i_k] / L[k, k]           (= forward substitution L·γ = a0[I])
+      u_k      = (G[i_k] − Σ_j L[k, j]·u_j) / L[k, k]
+      a       ← a − γ_k·u_k                 (= a0 − G[:, I]·coef, the OMP residual)
+  and the least-squares coefficients are coef = L⁻ᵀ·γ (one back substitution).
+  Chosen atoms are masked, so OMP never picks one twice; an atom (numerically)
+  in the span of the support gets coefficient 0 (this is what happens for S > D).
+
+When the batch is small next to N (B·(S−1) < N) building G costs more than it
+saves; then the rows G[i] and u_k are computed from the atoms by GEMM instead
+("direct form", same algorithm and same results up to rounding).
+
+Ties in argmax go to the lowest atom index. Half-precision inputs are computed
+in float32; float64 inputs stay float64. Vectors are processed in chunks, so
+memory is bounded by the chunk size, not by B.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 METHODS = ("mp", "omp")
+_CHUNK_ELEMS = 1 << 20  # default chunk: about this many [vector, atom] correlation entries
+
+
+def gram(atoms: torch.Tensor) -> torch.Tensor:
+    """G = D·Dᵀ: [N, D] -> [N, N], or per group [G, N, D] -> [G, N, N]; fp32 for half inputs."""
+    a = atoms.to(_compute_dtype(atoms.dtype))
+    return a @ a.transpose(-1, -2)
 
 
 def encode(
-    x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str = "omp", chunk: int = 4096
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    sparsity: int,
+    method: str = "omp",
+    chunk: int | None = None,
+    gram: torch.Tensor | bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code each row of x [B, D] with `sparsity` atoms of `atoms` [N, D] (unit rows)."""
-    assert method in METHODS, method
-    out_i, out_c = [], []
-    for start in range(0, x.shape[0], chunk):
-        xb = x[start : start + chunk].float()
-        a = atoms.float()
-        r = xb.clone()
-        idx = torch.zeros(xb.shape[0], sparsity, dtype=torch.long, device=x.device)
-        coef = torch.zeros(xb.shape[0], sparsity, dtype=torch.float32, device=x.device)
-        for s in range(sparsity):
-            corr = r @ a.T  # [B, N]
-            i = corr.abs().argmax(dim=1)
-            idx[:, s] = i
-            if method == "mp":
-                c = corr.gather(1, i[:, None])[:, 0]
-                coef[:, s] = c
-                r = r - c[:, None] * a[i]
-            else:
-                sub = a[idx[:, : s + 1]]  # [B, s+1, D]
-                sol = torch.linalg.lstsq(sub.transpose(1, 2), xb[:, :, None]).solution[:, :, 0]
-                coef[:, : s + 1] = sol
-                r = xb - (sol[:, :, None] * sub).sum(1)
-        out_i.append(idx)
-        out_c.append(coef)
-    return torch.cat(out_i), torch.cat(out_c)
+    """Code each row of x [B, D] with `sparsity` atoms of `atoms` [N, D] (unit rows).
+
+    Returns idx [B, S] int64 and coef [B, S] float32 on x's device. `chunk` bounds
+    how many vectors are coded at once (None: sized so a chunk's [B, N] work fits
+    in cache). `gram`: a precomputed D·Dᵀ [N, N] (from `gram(atoms)`), True/False
+    to force the Gram/direct form, or None to choose by cost.
+    """
+    if gram is not None and not isinstance(gram, bool):
+        gram = gram[None]
+    idx, coef = encode_groups(x[None], atoms[None], sparsity, method, chunk, gram)
+    return idx[0], coef[0]
 
 
 def decode(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
     """Reconstruct [B, D] vectors from codes: sum_s coef[:, s] * atoms[idx[:, s]]."""
-    return torch.einsum("bs,bsd->bd", coef.to(atoms.dtype), atoms[idx])
+    return decode_groups(idx[None], coef[None], atoms[None])[0]
+
+
+def encode_split(
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    sparsity: int,
+    method: str = "omp",
+    chunk: int | None = None,
+    gram: torch.Tensor | bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel split: x [B, C*Dc] with atoms [C, N, Dc] -> idx, coef [B, C, S].
+
+    Channel chunk c (columns c*Dc:(c+1)*Dc) is coded with atoms[c].
+    """
+    c, _, dc = atoms.shape
+    if x.shape[-1] != c * dc:
+        raise ValueError(f"x has {x.shape[-1]} channels but atoms [C={c}, N, Dc={dc}] cover {c * dc}")
+    xg = x.reshape(x.shape[0], c, dc).transpose(0, 1)  # [C, B, Dc]
+    idx, coef = encode_groups(xg, atoms, sparsity, method, chunk, gram)
+    return idx.transpose(0, 1).contiguous(), coef.transpose(0, 1).contiguous()
+
+
+def decode_split(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """Inverse of encode_split: idx, coef [B, C, S], atoms [C, N, Dc] -> [B, C*Dc]."""
+    out = decode_groups(idx.transpose(0, 1), coef.transpose(0, 1), atoms)  # [C, B, Dc]
+    return out.transpose(0, 1).reshape(idx.shape[0], -1)
+
+
+def decode_groups(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """idx, coef [G, B, S] with atoms [G, N, D] -> [G, B, D] (group g decoded with atoms[g])."""
+    g, n, d = atoms.shape
+    b, s = idx.shape[1], idx.shape[2]
+    cd = _compute_dtype(atoms.dtype)
+    flat_idx = (idx + torch.arange(g, device=idx.device).mul_(n)[:, None, None]).reshape(g * b, s)
+    out = F.embedding_bag(
+        flat_idx, atoms.reshape(g * n, d).to(cd), per_sample_weights=coef.reshape(g * b, s).to(cd), mode="sum"
+    )  # [G*B, D]
+    return out.view(g, b, d).to(atoms.dtype)
+
+
+def encode_groups(
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    sparsity: int,
+    method: str = "omp",
+    chunk: int | None = None,
+    gram: torch.Tensor | bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code group g of x [G, B, D] with atoms[g] of [G, N, D]: idx, coef [G, B, S].
+
+    All groups go through one bmm per chunk (e.g. one dictionary per KV head).
+    `gram` as in `encode`, with a precomputed Gram of shape [G, N, N].
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if x.dim() != 3 or atoms.dim() != 3 or x.shape[0] != atoms.shape[0] or x.shape[2] != atoms.shape[2]:
+        raise ValueError(f"need x [G, B, D] and atoms [G, N, D], got {tuple(x.shape)} and {tuple(atoms.shape)}")
+    s = int(sparsity)
+    g, b, d = x.shape
+    n = atoms.shape[1]
+    if s < 1 or (method == "omp" and s > n):
+        raise ValueError(f"sparsity must be in 1..N={n} for {method}, got {sparsity}")
+    dev = x.device
+    idx = torch.empty(g, b, s, dtype=torch.long, device=dev)
+    coef = torch.empty(g, b, s, dtype=torch.float32, device=dev)
+    if b == 0:
+        return idx, coef
+    cd = _compute_dtype(torch.promote_types(x.dtype, atoms.dtype))
+    with torch.no_grad():
+        atoms_c = atoms.to(device=dev, dtype=cd).contiguous()
+        if gram is None:
+            gram = b * g * max(s - 1, 1) >= n * g  # the Gram pays off when B·(S−1) ≥ N
+        if gram is True:
+            gram = atoms_c @ atoms_c.transpose(1, 2)  # [G, N, N]
+        elif gram is not False:
+            gram = gram.to(device=dev, dtype=cd)
+        if chunk is None:
+            chunk = max(16, _CHUNK_ELEMS // (n * (s + 1 if method == "omp" else 1)))
+        per = max(1, chunk // g)  # vectors per group per chunk
+        for start in range(0, b, per):
+            stop = min(b, start + per)
+            xb = x[:, start:stop].to(cd)
+            i, c = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method)
+            idx[:, start:stop] = i.view(g, stop - start, s)
+            coef[:, start:stop] = c.view(g, stop - start, s)
+    return idx, coef
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _argmax_abs(a: torch.Tensor) -> torch.Tensor:
+    """argmax_j |a[:, j]| per row, lowest index on ties: [M, N] -> [M]."""
+    return a.abs().argmax(dim=1)
+
+
+def _pursuit(
+    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: x [G, B, D], atoms [G, N, D], gram [G, N, N] or None -> idx, coef [G*B, S]."""
+    g, b, d = x.shape
+    n = atoms.shape[1]
+    m = g * b  # rows of the flat layout
+    dev, dt = x.device, x.dtype
+    atoms_t = atoms.transpose(1, 2)  # [G, D, N]
+    atoms_flat = atoms.view(g * n, d)  # [G*N, D]
+    base = torch.arange(g, device=dev).mul_(n).repeat_interleave(b)  # [M] row offset of each vector's group
+    a = torch.bmm(x, atoms_t).view(m, n)  # [M, N] correlations
+
+    def gram_rows(i: torch.Tensor) -> torch.Tensor:  # [M] -> G[i] [M, N]
+        if gram is not None:
+            return gram.view(g * n, n).index_select(0, base + i)
+        return torch.bmm(atoms_flat.index_select(0, base + i).view(g, b, d), atoms_t).view(m, n)
+
+    idx = torch.empty(m, s, dtype=torch.long, device=dev)
+    if method == "mp":
+        coef = torch.empty(m, s, dtype=dt, device=dev)
+        for k in range(s):
+            i = _argmax_abs(a)
+            c = a.gather(1, i[:, None])  # [M, 1]
+            idx[:, k], coef[:, k] = i, c[:, 0]
+            if k + 1 < s:
+                a.addcmul_(gram_rows(i), c, value=-1)
+        return idx, coef.float()
+
+    diag = gram.diagonal(dim1=1, dim2=2).reshape(-1) if gram is not None else atoms_flat.pow(2).sum(1)  # [G*N]
+    tol = 100 * torch.finfo(dt).eps
+    chol = torch.zeros(m, s, s, dtype=dt, device=dev)  # L, lower triangular
+    gamma = torch.zeros(m, s, dtype=dt, device=dev)  # L·γ = a0[support]
+    basis = torch.empty(m, max(s - 1, 1), n if gram is not None else d, dtype=dt, device=dev)  # u_k or q_k
+    for k in range(s):
+        score = a.abs()
+        if k:
+            score.scatter_(1, idx[:, :k], -1.0)
+        i = score.argmax(dim=1)  # [M]
+        idx[:, k] = i
+        di = diag[base + i]  # [M]
+        if k == 0:
+            l, d2 = None, di
+        elif gram is not None:
+            l = basis[:, :k].gather(2, i.view(m, 1, 1).expand(m, k, 1)).view(m, k)  # u_j[i] = L[k, j]
+            d2 = di - (l * l).sum(1)
+        else:
+            atom = atoms_flat.index_select(0, base + i)  # [M, D]
+            l = torch.bmm(basis[:, :k], atom[:, :, None]).view(m, k)  # q_j·d_i = L[k, j]
+            d2 = di - (l * l).sum(1)
+        ok = d2 > tol * di  # False: atom in the span of the support, give it coefficient 0
+        lkk = torch.where(ok, d2.clamp_min(tol).sqrt(), torch.ones_like(d2))
+        gk = torch.where(ok, a.gather(1, i[:, None])[:, 0] / lkk, torch.zeros_like(d2))
+        chol[:, k, k], gamma[:, k] = lkk, gk
+        if l is not None:
+            chol[:, k, :k] = l * ok[:, None]
+        if k + 1 == s:
+            break
+        scale = (ok / lkk)[:, None]
+        if gram is not None:
+            u = gram_rows(i)  # [M, N]
+            if l is not None:
+                u = torch.baddbmm(u[:, None, :], l[:, None, :], basis[:, :k], alpha=-1).view(m, n)
+            u.mul_(scale)
+        else:
+            q = atom if l is not None else atoms_flat.index_select(0, base + i)
+            if l is not None:
+                q = torch.baddbmm(q[:, None, :], l[:, None, :], basis[:, :k], alpha=-1).view(m, d)
+            q = q * scale
+            u = torch.bmm(q.view(g, b, d), atoms_t).view(m, n)
+            u_store = q
+        basis[:, k] = u if gram is not None else u_store
+        a.addcmul_(u, gk[:, None], value=-1)
+    coef = torch.linalg.solve_triangular(chol.transpose(1, 2), gamma[:, :, None], upper=True)[:, :, 0]
+    return idx, coef.float()

@@ -1,0 +1,263 @@
+"""Pursuit engine: parity with a slow float64 reference loop, and properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csrtool.engine import pursuit
+
+FORMS = [True, False]  # Gram form, direct form
+
+
+# --- the slow, obvious reference: one vector at a time, float64, explicit lstsq ---
+
+
+def ref_mp(x: torch.Tensor, atoms: torch.Tensor, s: int) -> tuple[list[int], list[float]]:
+    r, idx, coef = x.double().clone(), [], []
+    a = atoms.double()
+    for _ in range(s):
+        corr = a @ r
+        i = int(corr.abs().argmax())
+        idx.append(i)
+        coef.append(float(corr[i]))
+        r = r - corr[i] * a[i]
+    return idx, coef
+
+
+def ref_omp(x: torch.Tensor, atoms: torch.Tensor, s: int) -> tuple[list[int], list[float]]:
+    x, a = x.double(), atoms.double()
+    r, idx, sol = x.clone(), [], torch.zeros(0, dtype=torch.float64)
+    for _ in range(s):
+        score = (a @ r).abs()
+        score[idx] = -1.0
+        idx.append(int(score.argmax()))
+        sol = torch.linalg.lstsq(a[idx].T, x[:, None]).solution[:, 0]
+        r = x - a[idx].T @ sol
+    return idx, sol.tolist()
+
+
+REF = {"mp": ref_mp, "omp": ref_omp}
+
+
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=-1, keepdim=True)
+
+
+def random_case(seed: int, b: int, n: int, d: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    atoms = unit_rows(torch.randn(n, d, generator=gen, dtype=torch.float64)).to(dtype)
+    x = torch.randn(b, d, generator=gen, dtype=torch.float64).to(dtype)
+    return x, atoms
+
+
+def rel_err(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Per-vector ‖x − x̂‖² / ‖x‖² in float64: [B]."""
+    x, x_hat = x.double(), x_hat.double()
+    return (x - x_hat).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-300)
+
+
+# --- parity with the reference ---
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+@pytest.mark.parametrize("form", FORMS)
+def test_matches_reference(method: str, form: bool) -> None:
+    x, atoms = random_case(0, 200, 256, 32, torch.float64)
+    s = 6
+    idx, coef = pursuit.encode(x, atoms, s, method, gram=form)
+    assert idx.dtype == torch.int64 and coef.dtype == torch.float32 and idx.shape == (200, s)
+    x_hat = pursuit.decode(idx, coef.double(), atoms)
+    for b in range(x.shape[0]):
+        ref_idx, ref_coef = REF[method](x[b], atoms, s)
+        assert idx[b].tolist() == ref_idx
+        ref_hat = torch.tensor(ref_coef, dtype=torch.float64) @ atoms[ref_idx]
+        e_fast, e_ref = rel_err(x[b], x_hat[b]), rel_err(x[b], ref_hat)
+        assert abs(float(e_fast - e_ref)) <= 1e-5 * float(e_ref) + 1e-12
+        torch.testing.assert_close(coef[b].double(), torch.tensor(ref_coef, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_float32_matches_reference_error(method: str) -> None:
+    x, atoms = random_case(1, 300, 512, 64)
+    s = 8
+    idx, coef = pursuit.encode(x, atoms, s, method)
+    e_fast = rel_err(x, pursuit.decode(idx, coef, atoms))
+    same = 0
+    for b in range(x.shape[0]):
+        ref_idx, ref_coef = REF[method](x[b], atoms, s)
+        if idx[b].tolist() == ref_idx:
+            same += 1
+            ref_hat = torch.tensor(ref_coef, dtype=torch.float64) @ atoms.double()[ref_idx]
+            assert abs(float(e_fast[b] - rel_err(x[b], ref_hat))) <= 1e-5 * float(rel_err(x[b], ref_hat)) + 1e-7
+    assert same >= 0.97 * x.shape[0]  # float32 rounding may flip a near-tie, rarely
+
+
+def test_argmax_picks_lowest_index_on_ties() -> None:
+    a = torch.tensor([[0.0, 1.0, -1.0, 1.0], [-2.0, 0.0, 2.0, 0.0]])
+    assert pursuit._argmax_abs(a).tolist() == [1, 0]
+    atoms = torch.eye(4)
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    for method in ("mp", "omp"):
+        idx, coef = pursuit.encode(x, atoms, 2, method)
+        assert idx.tolist() == [[1, 2]] and coef.tolist() == [[1.0, 1.0]]
+
+
+# --- properties ---
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), s=st.integers(1, 4), form=st.booleans())
+def test_omp_recovers_sparse_combination(seed: int, s: int, form: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    atoms = unit_rows(torch.randn(256, 64, generator=gen, dtype=torch.float64))
+    support = torch.randperm(256, generator=gen)[:s]
+    c = (torch.rand(s, generator=gen, dtype=torch.float64) + 0.5) * (torch.randint(0, 2, (s,), generator=gen) * 2 - 1)
+    x = (c @ atoms[support])[None]
+    idx, coef = pursuit.encode(x, atoms, s, "omp", gram=form)
+    assert sorted(idx[0].tolist()) == sorted(support.tolist())
+    order = {int(j): k for k, j in enumerate(support)}
+    got = torch.zeros(s, dtype=torch.float64)
+    for j, v in zip(idx[0].tolist(), coef[0].double()):
+        got[order[j]] = v
+    torch.testing.assert_close(got, c, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([16, 64, 200]), d=st.sampled_from([4, 16, 32]))
+def test_residual_never_grows_and_omp_beats_mp(seed: int, n: int, d: int) -> None:
+    x, atoms = random_case(seed, 64, n, d)
+    errs = {}
+    for method in ("mp", "omp"):
+        prev = torch.ones(64, dtype=torch.float64)
+        for s in range(1, 9):
+            e = rel_err(x, pursuit.decode(*pursuit.encode(x, atoms, s, method), atoms))
+            assert bool((e <= prev + 1e-5).all()), (method, s)
+            prev = e
+        errs[method] = prev
+    # OMP's greedy path differs from MP's, so per vector it can lose; on average it never does here
+    assert float(errs["omp"].mean()) <= float(errs["mp"].mean())
+
+
+def test_reencoding_a_decoded_code_is_stable() -> None:
+    x, atoms = random_case(2, 100, 256, 64)
+    # OMP: a decoded code is an exactly sparse vector, so re-encoding finds the same code
+    idx, coef = pursuit.encode(x, atoms, 4, "omp")
+    x_hat = pursuit.decode(idx, coef, atoms)
+    idx2, coef2 = pursuit.encode(x_hat, atoms, 4, "omp")
+    assert torch.equal(idx2.sort(1).values, idx.sort(1).values)
+    assert float(rel_err(x_hat, pursuit.decode(idx2, coef2, atoms)).max()) < 1e-9
+    # MP: exact at S = 1; at S = 4 re-encoding loses far less than the first encoding did
+    one = pursuit.decode(*pursuit.encode(x, atoms, 1, "mp"), atoms)
+    assert float(rel_err(one, pursuit.decode(*pursuit.encode(one, atoms, 1, "mp"), atoms)).max()) < 1e-9
+    idx, coef = pursuit.encode(x, atoms, 4, "mp")
+    x_hat = pursuit.decode(idx, coef, atoms)
+    x_hat2 = pursuit.decode(*pursuit.encode(x_hat, atoms, 4, "mp"), atoms)
+    assert float(rel_err(x_hat, x_hat2).mean()) < 0.2 * float(rel_err(x, x_hat).mean())
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+@pytest.mark.parametrize("form", FORMS)
+def test_chunking_is_identical(method: str, form: bool) -> None:
+    x, atoms = random_case(3, 300, 128, 32)
+    one = pursuit.encode(x, atoms, 5, method, chunk=300, gram=form)
+    for chunk in (1, 7, 64):
+        many = pursuit.encode(x, atoms, 5, method, chunk=chunk, gram=form)
+        assert torch.equal(one[0], many[0])
+        torch.testing.assert_close(one[1], many[1], rtol=1e-6, atol=1e-6)
+
+
+def test_gram_and_direct_forms_agree() -> None:
+    x, atoms = random_case(4, 200, 512, 64)
+    for method in ("mp", "omp"):
+        i1, c1 = pursuit.encode(x, atoms, 8, method, gram=True)
+        i2, c2 = pursuit.encode(x, atoms, 8, method, gram=False)
+        i3, c3 = pursuit.encode(x, atoms, 8, method, gram=pursuit.gram(atoms))
+        assert (i1 == i2).float().mean() > 0.99 and torch.equal(i1, i3)
+        e1, e2 = rel_err(x, pursuit.decode(i1, c1, atoms)), rel_err(x, pursuit.decode(i2, c2, atoms))
+        torch.testing.assert_close(e1.mean(), e2.mean(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_input(dtype: torch.dtype) -> None:
+    x, atoms = random_case(5, 100, 256, 64)
+    for method in ("mp", "omp"):
+        idx, coef = pursuit.encode(x.to(dtype), atoms.to(dtype), 4, method)
+        assert coef.dtype == torch.float32 and torch.isfinite(coef).all()
+        i32, c32 = pursuit.encode(x.to(dtype).float(), atoms.to(dtype).float(), 4, method)
+        assert torch.equal(idx, i32)
+        torch.testing.assert_close(coef, c32)
+        assert pursuit.decode(idx, coef, atoms.to(dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_zero_vectors_and_sparsity_beyond_dim(method: str) -> None:
+    x, atoms = random_case(6, 20, 40, 8)
+    x[3] = 0
+    idx, coef = pursuit.encode(x, atoms, 12, method)  # S = 12 > D = 8
+    assert torch.isfinite(coef).all()
+    assert (coef[3] == 0).all()
+    e = rel_err(x, pursuit.decode(idx, coef, atoms))
+    if method == "omp":
+        assert all(len(set(row)) == 12 for row in idx.tolist())  # never the same atom twice
+        assert float(e[torch.arange(20) != 3].max()) < 1e-8  # 8 independent atoms span R^8
+
+
+def test_bad_arguments() -> None:
+    x, atoms = random_case(7, 4, 8, 4)
+    with pytest.raises(ValueError, match="method"):
+        pursuit.encode(x, atoms, 2, "lasso")
+    with pytest.raises(ValueError, match="sparsity"):
+        pursuit.encode(x, atoms, 9, "omp")
+    assert pursuit.encode(x[:0], atoms, 2)[0].shape == (0, 2)
+
+
+# --- split and grouped forms ---
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_split_matches_loop_over_chunks(method: str) -> None:
+    gen = torch.Generator().manual_seed(8)
+    c, n, dc = 2, 128, 32
+    atoms = unit_rows(torch.randn(c, n, dc, generator=gen))
+    x = torch.randn(150, c * dc, generator=gen)
+    idx, coef = pursuit.encode_split(x, atoms, 4, method)
+    assert idx.shape == coef.shape == (150, c, 4)
+    for k in range(c):
+        i_k, c_k = pursuit.encode(x[:, k * dc : (k + 1) * dc], atoms[k], 4, method)
+        assert torch.equal(idx[:, k], i_k)
+        torch.testing.assert_close(coef[:, k], c_k)
+    x_hat = pursuit.decode_split(idx, coef, atoms)
+    loop = torch.cat([pursuit.decode(idx[:, k], coef[:, k], atoms[k]) for k in range(c)], dim=1)
+    torch.testing.assert_close(x_hat, loop)
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_groups_match_loop_over_groups(method: str) -> None:
+    gen = torch.Generator().manual_seed(9)
+    g, n, d = 3, 128, 32
+    atoms = unit_rows(torch.randn(g, n, d, generator=gen))
+    x = torch.randn(g, 90, d, generator=gen)
+    idx, coef = pursuit.encode_groups(x, atoms, 5, method, chunk=100)
+    x_hat = pursuit.decode_groups(idx, coef, atoms)
+    for k in range(g):
+        i_k, c_k = pursuit.encode(x[k], atoms[k], 5, method)
+        assert torch.equal(idx[k], i_k)
+        torch.testing.assert_close(coef[k], c_k)
+        torch.testing.assert_close(x_hat[k], pursuit.decode(i_k, c_k, atoms[k]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_cuda_matches_cpu(method: str) -> None:
+    x, atoms = random_case(10, 500, 512, 64)
+    i_cpu, c_cpu = pursuit.encode(x, atoms, 8, method)
+    i_gpu, c_gpu = pursuit.encode(x.cuda(), atoms.cuda(), 8, method)
+    assert i_gpu.device.type == "cuda" and c_gpu.dtype == torch.float32
+    assert (i_gpu.cpu() == i_cpu).float().mean() > 0.98  # TF32/rounding may flip a near-tie
+    e_cpu = rel_err(x, pursuit.decode(i_cpu, c_cpu, atoms))
+    e_gpu = rel_err(x, pursuit.decode(i_gpu, c_gpu, atoms.cuda()).cpu())
+    torch.testing.assert_close(e_gpu.mean(), e_cpu.mean(), rtol=1e-3, atol=0)
