@@ -65,7 +65,7 @@ def open_cache(path: Path):
 def _open_safetensors(path: Path):
     import json
 
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
 
     from csrtool import kvcache
 
@@ -73,7 +73,7 @@ def _open_safetensors(path: Path):
         fh = safe_open(str(path), framework="pt")
         names = set(fh.keys())
         meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CsrError(f"{path} is not a readable safetensors cache ({exc})") from None
     n = len([x for x in names if x.startswith("keys.")])
     if not all(f"keys.{i}" in names and f"values.{i}" in names for i in range(n)):

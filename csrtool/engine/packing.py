@@ -125,4 +125,4 @@ def to_bytes_view(q: torch.Tensor) -> torch.Tensor:
 def from_bytes_view(buf: torch.Tensor, fmt_or_dtype: str | torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of to_bytes_view for a coefficient format name or a torch dtype."""
     dtype = _STORE_DTYPE[fmt_or_dtype] if isinstance(fmt_or_dtype, str) else fmt_or_dtype
-    return buf.contiguous().view(dtype).reshape(shape)
+    return buf.clone().view(dtype).reshape(shape)  # clone: byte offsets need not be aligned

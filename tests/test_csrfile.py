@@ -1,0 +1,302 @@
+"""The .csr file: exact bytes, round trip, accounting, and every corruption -> CsrError."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from csrtool import codec, csrfile
+from csrtool.dicts import load_dicts, save_dicts
+from csrtool.engine import packing
+from csrtool.errors import CsrError
+from csrtool.kvcache import KVCache
+
+L, H, D, N, T = 2, 2, 16, 64, 24
+INV_FREQ = (1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))).tolist()
+
+
+def make_atoms(seed=0, groups=H, split=2, n=N, d=D):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(L):
+        out[f"layer.{layer}.k"] = torch.nn.functional.normalize(torch.randn(groups, 1, n, d, generator=g), dim=-1)
+        out[f"layer.{layer}.v"] = torch.nn.functional.normalize(torch.randn(groups, split, n, d // split, generator=g), dim=-1)
+    return out
+
+
+def make_dicts(path: Path, seed=0, key_space="pre-rope", **kw) -> Path:
+    save_dicts(path, make_atoms(seed, **kw), {"n_atoms": N}, {"key_space": key_space, "model": "tiny"}, {})
+    return path
+
+
+def make_cache(seed=0, t=T, dtype=torch.float32, meta=None) -> KVCache:
+    g = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(1, H, t, D, generator=g).to(dtype) for _ in range(L)]
+    values = [torch.randn(1, H, t, D, generator=g).to(dtype) for _ in range(L)]
+    m = {"model": "tiny", "key_space": "post-rope", "rope": {"inv_freq": INV_FREQ, "scaling": 1.0}, "position_offset": 3}
+    return KVCache(keys, values, m if meta is None else meta)
+
+
+def write(path: Path, cache: KVCache, dicts_path: Path, cfg: codec.CodecConfig) -> int:
+    ds = load_dicts(dicts_path)
+    header = csrfile.make_header(cache, ds, cfg)
+    return csrfile.write_csr(path, header, csrfile.encode_sections(cache, ds, header))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("csr")
+    dicts_path = make_dicts(d / "dicts.safetensors")
+    cache = make_cache()
+    path = d / "cache.csr"
+    cfg = codec.CodecConfig(3, 2, "fp8", "omp", window=5)
+    write(path, cache, dicts_path, cfg)
+    return {"dir": d, "dicts_path": dicts_path, "dicts": load_dicts(dicts_path), "cache": cache, "path": path, "cfg": cfg,
+            "decoded": csrfile.read_csr(path, load_dicts(dicts_path)), "bytes": path.read_bytes()}
+
+
+# ---------------------------------------------------------------- exact bytes
+
+
+def test_exact_header_bytes():
+    header = csrfile.CsrHeader(
+        dtype="float16", layers=((1, 2, 8, 4, 4),), n_atoms=4096, config=codec.CodecConfig(4, 2, "fp8", "omp", 2),
+        value_split=2, key_space="post-rope", cache_key_space="post-rope", dict_fingerprint="ab" * 32,
+        dict_scope="layer", dict_groups=1, model="m", rope=None, meta={"model": "m"},
+    )
+    body = (
+        b'{"codec":{"cache_key_space":"post-rope","coef":"fp8","index_bits":12,"key_space":"post-rope",'
+        b'"method":"omp","n_atoms":4096,"sparsity_k":4,"sparsity_v":2,"value_split":2,"window":2},'
+        b'"dicts":{"fingerprint":"' + b"ab" * 32 + b'","n_groups":1,"scope":"layer"},"dtype":"float16",'
+        b'"format":"csrtool-csr","layers":[[1,2,8,4,4]],"meta":{"model":"m"},"model":"m","rope":null,"version":1}'
+    )
+    want = b"\x89CSR\r\n\x1a\n" + b"\x01\x00" + b"\x00\x00" + struct.pack("<I", len(body)) + body
+    assert header.encode() == want
+    # sections: K = 2 group scales (8) + 12 vectors x 4 codes x 12 bits (72) + 48 fp8 (48) + tail 2x2x4 fp16 (32)
+    # V = 8 + 12 x 2 chunks x 2 codes x 12 bits (72) + 48 fp8 (48) + 32
+    assert header.section_sizes(0) == (8 + 72 + 48 + 32, 8 + 72 + 48 + 32)
+    assert header.file_nbytes == len(want) + 160 + 160 + 32
+
+
+def test_file_layout_and_checksum(env):
+    raw = env["bytes"]
+    assert raw[:8] == csrfile.MAGIC
+    _, version, flags, hlen = struct.unpack("<8sHHI", raw[:16])
+    assert (version, flags) == (1, 0)
+    assert raw[-32:] == hashlib.sha256(raw[:-32]).digest()
+    header = csrfile.open_csr(env["path"]).header
+    assert len(raw) == 16 + hlen + header.payload_nbytes + 32
+    # the first key section starts with the float32 group scales, then 12-bit... (6-bit here) indices
+    sk, _ = header.section_sizes(0)
+    m = 1 * H * (T - 5)
+    assert sk == 4 * H + packing.packed_nbytes(m * 3, 6) + m * 3 + H * 5 * D * 4
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_roundtrip_matches_in_memory_codec(env):
+    cache, dec, ds, cfg = env["cache"], env["decoded"], env["dicts"], env["cfg"]
+    tc = T - cfg.window
+    assert dec.meta == cache.meta
+    for layer in range(L):
+        k, v = cache.keys[layer], cache.values[layer]
+        assert dec.keys[layer].shape == k.shape and dec.keys[layer].dtype == k.dtype
+        # the tail is lossless
+        assert torch.equal(dec.keys[layer][:, :, tc:], k[:, :, tc:])
+        assert torch.equal(dec.values[layer][:, :, tc:], v[:, :, tc:])
+        # the coded part is exactly what codec.roundtrip / roundtrip_keys give
+        k_hat = codec.roundtrip_keys(k[:, :, :tc], ds.get(layer, "k"), 3, "fp8", "omp", 3, cache.meta["rope"])
+        assert torch.equal(dec.keys[layer][:, :, :tc], k_hat)
+        assert torch.equal(dec.values[layer][:, :, :tc], codec.roundtrip(v[:, :, :tc], ds.get(layer, "v"), 2, "fp8", "omp"))
+
+
+def test_deterministic_bytes(env, tmp_path):
+    write(tmp_path / "again.csr", env["cache"], env["dicts_path"], env["cfg"])
+    assert (tmp_path / "again.csr").read_bytes() == env["bytes"]
+
+
+@pytest.mark.parametrize("coef", ["fp16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_formats_and_dtypes(tmp_path, coef, dtype):
+    dicts_path = make_dicts(tmp_path / "d.safetensors", groups=1, split=1, key_space="post-rope")
+    cache = make_cache(1, t=9, dtype=dtype, meta={"model": "x"})
+    cfg = codec.CodecConfig(4, 4, coef, "mp", window=2)
+    size = write(tmp_path / "c.csr", cache, dicts_path, cfg)
+    assert size == (tmp_path / "c.csr").stat().st_size
+    reader = csrfile.open_csr(tmp_path / "c.csr")
+    assert reader.header.dict_scope == "layer" and reader.header.dtype == str(dtype).split(".")[1]
+    dec = csrfile.read_csr(tmp_path / "c.csr", load_dicts(dicts_path))
+    for layer in range(L):
+        want = codec.roundtrip(cache.keys[layer][:, :, :7], load_dicts(dicts_path).get(layer, "k"), 4, coef, "mp")
+        assert torch.equal(dec.keys[layer][:, :, :7], want)
+        assert torch.equal(dec.values[layer][:, :, 7:], cache.values[layer][:, :, 7:])
+
+
+def test_window_longer_than_cache_is_lossless(tmp_path):
+    dicts_path = make_dicts(tmp_path / "d.safetensors")
+    cache = make_cache(2, t=4)
+    write(tmp_path / "c.csr", cache, dicts_path, codec.CodecConfig(2, 2, window=64))
+    dec = csrfile.read_csr(tmp_path / "c.csr", load_dicts(dicts_path))
+    assert all(torch.equal(a, b) for a, b in zip(dec.keys + dec.values, cache.keys + cache.values))
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def test_bits_per_channel_and_choose_sparsity():
+    # GUIDE §1 paper accounting: fp16 + int16 index = 32 bits per atom; ours packs indices.
+    assert codec.bits_per_channel(4096, 128, 4, 2, 2, "fp16") == (4 * 28 + 4 * 28) / 256
+    assert codec.bits_per_channel(4096, 64, 2, 1, 2, "fp8") == 40 / 64
+    assert codec.vector_bits(4096, 3, 1, "int8") == 3 * 20 + 16
+    for bits in (0.5, 0.75, 1.0, 1.5, 2.0, 4.0):
+        for coef in packing.COEF_FORMATS:
+            if codec.bits_per_channel(4096, 64, 1, 1, 2, coef) > bits:
+                continue
+            s_k, s_v = codec.choose_sparsity(bits, 4096, 64, 2, coef)
+            assert codec.bits_per_channel(4096, 64, s_k, s_v, 2, coef) <= bits
+            # no room left for one more atom on either side
+            assert codec.bits_per_channel(4096, 64, s_k + 1, s_v, 2, coef) > bits or codec.bits_per_channel(4096, 64, s_k, s_v + 1, 2, coef) > bits or s_k >= 64
+    assert codec.choose_sparsity(1.0, 4096, 64, 2, "fp8") == (2, 2)
+    # the paper's 1-bit point (4, 2) at d=128 and fp16, plus one key atom: packed 12-bit indices free the room
+    assert codec.choose_sparsity(1.0, 4096, 128, 2, "fp16") == (5, 2)
+    with pytest.raises(CsrError, match=re.escape("--bits 0.1 is below the smallest code (0.4688 bits per channel")):
+        codec.choose_sparsity(0.1, 4096, 64, 2, "fp8")
+
+
+def test_size_report(env):
+    hd = csrfile.open_csr(env["path"]).header
+    rep = csrfile.size_report(hd, len(env["bytes"]))
+    ch = L * H * T * 2 * D
+    assert rep["channels"] == ch
+    assert rep["bits_per_channel"]["with_header"] == 8 * len(env["bytes"]) / ch
+    assert rep["ratio_vs_fp16"] == 2 * ch / len(env["bytes"])
+    assert rep["code_bits_per_channel"]["k"] == 3 * (6 + 8) / D
+
+
+def test_config_validates():
+    with pytest.raises(CsrError, match=re.escape("sparsity_k must be an integer >= 1, got 0")):
+        codec.CodecConfig(0, 1)
+    with pytest.raises(CsrError, match=re.escape("coefficient format must be one of fp16, fp8, int8, got 'fp4'")):
+        codec.CodecConfig(1, 1, "fp4")
+    with pytest.raises(CsrError, match=re.escape("window must be an integer >= 0 (tokens kept uncompressed), got -1")):
+        codec.CodecConfig(1, 1, window=-1)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def corrupt(env, tmp_path, data: bytes) -> Path:
+    p = tmp_path / "bad.csr"
+    p.write_bytes(data)
+    return p
+
+
+def read_err(path: Path, dicts) -> str:
+    with pytest.raises(CsrError) as exc:
+        csrfile.read_csr(path, dicts)
+    return str(exc.value)
+
+
+def test_truncated(env, tmp_path):
+    raw = env["bytes"]
+    p = corrupt(env, tmp_path, raw[:-100])
+    assert read_err(p, env["dicts"]) == f"{p} is truncated (expected {len(raw)} bytes, found {len(raw) - 100}): compress the cache again"
+    p = corrupt(env, tmp_path, raw[:20])
+    assert read_err(p, env["dicts"]) == f"{p} is truncated (20 bytes, a .csr file has at least 48): compress the cache again"
+
+
+def test_bad_magic(env, tmp_path):
+    p = corrupt(env, tmp_path, b"PK\x03\x04" + env["bytes"][4:])
+    assert read_err(p, env["dicts"]) == f"{p} is not a .csr file (bad magic): pass a file written by csrtool compress"
+
+
+def test_newer_version(env, tmp_path):
+    raw = bytearray(env["bytes"])
+    raw[8:10] = struct.pack("<H", 2)
+    p = corrupt(env, tmp_path, bytes(raw))
+    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 2, newer than this csrtool (1): upgrade csrtool"
+
+
+def test_flipped_payload_byte(env, tmp_path):
+    raw = bytearray(env["bytes"])
+    raw[len(raw) // 2] ^= 0x10
+    p = corrupt(env, tmp_path, bytes(raw))
+    assert read_err(p, env["dicts"]) == f"{p} is corrupted (checksum mismatch): compress the cache again"
+
+
+def test_wrong_dictionary(env, tmp_path):
+    other = load_dicts(make_dicts(tmp_path / "other.safetensors", seed=5))
+    msg = read_err(env["path"], other)
+    assert msg == (
+        f"dictionary mismatch: {env['path']} was compressed with dictionary {env['dicts'].fingerprint[:16]}, "
+        f"the given one is {other.fingerprint[:16]}: pass the dictionary file used by csrtool compress"
+    )
+
+
+def test_dictionary_cache_shape_mismatch(tmp_path):
+    ds = load_dicts(make_dicts(tmp_path / "d.safetensors", d=8))
+    with pytest.raises(CsrError) as exc:
+        csrfile.make_header(make_cache(), ds, codec.CodecConfig(2, 2))
+    assert str(exc.value) == (
+        "dictionary/cache shape mismatch: the cache's keys (layer 0) has head_dim 16 but the dictionary covers "
+        "1 x 8 = 8 channels: use a dictionary trained for this model"
+    )
+    ds = load_dicts(make_dicts(tmp_path / "d3.safetensors", groups=3))
+    with pytest.raises(CsrError, match=re.escape("the dictionary has 3 head groups but the cache's keys (layer 0) has 2 KV heads")):
+        csrfile.make_header(make_cache(), ds, codec.CodecConfig(2, 2))
+
+
+def test_pre_rope_dictionary_needs_rope_info(env):
+    with pytest.raises(CsrError) as exc:
+        csrfile.make_header(make_cache(meta={"source_format": "legacy-tuple"}), env["dicts"], codec.CodecConfig(2, 2))
+    assert str(exc.value).startswith("the dictionary codes keys before RoPE but the cache carries no RoPE parameters (meta.rope)")
+
+
+def test_interrupted_write_leaves_nothing(env, tmp_path):
+    ds = env["dicts"]
+    header = csrfile.make_header(env["cache"], ds, env["cfg"])
+
+    def sections():
+        yield next(csrfile.encode_sections(env["cache"], ds, header))
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out.csr"
+    with pytest.raises(KeyboardInterrupt):
+        csrfile.write_csr(out, header, sections())
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- fuzzing
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_corruptions(env, tmp_path, data):
+    raw = bytearray(env["bytes"])
+    kind = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            pos = data.draw(st.integers(0, len(raw) - 1))
+            raw[pos] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    else:
+        pos = data.draw(st.integers(0, len(raw)))
+        raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    p = tmp_path / "fuzz.csr"
+    p.write_bytes(bytes(raw))
+    try:
+        dec = csrfile.read_csr(p, env["dicts"])
+    except CsrError:
+        return
+    good = env["decoded"]
+    assert all(torch.equal(a, b) for a, b in zip(dec.keys + dec.values, good.keys + good.values))
