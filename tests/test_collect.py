@@ -161,3 +161,16 @@ def test_version_and_help():
     assert res.exit_code == 0 and res.stdout.startswith("csrtool ")
     res = runner.invoke(app, ["--help"])
     assert "collect" in res.stdout and "cache" in res.stdout
+
+
+def test_gpt2_style_model_captures_and_refuses_pre_rope():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from csrtool.collect import key_rope
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, eos_token_id=0, bos_token_id=0)).eval()
+    _, keys, values = capture_kv(model, torch.arange(20)[None])
+    assert len(keys) == 2 and keys[0].shape == values[1].shape == (1, 4, 20, 8)
+    with pytest.raises(CsrError, match="--keys pre-rope is not supported for gpt2 models"):
+        key_rope(model, "pre-rope")
