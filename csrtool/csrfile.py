@@ -1,5 +1,6 @@
 """The `.csr` file: header, layer sections, SHA-256 trailer (docs/format.md).
 
+    check_fit(cache, dicts) -> (shapes, G, C)    the dictionaries fit the cache, or CsrError
     make_header(cache, dicts, cfg) -> CsrHeader
     write_csr(path, header, sections)        sections: iterable of (key bytes, value bytes) per layer
     open_csr(path) -> CsrReader              verifies everything before any payload is decoded
@@ -199,8 +200,8 @@ def header_from_json(obj: object) -> CsrHeader:
 # ---------------------------------------------------------------- building
 
 
-def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHeader:
-    """Header for compressing `cache` with `dicts`; checks they fit together."""
+def check_fit(cache: KVCache, dicts: DictSet) -> tuple[list[tuple[int, ...]], int, int]:
+    """Check the dictionaries fit the cache: (per-layer shapes, head groups G, value split C)."""
     n_atoms = dicts.n_atoms
     dtype = cache.keys[0].dtype
     if dtype not in codec.DTYPE_NAMES:
@@ -220,7 +221,14 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
         layers.append((b, h, t, dk, v.shape[3]))
     if len(groups) != 1 or len(split) != 1:
         raise CsrError("the dictionary file mixes head/layer scopes or value splits across layers: re-run csrtool train-dict")
-    g = groups.pop()
+    return layers, groups.pop(), split.pop()
+
+
+def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHeader:
+    """Header for compressing `cache` with `dicts`; checks they fit together."""
+    layers, g, value_split = check_fit(cache, dicts)
+    dtype = cache.keys[0].dtype
+    n_atoms = dicts.n_atoms
     scope = "head" if g == layers[0][1] and g > 1 else "layer"
     key_space = dicts.source.get("key_space", "post-rope")
     cache_key_space = cache.meta.get("key_space", "post-rope")
@@ -237,7 +245,7 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
         layers=tuple(layers),
         n_atoms=n_atoms,
         config=cfg,
-        value_split=split.pop(),
+        value_split=value_split,
         key_space=key_space,
         cache_key_space=cache_key_space,
         dict_fingerprint=dicts.fingerprint,

@@ -57,9 +57,23 @@ def open_cache(path: Path):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - load_cache reports the precise problem
-            return kvcache.load_cache(path)
+            return _load_cache(path)
         return kvcache.from_object(obj, name=str(path)).validate(str(path))
-    return kvcache.load_cache(path)
+    return _load_cache(path)
+
+
+def _load_cache(path: Path):
+    from csrtool import kvcache
+
+    try:
+        return kvcache.load_cache(path)
+    except CsrError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a text file fed to the unpickler
+        raise CsrError(
+            f"{path} is not a readable cache file ({type(exc).__name__}: {str(exc)[:80]}): pass a csrtool cache .pt, "
+            "a tuple of (key, value) tensors saved with torch.save, or a safetensors cache"
+        ) from None
 
 
 def _open_safetensors(path: Path):
@@ -122,10 +136,10 @@ def compress(
         raise CsrError("pass either --bits or --sparsity, not both")
     ds = load_dicts(dicts)
     kv = open_cache(cache)
+    _, _, v_split = csrfile.check_fit(kv, ds)
     if sparsity is not None:
         s_k, s_v = _parse_sparsity(sparsity)
     else:
-        v_split = ds.get(0, "v").shape[1]
         s_k, s_v = codec.choose_sparsity(1.0 if bits is None else bits, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
     cfg = codec.CodecConfig(s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window)
     header = csrfile.make_header(kv, ds, cfg)
