@@ -1,0 +1,73 @@
+"""transformers' own `QuantizedCache`: what a user would pick instead of CSR today.
+
+Backends: 'quanto' (needs optimum-quanto >= 0.2.5, 2 or 4 bits), 'hqq' (needs hqq),
+'fp8' (built into transformers 5, per-tensor scale). The cache keeps the last
+`residual_length` tokens in full precision and re-quantises everything when that
+residual fills up, so its window varies between 0 and W tokens (ours is always W).
+
+Honest cost: nbits per element plus a scale and a zero point per group of
+`q_group_size` elements, counted in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INSTALL = {
+    "quanto": "pip install 'optimum-quanto>=0.2.5'",
+    "hqq": "pip install hqq",
+    "fp8": "transformers>=5 (built in)",
+}
+
+
+def backend_missing(backend: str) -> str | None:
+    """None when the backend can run here, else the install hint."""
+    from transformers.utils import import_utils
+
+    if backend == "quanto":
+        ok = import_utils.is_optimum_quanto_available()
+    elif backend == "hqq":
+        ok = import_utils.is_hqq_available()
+    elif backend == "fp8":
+        try:
+            from transformers.cache_utils import Fp8QuantizedLayer  # noqa: F401
+        except ImportError:
+            ok = False
+        else:
+            ok = True
+    else:
+        return f"unknown QuantizedCache backend {backend!r}"
+    return None if ok else INSTALL[backend]
+
+
+class QuantizedCacheMethod:
+    """A `transformers.QuantizedCache` fed chunk by chunk (no reconstruct: the cache does it)."""
+
+    def __init__(self, backend: str, nbits: int, residual_length: int, q_group_size: int = 64, dtype_bits: int = 32, name: str | None = None):
+        self.backend = backend
+        self.nbits = nbits
+        self.residual_length = residual_length
+        self.q_group_size = q_group_size
+        self.name = name or (f"{backend}{nbits}" if backend != "fp8" else "tf-fp8")
+        if backend == "fp8":
+            self.bits_k = self.bits_v = 8.0  # one scale per tensor: negligible
+        else:
+            self.bits_k = self.bits_v = nbits + 2 * dtype_bits / q_group_size
+        self.side_bits = 0
+
+    def make_cache(self, model):
+        from transformers import QuantizedCache
+
+        if self.backend == "fp8":
+            return QuantizedCache(backend="fp8", config=model.config)
+        return QuantizedCache(
+            backend=self.backend,
+            config=model.config,
+            nbits=self.nbits,
+            q_group_size=self.q_group_size,
+            residual_length=self.residual_length,
+        )
+
+
+def dtype_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits

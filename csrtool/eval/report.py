@@ -1,0 +1,123 @@
+"""Render an evaluation document: rich table, JSON-safe dict, PNG plot.
+
+The document is what `suite.run_eval` returns; this module only formats it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+
+def json_safe(obj):
+    """Replace NaN and ±inf (not valid JSON) by None, recursively; tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def table(doc: dict) -> Table:
+    cfg = doc["config"]
+    t = Table(
+        title=(
+            f"csrtool eval: {cfg.get('model', '?')}, {cfg['tokens']} tokens in chunks of {cfg['chunk']}, "
+            f"fp16 window {cfg['window']}, {cfg['scored_predictions']} scored predictions"
+        ),
+        caption="bits: payload per channel (indices, coefficients, scales counted); +win: with the fp16 window; "
+        "+side: dictionaries/codebooks amortised over the evaluated tokens. Errors: mean over layers of "
+        "Σ‖x−x̂‖²/Σ‖x‖²; attn: attention-output relative error with the real queries.",
+    )
+    has_needle = any("needle" in r for r in doc["methods"])
+    cols = ["method", "bits", "+win", "+side", "ratio", "K err", "V err", "attn err", "ppl", "Δppl", "KL", "top-1"]
+    if has_needle:
+        cols.append("passkey")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for r in doc["methods"]:
+        cells = [
+            r["name"],
+            _f(r["bits_per_channel"], ".3g"),
+            _f(r.get("bits_with_window"), ".3g"),
+            _f(r.get("bits_total"), ".3g"),
+            _f(r.get("ratio_vs_fp16"), ".1f") + "x" if r.get("ratio_vs_fp16") else "-",
+            _f(r.get("rel_err_k"), ".4f"),
+            _f(r.get("rel_err_v"), ".4f"),
+            _f(r.get("attn_err"), ".4f"),
+            _f(r["ppl"], ".3f"),
+            _f(100 * r["ppl_increase"], "+.1f") + "%",
+            _f(r["kl"], ".4f"),
+            _f(r["top1_agreement"], ".3f"),
+        ]
+        if has_needle:
+            nd = r.get("needle")
+            cells.append(f"{nd['accuracy']:.2f}" if nd else "-")
+        t.add_row(*cells)
+    return t
+
+
+def lines(doc: dict) -> list[str]:
+    """Plain-text notes printed under the table: skipped methods and the bar."""
+    out = [f"skipped {s['name']}: {s['reason']}" for s in doc.get("skipped", [])]
+    for key, label in (("one_bit", "<= 1 bit"), ("two_bit", "<= 2 bits")):
+        e = doc.get("bar", {}).get(key)
+        if not e:
+            continue
+        msg = f"bar {label}: best {e['method']} ({e['bits_per_channel']:.3g} b/ch) ppl {100 * e['ppl_increase']:+.1f}% vs {doc['bar']['baseline']}"
+        if "kivi2_ppl_increase" in e:
+            msg += f"; KIVI-2 {100 * e['kivi2_ppl_increase']:+.1f}%"
+        if "met" in e:
+            msg += f"; target {e['target']}: {'met' if e['met'] else 'NOT met'}"
+        out.append(msg)
+    out.append(f"total time {doc.get('seconds', 0):.0f} s")
+    return out
+
+
+def plot(doc: dict, path: Path) -> None:
+    """PNG: relative error per layer for K and V, and quality (ppl) vs payload bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csrtool.io import atomic_path
+
+    rows = [r for r in doc["methods"] if r.get("layers")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, kind in zip(axes[:2], ("k", "v")):
+        for r in rows:
+            pts = [(x["layer"], x[f"rel_err_{kind}"]) for x in r["layers"] if x.get(f"rel_err_{kind}") is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [max(p[1], 1e-8) for p in pts], marker=".", label=r["name"])
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative squared error")
+        ax.set_title("keys" if kind == "k" else "values")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    ax = axes[2]
+    for r in doc["methods"]:
+        if r["kind"] == "reference":
+            ax.axhline(r["ppl"], color="gray", linestyle="--", label=r["name"])
+            continue
+        ax.scatter([r["bits_per_channel"]], [r["ppl"]], label=r["name"])
+        ax.annotate(r["name"], (r["bits_per_channel"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("payload bits per channel")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("quality vs bits")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,272 @@
+"""Chunked teacher-forced passes through a cache whose old tokens are compressed.
+
+The text (token ids [1, T]) is fed in chunks of C tokens through a transformers
+DynamicCache. After each chunk, every token older than the last W tokens that is
+not compressed yet is replaced, in the cache, by the method's reconstruction:
+each token is compressed exactly once, when it leaves the window, and stays
+compressed. So a prediction in chunk c attends to compressed history, the W
+window tokens and its own chunk in full precision.
+
+Measured per pass:
+- end to end, on the predictions after the first chunk (those that can see
+  compressed history): negative log-likelihood, KL(reference ‖ method) and top-1
+  agreement against the reference pass (same chunks, nothing compressed);
+- reconstruction per layer, K/V and head on the vectors actually compressed;
+- attention fidelity per layer: with the pass's real queries, each attention
+  call is run a second time with the compressed tokens swapped back for their
+  originals; Σ‖o − o_exact‖² / Σ‖o_exact‖² over all calls that saw compressed tokens.
+  This isolates the layer's own cache error (its inputs are those of the pass).
+
+The attention call is observed by registering a thin wrapper as an attention
+implementation for the duration of a pass (restored in a finally block).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from csrtool.errors import CsrError
+from csrtool.eval import metrics
+from csrtool.eval.methods import Identity
+
+Progress = Callable[[str], None]
+_ACTIVE: list["CompressedFeed"] = []  # the feed whose attention calls are being observed
+
+
+# ------------------------------------------------------------------ attention probe
+
+
+def _probe(inner: Callable, module, query, key, value, attention_mask, **kwargs):
+    out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+    feed = _ACTIVE[-1] if _ACTIVE else None
+    if feed is not None and feed.track_attention:
+        layer = getattr(module, "layer_idx", None)
+        exact = feed.exact.get(layer)
+        if exact is not None and exact[0].shape[2] > 0:
+            n = exact[0].shape[2]
+            k_exact = torch.cat([exact[0], key[:, :, n:]], dim=2)
+            v_exact = torch.cat([exact[1], value[:, :, n:]], dim=2)
+            ref, _ = inner(module, query, k_exact, v_exact, attention_mask, **kwargs)
+            feed.attn.setdefault(layer, metrics.RatioStats()).add(out, ref)
+    return out, weights
+
+
+def _probe_name(model) -> str | None:
+    """Register (once) a probing wrapper around the model's attention implementation."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    orig = getattr(model.config, "_attn_implementation", None)
+    if orig == "sdpa":
+        inner = sdpa_attention_forward
+    elif orig == "eager":
+        module = __import__(type(model).__module__, fromlist=["eager_attention_forward"])
+        inner = getattr(module, "eager_attention_forward", None)
+        if inner is None:
+            return None
+    else:
+        return None  # flash/flex kernels: attention fidelity not measured
+    name = f"csrtool_probe_{orig}_{type(model).__name__}"
+    AttentionInterface.register(name, functools.partial(_probe, inner))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
+    return name
+
+
+@contextmanager
+def observing(model, feed: "CompressedFeed") -> Iterator[None]:
+    """Observe the model's attention calls for `feed` (no-op if it cannot be done)."""
+    name = _probe_name(model) if feed.track_attention else None
+    orig = getattr(model.config, "_attn_implementation", None)
+    _ACTIVE.append(feed)
+    try:
+        if name is not None:
+            model.config._attn_implementation = name
+        yield
+    finally:
+        if name is not None:
+            model.config._attn_implementation = orig
+        _ACTIVE.pop()
+
+
+# ------------------------------------------------------------------ the compressed cache
+
+
+class CompressedFeed:
+    """Feed token chunks through a cache, compressing tokens that leave the window."""
+
+    def __init__(self, model, method, window: int, track: bool = False):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.model = model
+        self.method = method
+        self.window = window
+        self.pos = 0  # tokens fed so far
+        self.done = 0  # tokens compressed so far (positions [0, done))
+        self.recon: dict[tuple[int, str], metrics.ErrorStats] = {}
+        self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # originals of compressed tokens
+        self.attn: dict[int, metrics.RatioStats] = {}
+        self.reconstructs = hasattr(method, "reconstruct")
+        self.track_attention = track and self.reconstructs
+        self.track = track
+        if hasattr(method, "make_cache"):
+            self.cache = method.make_cache(model)
+        else:
+            self.cache = DynamicCache(config=model.config)
+            if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+                raise CsrError(
+                    f"{type(model).__name__} uses sliding-window layers, whose caches drop old tokens: "
+                    "csrtool eval supports full-attention models only"
+                )
+
+    def step(self, ids: torch.Tensor, age: bool = True) -> torch.Tensor:
+        """Forward ids [1, n]; return logits [n, V] (float32); then age the cache."""
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        self.pos += ids.shape[1]
+        if age:
+            self.age()
+        return out.logits[0].float()
+
+    def age(self) -> None:
+        """Replace tokens older than the last `window` (and not yet compressed) by reconstructions."""
+        upto = self.pos - self.window
+        if not self.reconstructs or upto <= self.done:
+            return
+        a, b = self.done, upto
+        positions = torch.arange(a, b, device=self.model.device)
+        for layer_idx, layer in enumerate(self.cache.layers):
+            pair = []
+            for kind, store in (("k", layer.keys), ("v", layer.values)):
+                x = store[:, :, a:b].clone()
+                x_hat = self.method.reconstruct(layer_idx, kind, x, positions).to(store.dtype)
+                if x_hat.shape != x.shape:
+                    raise CsrError(f"method {self.method.name} returned shape {list(x_hat.shape)} for {list(x.shape)}")
+                store[:, :, a:b] = x_hat
+                if self.track:
+                    self.recon.setdefault((layer_idx, kind), metrics.ErrorStats()).add(x, x_hat)
+                pair.append(x)
+            if self.track_attention:
+                old = self.exact.get(layer_idx)
+                self.exact[layer_idx] = (
+                    (pair[0], pair[1]) if old is None else (torch.cat([old[0], pair[0]], 2), torch.cat([old[1], pair[1]], 2))
+                )
+        self.done = b
+
+
+# ------------------------------------------------------------------ passes
+
+
+@dataclass
+class Reference:
+    """The uncompressed pass: log-probabilities of the scored predictions."""
+
+    logprobs: torch.Tensor  # [P, V] float32, predictions at positions chunk .. T-2
+    targets: torch.Tensor  # [P]
+    nll: float
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / max(1, self.targets.numel()))
+
+
+@dataclass
+class PassResult:
+    name: str
+    nll: float
+    kl: float  # mean over scored predictions
+    top1: float
+    n_scored: int
+    recon: dict[tuple[int, str], metrics.ErrorStats] = field(default_factory=dict)
+    attn: dict[int, metrics.RatioStats] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / max(1, self.n_scored))
+
+
+def check_inputs(ids: torch.Tensor, chunk: int, window: int) -> None:
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise CsrError(f"token ids must be [1, T], got {list(ids.shape)}")
+    if chunk < 1:
+        raise CsrError(f"--chunk must be >= 1, got {chunk}")
+    if window < 0:
+        raise CsrError(f"--window must be >= 0, got {window}")
+    if ids.shape[1] < chunk + 2:
+        raise CsrError(f"need more than one chunk of text: {ids.shape[1]} tokens for --chunk {chunk}; use more --tokens or a longer --text")
+
+
+def _scored(logits: torch.Tensor, start: int, t: int, chunk: int) -> slice:
+    """Rows of a chunk's logits [n, V] (positions start..start+n-1) that are scored: chunk <= p <= t-2."""
+    lo = max(start, chunk) - start
+    hi = min(start + logits.shape[0], t - 1) - start
+    return slice(lo, max(lo, hi))
+
+
+@torch.no_grad()
+def reference_pass(model, ids: torch.Tensor, chunk: int, progress: Progress | None = None) -> Reference:
+    """Feed ids [1, T] in chunks with nothing compressed; keep the scored log-probabilities."""
+    check_inputs(ids, chunk, 0)
+    t0 = time.perf_counter()
+    t = ids.shape[1]
+    feed = CompressedFeed(model, Identity(), window=t)
+    rows = []
+    for start in range(0, t, chunk):
+        logits = feed.step(ids[:, start : start + chunk])
+        rows.append(torch.log_softmax(logits[_scored(logits, start, t, chunk)], dim=-1))
+        if progress:
+            progress(f"reference: {min(t, start + chunk)}/{t} tokens")
+    logprobs = torch.cat(rows)
+    targets = ids[0, chunk + 1 :]
+    nll = metrics.nll_sum(logprobs, targets)
+    return Reference(logprobs, targets, nll, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def method_pass(
+    model, ids: torch.Tensor, method, ref: Reference, chunk: int, window: int, progress: Progress | None = None
+) -> PassResult:
+    """Feed ids [1, T] in chunks through the method's compressed cache; compare to `ref`."""
+    check_inputs(ids, chunk, window)
+    t0 = time.perf_counter()
+    t = ids.shape[1]
+    feed = CompressedFeed(model, method, window=window, track=True)
+    nll = kl = agree = 0.0
+    row = 0
+    with observing(model, feed):
+        for start in range(0, t, chunk):
+            logits = feed.step(ids[:, start : start + chunk])
+            sc = logits[_scored(logits, start, t, chunk)]
+            n = sc.shape[0]
+            if n:
+                ref_rows = ref.logprobs[row : row + n]
+                nll += metrics.nll_sum(sc, ref.targets[row : row + n])
+                kl += float(metrics.kl_per_position(ref_rows, sc).sum())
+                agree += float((ref_rows.argmax(-1) == sc.argmax(-1)).double().sum())
+                row += n
+            if progress:
+                progress(f"{method.name}: {min(t, start + chunk)}/{t} tokens")
+    assert row == ref.targets.numel(), (row, ref.targets.numel())
+    return PassResult(method.name, nll, kl / max(1, row), agree / max(1, row), row, feed.recon, feed.attn, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def collect_kv(model, ids: torch.Tensor, chunk: int = 512) -> dict[tuple[int, str], torch.Tensor]:
+    """Keys and values as the cache holds them (post-RoPE) for ids [1, T]: {(layer, kind): [H*T, D]}."""
+    feed = CompressedFeed(model, Identity(), window=ids.shape[1])
+    for start in range(0, ids.shape[1], chunk):
+        feed.step(ids[:, start : start + chunk])
+    out = {}
+    for layer_idx, layer in enumerate(feed.cache.layers):
+        for kind, x in (("k", layer.keys), ("v", layer.values)):
+            out[(layer_idx, kind)] = x[0].reshape(-1, x.shape[-1]).float().cpu()
+    return out

@@ -1,0 +1,298 @@
+"""One evaluation run: build the methods from options, run them on the same tokens, collect results.
+
+    EvalConfig(...)                                   frozen, validated
+    build_methods(cfg, ...) -> (methods, skipped)     skipped = [(name, reason)]
+    run_eval(model, ids, cfg, dicts, ...) -> dict     the JSON document report.py renders
+
+Cost: one reference pass, one chunked pass per method (each a full forward over
+the tokens), PQ calibration (one forward over `calib_tokens`), and the needle
+(one prefill of ~`needle_context` tokens per depth per method, reference included).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from csrtool.errors import CsrError
+from csrtool.eval import kivi, needle, pq, quanto, runner
+from csrtool.eval.csr import CSR
+from csrtool.eval.methods import FP16_BITS, CastMethod, bits_per_channel
+
+DEFAULT_BASELINES = ("fp16", "kivi2", "kivi1", "pq", "quanto2", "quanto4")
+BASELINE_HELP = "fp16, kiviB (B in 1,2,3,4,8), pq (at each --bits) or pqB, quantoB (2,4), hqqB (1,2,3,4,8), fp8 (transformers QuantizedCache)"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    bits: tuple[float, ...] = (1.0, 2.0)
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    solvers: tuple[str, ...] = ("mp", "omp")
+    tokens: int = 1024
+    chunk: int = 64
+    window: int = 32
+    coef: str = "fp8"
+    kivi_group: int = 32
+    calib_tokens: int = 1024
+    needle: bool = True
+    needle_context: int = 384
+    needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for b in self.bits:
+            if not b > 0:
+                raise CsrError(f"--bits values must be positive, got {b}")
+        for s in self.solvers:
+            if s not in ("mp", "omp"):
+                raise CsrError(f"--methods takes mp and/or omp, got {s!r}")
+        for name, v, lo in (("--tokens", self.tokens, 2), ("--chunk", self.chunk, 1), ("--window", self.window, 0), ("calib_tokens", self.calib_tokens, 0), ("kivi group", self.kivi_group, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise CsrError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.tokens < self.chunk + 2:
+            raise CsrError(f"--tokens {self.tokens} must exceed --chunk {self.chunk} by at least 2 (predictions after the first chunk are scored)")
+        for b in self.baselines:
+            parse_baseline(b)
+        for d in self.needle_depths:
+            if not 0.0 <= d <= 1.0:
+                raise CsrError(f"needle depths must lie in [0, 1], got {d}")
+
+
+def parse_baseline(spec: str) -> tuple[str, int | None]:
+    """'kivi2' -> ('kivi', 2); 'pq' -> ('pq', None); unknown -> CsrError naming the valid ones."""
+    m = re.fullmatch(r"(fp16|fp8|kivi|pq|quanto|hqq)(\d*)", spec.strip().lower())
+    ok = m is not None
+    if ok:
+        kind, num = m.group(1), (int(m.group(2)) if m.group(2) else None)
+        allowed = {"kivi": {1, 2, 3, 4, 8}, "quanto": {2, 4}, "hqq": {1, 2, 3, 4, 8}, "pq": None, "fp16": {None}, "fp8": {None}}[kind]
+        ok = allowed is None or num in allowed
+    if not ok:
+        raise CsrError(f"unknown baseline {spec!r}: use {BASELINE_HELP}")
+    return kind, num
+
+
+def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] | None = None) -> tuple[list, list[tuple[str, str]]]:
+    """Methods to run, in table order, and the (name, reason) of those skipped."""
+    from csrtool.models import kv_shape, rope_info
+
+    n_layers, heads, head_dim = kv_shape(model.config)
+    dtype = next(model.parameters()).dtype
+    methods, skipped = [], []
+    calib_cache: dict = {}
+
+    def calibration() -> dict | None:
+        if "x" not in calib_cache:
+            calib_cache["x"] = calib() if calib is not None else None
+        return calib_cache["x"]
+
+    for spec in cfg.baselines:
+        kind, num = parse_baseline(spec)
+        if kind == "fp16":
+            if dtype == torch.float16:
+                skipped.append(("fp16", "the model runs in fp16: the reference row is fp16"))
+            else:
+                methods.append(CastMethod(torch.float16, "fp16"))
+        elif kind == "kivi":
+            methods.append(kivi.KIVI(num, group=cfg.kivi_group))
+        elif kind == "pq":
+            for b in ([num] if num is not None else cfg.bits):
+                name = f"pq{b:g}"
+                if not pq.faiss_available():
+                    skipped.append((name, "install faiss-cpu (pip install faiss-cpu)"))
+                    continue
+                try:
+                    pq.subquantizers(b, head_dim)
+                except CsrError as exc:
+                    skipped.append((name, str(exc)))
+                    continue
+                data = calibration()
+                if not data:
+                    skipped.append((name, "no calibration activations (calib_tokens = 0 or no calibration text)"))
+                    continue
+                methods.append(pq.ProductQuantizer(data, b, seed=1234 + cfg.seed, name=name))
+        else:  # transformers QuantizedCache
+            backend = "fp8" if kind == "fp8" else kind
+            name = f"{kind}{num}" if num is not None else "tf-fp8"
+            missing = quanto.backend_missing(backend)
+            if missing:
+                skipped.append((name, f"install {missing}" if backend != "fp8" else f"needs {missing}"))
+                continue
+            methods.append(quanto.QuantizedCacheMethod(backend, num or 8, cfg.window, dtype_bits=quanto.dtype_bits(dtype), name=name))
+    if dicts is not None:
+        rope = rope_info(model)
+        for b in cfg.bits:
+            for solver in cfg.solvers:
+                methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope))
+    return methods, skipped
+
+
+def memory(method, tokens: int, window: int, n_layers: int, heads: int, head_dim: int) -> dict:
+    """Bits per channel: payload, with the fp16 window, and with side data amortised over `tokens`."""
+    payload = bits_per_channel(method)
+    w = min(window, tokens)
+    with_window = ((tokens - w) * payload + w * FP16_BITS) / tokens
+    channels = tokens * n_layers * heads * 2 * head_dim
+    total = with_window + method.side_bits / channels
+    return {
+        "bits_per_channel": payload,
+        "bits_k": float(method.bits_k),
+        "bits_v": float(method.bits_v),
+        "bits_with_window": with_window,
+        "bits_total": total,
+        "side_bits": int(method.side_bits),
+        "ratio_vs_fp16": FP16_BITS / payload if payload else None,
+        "ratio_total_vs_fp16": FP16_BITS / total if total else None,
+    }
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(result: runner.PassResult, n_layers: int) -> tuple[dict, list[dict]]:
+    """Table numbers (means over layers) and per-layer detail of one pass."""
+    layers = []
+    for layer in range(n_layers):
+        row = {"layer": layer}
+        for kind in ("k", "v"):
+            st = result.recon.get((layer, kind))
+            row[f"rel_err_{kind}"] = st.rel_err if st else None
+            row[f"cos_{kind}"] = st.cos if st else None
+            row[f"sqnr_db_{kind}"] = st.sqnr_db if st else None
+            row[f"heads_{kind}"] = st.per_head() if st else None
+        at = result.attn.get(layer)
+        row["attn_err"] = at.value if at else None
+        layers.append(row)
+    summary = {
+        "rel_err_k": _mean([r["rel_err_k"] for r in layers]),
+        "rel_err_v": _mean([r["rel_err_v"] for r in layers]),
+        "cos_k": _mean([r["cos_k"] for r in layers]),
+        "cos_v": _mean([r["cos_v"] for r in layers]),
+        "attn_err": _mean([r["attn_err"] for r in layers]),
+    }
+    return summary, layers
+
+
+def run_eval(
+    model,
+    ids: torch.Tensor,
+    cfg: EvalConfig,
+    dicts=None,
+    tokenizer=None,
+    calib_ids: torch.Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """Run the reference and every method on ids [1, T]; return the result document."""
+    from csrtool.models import kv_shape
+
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    n_layers, heads, head_dim = kv_shape(model.config)
+    ids = ids.to(model.device)
+    tokens = ids.shape[1]
+    runner.check_inputs(ids, cfg.chunk, cfg.window)
+
+    def calib():
+        if calib_ids is None or cfg.calib_tokens == 0:
+            return None
+        say(f"calibration: collecting keys and values of {min(cfg.calib_tokens, calib_ids.shape[1])} tokens for PQ")
+        return runner.collect_kv(model, calib_ids[:, : cfg.calib_tokens].to(model.device))
+
+    methods, skipped = build_methods(cfg, model, dicts, calib)
+    for name, reason in skipped:
+        say(f"skipped {name}: {reason}")
+
+    ref = runner.reference_pass(model, ids, cfg.chunk, progress=say)
+    dtype = next(model.parameters()).dtype
+    ref_bits = float(torch.finfo(dtype).bits)
+    rows = [{
+        "name": f"reference ({str(dtype).removeprefix('torch.')})",
+        "kind": "reference",
+        "bits_per_channel": ref_bits, "bits_k": ref_bits, "bits_v": ref_bits,
+        "bits_with_window": ref_bits, "bits_total": ref_bits, "side_bits": 0,
+        "ratio_vs_fp16": FP16_BITS / ref_bits, "ratio_total_vs_fp16": FP16_BITS / ref_bits,
+        "ppl": ref.ppl, "kl": 0.0, "top1_agreement": 1.0,
+        "rel_err_k": 0.0, "rel_err_v": 0.0, "cos_k": 1.0, "cos_v": 1.0, "attn_err": 0.0,
+        "seconds": ref.seconds, "layers": [],
+    }]
+
+    trials = []
+    if cfg.needle and tokenizer is not None:
+        trials = needle.make_trials(tokenizer, cfg.needle_context, cfg.needle_depths, seed=cfg.seed)
+        from csrtool.eval.methods import Identity
+
+        say("needle: reference")
+        rows[0]["needle"] = needle.accuracy(model, tokenizer, trials, Identity(), cfg.chunk, tokens)
+
+    for method in methods:
+        res = runner.method_pass(model, ids, method, ref, cfg.chunk, cfg.window, progress=say)
+        summary, layers = summarize(res, n_layers)
+        row = {
+            "name": method.name,
+            "kind": type(method).__name__,
+            **memory(method, tokens, cfg.window, n_layers, heads, head_dim),
+            "ppl": res.ppl, "kl": res.kl, "top1_agreement": res.top1,
+            **summary,
+            "seconds": res.seconds,
+            "layers": layers,
+        }
+        if hasattr(method, "describe"):
+            row["config"] = method.describe()
+        if trials:
+            say(f"needle: {method.name}")
+            row["needle"] = needle.accuracy(model, tokenizer, trials, method, cfg.chunk, cfg.window)
+        rows.append(row)
+        say(f"{method.name}: ppl {res.ppl:.3f} (reference {ref.ppl:.3f}), KL {res.kl:.4f}, {res.seconds:.0f} s")
+
+    ref_ppl = ref.ppl
+    for row in rows:
+        row["ppl_increase"] = row["ppl"] / ref_ppl - 1.0
+    doc = {
+        "config": {
+            **(meta or {}),
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "tokens": tokens,
+            "scored_predictions": int(ref.targets.numel()),
+            "num_layers": n_layers, "num_kv_heads": heads, "head_dim": head_dim,
+            "dicts_fingerprint": getattr(dicts, "fingerprint", None),
+            "dicts_source": getattr(dicts, "source", None),
+        },
+        "reference_ppl": ref_ppl,
+        "methods": rows,
+        "skipped": [{"name": n, "reason": r} for n, r in skipped],
+        "bar": bar(rows),
+        "seconds": time.perf_counter() - t_start,
+    }
+    return doc
+
+
+def bar(rows: list[dict]) -> dict:
+    """The issue's bar: CSR at <= 1 bit vs KIVI-2, CSR at <= 2 bits within 2% of the reference."""
+    by_name = {r["name"]: r for r in rows}
+    base = by_name.get("fp16") or rows[0]
+    kivi2 = by_name.get("kivi2")
+    out: dict = {"baseline_ppl": base["ppl"], "baseline": base["name"]}
+    csr = [r for r in rows if r["kind"] == "CSR"]
+    for limit, key in ((1.0, "one_bit"), (2.0, "two_bit")):
+        fits = [r for r in csr if r["bits_per_channel"] <= limit + 1e-9]
+        if not fits:
+            continue
+        best = min(fits, key=lambda r: r["ppl"])
+        inc = best["ppl"] / base["ppl"] - 1.0
+        entry = {"method": best["name"], "bits_per_channel": best["bits_per_channel"], "ppl_increase": inc}
+        if key == "one_bit" and kivi2 is not None:
+            k_inc = kivi2["ppl"] / base["ppl"] - 1.0
+            entry["kivi2_ppl_increase"] = k_inc
+            entry["target"] = "at most half of KIVI-2's increase"
+            entry["met"] = inc <= 0.5 * k_inc
+        if key == "two_bit":
+            entry["target"] = "within 2% of the baseline"
+            entry["met"] = inc <= 0.02
+        out[key] = entry
+    return out
