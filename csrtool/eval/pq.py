@@ -52,6 +52,10 @@ class ProductQuantizer:
         self.name = name or f"pq{bits:g}"
         self.bits_k = self.bits_v = float(bits)
         self.quantizers = {}
+        need = 2**CODE_BITS
+        have = min(x.reshape(-1, self.head_dim).shape[0] for x in calib.values())
+        if have < need:
+            raise CsrError(f"product quantisation needs at least {need} calibration vectors per layer, got {have}: raise --calib-tokens")
         for key, x in sorted(calib.items()):
             pq = faiss.ProductQuantizer(self.head_dim, self.m, CODE_BITS)
             pq.cp.seed = seed

@@ -220,14 +220,17 @@ def reference_pass(model, ids: torch.Tensor, chunk: int, progress: Progress | No
     t = ids.shape[1]
     feed = CompressedFeed(model, Identity(), window=t)
     rows = []
+    targets = ids[0, chunk + 1 :]
+    nll, row = 0.0, 0
     for start in range(0, t, chunk):
         logits = feed.step(ids[:, start : start + chunk])
-        rows.append(torch.log_softmax(logits[_scored(logits, start, t, chunk)], dim=-1))
+        sc = logits[_scored(logits, start, t, chunk)]
+        nll += metrics.nll_sum(sc, targets[row : row + sc.shape[0]])  # same float64 math as method_pass
+        row += sc.shape[0]
+        rows.append(torch.log_softmax(sc, dim=-1))
         if progress:
             progress(f"reference: {min(t, start + chunk)}/{t} tokens")
     logprobs = torch.cat(rows)
-    targets = ids[0, chunk + 1 :]
-    nll = metrics.nll_sum(logprobs, targets)
     return Reference(logprobs, targets, nll, time.perf_counter() - t0)
 
 

@@ -113,7 +113,10 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
                 if not data:
                     skipped.append((name, "no calibration activations (calib_tokens = 0 or no calibration text)"))
                     continue
-                methods.append(pq.ProductQuantizer(data, b, seed=1234 + cfg.seed, name=name))
+                try:
+                    methods.append(pq.ProductQuantizer(data, b, seed=1234 + cfg.seed, name=name))
+                except CsrError as exc:
+                    skipped.append((name, str(exc)))
         else:  # transformers QuantizedCache
             backend = "fp8" if kind == "fp8" else kind
             name = f"{kind}{num}" if num is not None else "tf-fp8"
