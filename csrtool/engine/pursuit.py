@@ -247,8 +247,9 @@ def _pursuit(
             if l is None:
                 torch.mul(gram_rows(i), scale, out=u)
             else:
-                torch.baddbmm(gram_rows(i).view(m, 1, n), l.view(m, 1, k), basis[:, :k], alpha=-1, out=basis[:, k : k + 1])
-                u.mul_(scale)
+                # baddbmm with out= (or a non-contiguous input) falls back to a loop of addmm: write separately
+                t = torch.baddbmm(gram_rows(i).view(m, 1, n), l.view(m, 1, k), basis[:, :k], alpha=-1)
+                torch.mul(t.view(m, n), scale, out=u)
         else:
             q = atoms_flat.index_select(0, base + i) if l is None else atom
             if l is not None:
