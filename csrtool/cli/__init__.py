@@ -52,6 +52,7 @@ def _root(
 
 # Subcommands register themselves on import (order = order in --help).
 from csrtool.cli import collect as _collect  # noqa: E402,F401
+from csrtool.cli import train_dict as _train_dict  # noqa: E402,F401
 from csrtool.cli import compress as _compress  # noqa: E402,F401
 from csrtool.cli import eval as _eval  # noqa: E402,F401
 

@@ -1,0 +1,90 @@
+"""`csrtool train-dict`: learn NeuralDict dictionaries from a `csrtool collect` directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from csrtool.cli import app
+from csrtool.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayersOpt, err, guarded, out, write_json
+from csrtool.engine.neuraldict import TrainConfig
+from csrtool.io import check_output, parse_layers
+
+_DEF = TrainConfig()
+
+
+@app.command("train-dict")
+@guarded
+def train_dict(
+    acts_dir: Annotated[Path, typer.Argument(help="Activation directory written by csrtool collect.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Dictionary file to write (.safetensors).")],
+    atoms: Annotated[int, typer.Option("--atoms", "-n", help="Atoms N per dictionary (index bits = log2 N).")] = _DEF.atoms,
+    sparsity: Annotated[int, typer.Option("--sparsity", "-s", help="Atoms per vector S used while training; compress may pick another S.")] = _DEF.sparsity,
+    value_split: Annotated[int, typer.Option("--value-split", help="Split value vectors into SN channel chunks, one dictionary each (keys: 1).")] = _DEF.value_split,
+    scope: Annotated[str, typer.Option("--scope", help="'head': one dictionary per KV head; 'layer': one per layer shared by its heads.")] = _DEF.scope,
+    layers: LayersOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Maximum training epochs per dictionary (0 = k-means only).")] = _DEF.epochs,
+    encoder: Annotated[str, typer.Option("--encoder", help="Pursuit used in training: mp or omp.")] = _DEF.encoder,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Vectors per optimiser step.")] = _DEF.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (cosine schedule).")] = _DEF.lr,
+    max_vectors: Annotated[int, typer.Option("--max-vectors", help="Training vectors per dictionary (random subsample above).")] = _DEF.max_vectors,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train one dictionary per layer, K/V, head (or layer) and channel chunk; write them to one file.
+
+    Each dictionary starts from k-means centroids and is refined by NeuralDict
+    (Adam through sparse codes, with an atom-diversity penalty). An interrupted
+    run resumes from OUTPUT.partial/ when re-run with the same options.
+    """
+    from csrtool.acts import ActsReader
+    from csrtool.models import resolve_device
+    from csrtool.train import partial_dir, train_dicts
+
+    check_output(output, force=force)
+    cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
+                      batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed)
+    reader = ActsReader(acts_dir)
+    picked = parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
+    dev = resolve_device(device)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        overall = bar.add_task("dictionaries", total=None)
+        current = bar.add_task("", total=cfg.epochs, visible=False)
+
+        def on_event(event: str, info: dict) -> None:
+            if event == "start":
+                bar.update(overall, total=info["total"])
+                if info["resumed"]:
+                    err.print(f"resuming from {partial_dir(output)}: {info['resumed']} of {info['total']} dictionaries already trained")
+            elif event == "dict":
+                bar.reset(current, total=max(info["epochs"], 1), description=f"  {info['name']}", visible=True)
+            elif event == "epoch":
+                bar.update(current, completed=info["epoch"], description=f"  {info['name']} val {info['val_rel_err']:.4f}")
+            elif event == "done":
+                bar.advance(overall)
+
+        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event)
+
+    table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder})")
+    table.add_column("layer", justify="right")
+    table.add_column("K val", justify="right")
+    table.add_column("V val", justify="right")
+    table.add_column("K train", justify="right")
+    table.add_column("V train", justify="right")
+    rows = []
+    for layer in sorted({int(name.split(".")[1]) for name in report["errors"]}):
+        k, v = report["errors"][f"layer.{layer}.k"], report["errors"][f"layer.{layer}.v"]
+        rows.append({"layer": layer, "k_val_rel_err": k["mean_val_rel_err"], "v_val_rel_err": v["mean_val_rel_err"],
+                     "k_train_rel_err": k["mean_train_rel_err"], "v_train_rel_err": v["mean_train_rel_err"]})
+        table.add_row(str(layer), *(f"{rows[-1][c]:.4f}" for c in ("k_val_rel_err", "v_val_rel_err", "k_train_rel_err", "v_train_rel_err")))
+    out.print(table)
+    out.print(f"trained {report['trained']}, resumed {report['resumed']} dictionaries; wrote {output} (fingerprint {report['fingerprint'][:12]})")
+    write_json(json_out, {**report, "layers": rows})

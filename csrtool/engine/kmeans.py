@@ -1,0 +1,118 @@
+"""k-means for dictionary initialisation: k-means++ seeding, then a few Lloyd steps.
+
+    kmeans(x [B, D], k, iters, generator, normalize) -> centroids [k, D]
+
+With `normalize=True` (the default, what NeuralDict uses) rows of x are scaled to
+unit norm first and the assignment is sign-invariant (a row joins the centroid
+with the largest |cos|, flipped onto its sign): atoms are used with signed
+coefficients, so x and -x want the same atom. With `normalize=False` it is plain
+Euclidean k-means on the raw vectors.
+
+Batched over rows (`chunk`), deterministic for a given torch.Generator, and
+allocates on x's device. Imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None = None, signed: bool = False) -> torch.Tensor:
+    """k-means++ seeding: indices [k] of rows of x [B, D] (k <= B), spread out by D² sampling.
+
+    signed=True uses the sign-invariant distance min(|x-c|², |x+c|²) (for unit rows:
+    2 - 2|cos|), matching the sign-invariant Lloyd step.
+    """
+    b = x.shape[0]
+    assert 0 < k <= b, (k, b)
+    sq = (x * x).sum(1)  # [B]
+    first = torch.randint(b, (1,), generator=generator, device=x.device)
+    picked = torch.empty(k, dtype=torch.long, device=x.device)
+    picked[0] = first[0]
+
+    def dist_to(i: torch.Tensor) -> torch.Tensor:
+        dot = x @ x[i]  # [B]
+        if signed:
+            dot = dot.abs()
+        return (sq - 2 * dot + sq[i]).clamp_min(0)
+
+    best = dist_to(picked[0])  # [B] squared distance to the nearest seed so far
+    for j in range(1, k):
+        total = best.sum()
+        if total <= 0:  # fewer distinct rows than k: fill with any rows not yet picked
+            w = torch.ones_like(best)
+            w[picked[:j]] = 0
+            if w.sum() <= 0:
+                w = torch.ones_like(best)
+        else:
+            w = best
+        cdf = w.cumsum(0)  # D² sampling by inverse CDF (cheaper than multinomial per step)
+        u = torch.rand(1, generator=generator, device=x.device, dtype=cdf.dtype) * cdf[-1]
+        nxt = torch.searchsorted(cdf, u).clamp_max(b - 1)
+        picked[j] = nxt[0]
+        best = torch.minimum(best, dist_to(nxt[0]))
+    return picked
+
+
+def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid per row: (labels [B], sign [B] of the match, +1 if not signed)."""
+    labels, signs = [], []
+    c_sq = (c * c).sum(1)  # [k]
+    unit = bool(((c_sq - 1).abs() < 1e-4).all())
+    for s in range(0, x.shape[0], chunk):
+        dot = x[s : s + chunk] @ c.T  # [b, k]
+        if unit:  # all |c| = 1: nearest is simply the largest (absolute) dot product
+            lab = (dot.abs() if signed else dot).argmax(1)
+        elif signed:
+            lab = (2 * dot.abs() - c_sq).argmax(1)  # maximise -|x ∓ c|² up to a per-row constant
+        else:
+            lab = (2 * dot - c_sq).argmax(1)
+        labels.append(lab)
+        sg = dot.gather(1, lab[:, None])[:, 0].sign() if signed else torch.ones_like(lab, dtype=x.dtype)
+        signs.append(torch.where(sg == 0, torch.ones_like(sg), sg))
+    return torch.cat(labels), torch.cat(signs)
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 5,
+    generator: torch.Generator | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Centroids [k, D] of x [B, D]: k-means++ seeds, then `iters` Lloyd steps.
+
+    normalize=True: spherical, sign-invariant k-means on unit rows; centroids are
+    returned with unit norm. Empty clusters are re-seeded with the rows farthest
+    from their centroid, so all k centroids stay distinct and useful.
+    """
+    assert x.dim() == 2 and k >= 1
+    xf = x.float()
+    if normalize:
+        xf = _normalize_rows(xf)
+    b = xf.shape[0]
+    if k > b:  # more atoms than rows: repeat rows (callers normally subsample atoms <= rows)
+        reps = torch.randint(b, (k - b,), generator=generator, device=x.device)
+        xf_pool = torch.cat([xf, xf[reps]])
+    else:
+        xf_pool = xf
+    c = xf_pool[kmeans_pp(xf_pool, k, generator, signed=normalize)].clone()  # [k, D]
+    for _ in range(iters):
+        labels, sign = assign(xf, c, signed=normalize)
+        sums = torch.zeros_like(c).index_add_(0, labels, xf * sign[:, None])  # [k, D]
+        counts = torch.bincount(labels, minlength=k).to(xf.dtype)  # [k]
+        empty = counts == 0
+        new = sums / counts.clamp_min(1)[:, None]
+        if empty.any():
+            # farthest rows from their own centroid take over the empty clusters
+            err = (xf - sign[:, None] * new[labels]).pow(2).sum(1)
+            far = err.topk(int(empty.sum()), largest=True).indices
+            new[empty] = xf[far]
+        c = new
+        if normalize:
+            c = _normalize_rows(c)
+    return c.to(x.dtype)

@@ -1,0 +1,272 @@
+"""NeuralDict: learn a dictionary of unit atoms by gradient descent through sparse codes.
+
+    train_dictionary(x [B, D], cfg, seed) -> (atoms [N, D], stats)
+
+The dictionary is the weight [N, D] of one bias-free nn.Linear(D, N) (so
+`linear(x)` are the atom correlations), initialised from k-means centroids of
+the training vectors (or random training vectors) and renormalised to unit
+atoms after every optimiser step. Per mini-batch:
+
+1. support: idx [B, S] = pursuit.encode(x, atoms, S, encoder), no gradient;
+2. coefficients, differentiable in the atoms given that support:
+   omp -- least squares on the support, c = (A Aᵀ)⁻¹ A x with A = atoms[idx] [B, S, D];
+   mp  -- the MP recursion c_s = <r_{s-1}, a_s>, r_s = r_{s-1} - c_s a_s;
+3. loss = MSE(x, Σ c_s a_s) + β · L_div, with
+   L_div = ‖I_N − A Aᵀ‖²_F / N² over the atoms' Gram [N, N] (pairwise coherence of
+   atoms; the [D, D] frame Gram cannot approach I when N > D), and
+   β = clamp(0.1 · MSE / L_div, 0, 1) on detached values.
+   L_div is evaluated without forming the [N, N] Gram, by the exact identity
+   ‖I − A Aᵀ‖²_F = N − 2‖A‖²_F + ‖Aᵀ A‖²_F (cost N·D² instead of N²·D).
+
+Adam with a cosine schedule; early stopping on a held-out split (the best
+atoms by validation error are returned). After every epoch, unused atoms and
+near-duplicates (|cos| > `dup_cos`) are re-seeded with the normalised residuals
+of the worst-reconstructed training vectors, and their Adam state is reset.
+
+Imports only torch (and the engine); allocates on x's device; never prints --
+progress goes to an optional callback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+
+from csrtool.engine import pursuit
+from csrtool.engine.kmeans import kmeans
+from csrtool.errors import CsrError
+
+SCOPES = ("head", "layer")
+INITS = ("kmeans", "samples")
+
+# progress(epoch, epochs, val_rel_err) after every epoch
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a trained dictionary set (recorded in the output file)."""
+
+    atoms: int = 1024  # N atoms per dictionary
+    sparsity: int = 4  # S atoms per vector during training
+    value_split: int = 1  # C chunks for values (keys always 1)
+    scope: str = "head"  # one dictionary per KV head, or one per layer shared by its heads
+    encoder: str = "mp"  # support selection + coefficient rule in training: 'mp' | 'omp'
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 3e-3
+    val_fraction: float = 0.1
+    max_vectors: int = 8192  # training vectors per dictionary (random subsample above this)
+    init: str = "kmeans"  # 'kmeans' centroids or 'samples' (random training vectors)
+    kmeans_iters: int = 4
+    patience: int = 2  # epochs without validation improvement before stopping
+    dup_cos: float = 0.995  # atoms closer than this (|cos|) count as duplicates
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise CsrError(msg)
+
+        need(isinstance(self.atoms, int) and self.atoms >= 1, f"atoms must be a positive integer, got {self.atoms!r} (e.g. --atoms 1024)")
+        need(isinstance(self.sparsity, int) and 1 <= self.sparsity <= self.atoms, f"sparsity must be between 1 and atoms ({self.atoms}), got {self.sparsity!r}")
+        need(isinstance(self.value_split, int) and self.value_split >= 1, f"value_split must be a positive integer, got {self.value_split!r}")
+        need(self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        need(self.encoder in pursuit.METHODS, f"encoder must be one of {', '.join(pursuit.METHODS)}, got {self.encoder!r}")
+        need(self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be a non-negative integer, got {self.epochs!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size!r}")
+        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
+        need(isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        need(isinstance(self.max_vectors, int) and self.max_vectors >= 2, f"max_vectors must be an integer >= 2, got {self.max_vectors!r}")
+        need(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0, f"kmeans_iters must be a non-negative integer, got {self.kmeans_iters!r}")
+        need(isinstance(self.patience, int) and self.patience >= 1, f"patience must be a positive integer, got {self.patience!r}")
+        need(isinstance(self.dup_cos, (int, float)) and 0 < self.dup_cos <= 1, f"dup_cos must be in (0, 1], got {self.dup_cos!r}")
+        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rel_err(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Σ‖x − x̂‖² / Σ‖x‖² over the set."""
+    den = x.double().pow(2).sum()
+    return float((x.double() - x_hat.double()).pow(2).sum() / den.clamp_min(1e-30))
+
+
+def coefficients(x: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, method: str, ridge: float = 1e-6) -> torch.Tensor:
+    """Coefficients [B, S] for x [B, D] on the support idx [B, S], differentiable in atoms."""
+    a = atoms[idx]  # [B, S, D]
+    if method == "omp":
+        gram = a @ a.transpose(1, 2)  # [B, S, S]
+        eye = torch.eye(idx.shape[1], dtype=gram.dtype, device=gram.device)
+        rhs = (a @ x[:, :, None])  # [B, S, 1]
+        return torch.linalg.solve(gram + ridge * eye, rhs)[:, :, 0]
+    r, cs = x, []
+    for s in range(idx.shape[1]):
+        c = (r * a[:, s]).sum(1)  # [B]
+        r = r - c[:, None] * a[:, s]
+        cs.append(c)
+    return torch.stack(cs, 1)
+
+
+def diversity_loss(atoms: torch.Tensor) -> torch.Tensor:
+    """L_div = ‖I_N − A Aᵀ‖²_F / N² for atoms A [N, D], via the [D, D] Gram (same value)."""
+    n = atoms.shape[0]
+    small = atoms.T @ atoms  # [D, D]
+    return (n - 2 * atoms.pow(2).sum() + small.pow(2).sum()) / (n * n)
+
+
+def diversity_beta(mse: torch.Tensor, l_div: torch.Tensor) -> torch.Tensor:
+    """β = clamp(0.1 · MSE / L_div, 0, 1) on detached values."""
+    return (0.1 * mse.detach() / l_div.detach().clamp_min(1e-30)).clamp(0.0, 1.0)
+
+
+def reconstruct(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str) -> torch.Tensor:
+    """x̂ [B, D] through pursuit codes (no gradient)."""
+    with torch.no_grad():
+        idx, coef = pursuit.encode(x, atoms, sparsity, method)
+        return pursuit.decode(idx, coef, atoms)
+
+
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Initial unit atoms [N, D]: k-means centroids or random training vectors."""
+    if cfg.init == "kmeans":
+        return kmeans(x, cfg.atoms, cfg.kmeans_iters, gen, normalize=True)
+    pick = torch.randint(x.shape[0], (cfg.atoms,), generator=gen, device=x.device) if cfg.atoms > x.shape[0] else torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.atoms]
+    return _unit_rows(x[pick])
+
+
+def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer) -> None:
+    """Replace atoms `rows` by normalised residuals of the worst-reconstructed rows of x."""
+    k = min(int(rows.numel()), x.shape[0])
+    if k == 0:
+        return
+    rows = rows[:k]
+    worst = err.topk(k).indices
+    xw = x[worst]
+    resid = xw - reconstruct(xw, w.detach(), cfg.sparsity, cfg.encoder)
+    small = resid.norm(dim=1) < 1e-6 * xw.norm(dim=1).clamp_min(1e-30)
+    resid[small] = xw[small]  # perfectly coded rows: use the vector itself
+    with torch.no_grad():
+        w[rows] = _unit_rows(resid)
+    state = opt.state.get(w, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][rows] = 0
+    err[worst] = 0  # do not pick the same rows again this epoch
+
+
+def _split(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
+    n_val = int(round(cfg.val_fraction * x.shape[0])) if cfg.val_fraction > 0 else 0
+    n_val = min(n_val, x.shape[0] - 1)
+    n_total = min(x.shape[0], cfg.max_vectors + n_val)
+    perm = perm[:n_total]
+    return x[perm[n_val:]], x[perm[:n_val]]
+
+
+def train_dictionary(
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    seed: int | torch.Generator | None = None,
+    progress: Optional[Progress] = None,
+    val: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Learn N unit atoms [N, D] for the rows of x [B, D]. Returns (atoms, stats).
+
+    `seed` (int or torch.Generator on x's device) fixes the split, init and batches;
+    default cfg.seed. `val` overrides the held-out split (then all of x trains).
+    stats: train_rel_err, val_rel_err, init_val_rel_err, epochs, best_epoch, reseeded.
+    """
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise CsrError(f"need at least 2 training vectors of shape [B, D], got {list(x.shape)}")
+    if isinstance(seed, torch.Generator):
+        gen = seed
+    else:
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(cfg.seed if seed is None else int(seed))
+    x = x.float()
+    if val is None:
+        x_tr, x_val = _split(x, cfg, gen)
+    else:
+        x_tr, x_val = x[torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.max_vectors]], val.float()
+    n, s = cfg.atoms, cfg.sparsity
+
+    lin = torch.nn.Linear(x.shape[1], n, bias=False, device=x.device, dtype=torch.float32)
+    with torch.no_grad():
+        lin.weight.copy_(init_atoms(x_tr, cfg, gen))
+    w = lin.weight  # [N, D]
+    opt = torch.optim.Adam([w], lr=cfg.lr)
+    steps_per_epoch = math.ceil(x_tr.shape[0] / cfg.batch_size)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+
+    def val_err(atoms: torch.Tensor) -> float:
+        if x_val.shape[0] == 0:
+            return float("nan")
+        return rel_err(x_val, reconstruct(x_val, atoms, s, cfg.encoder))
+
+    best_atoms, best_val = w.detach().clone(), val_err(w.detach())
+    init_val, best_epoch, stale, reseeded, ran = best_val, 0, 0, 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        ran = epoch
+        perm = torch.randperm(x_tr.shape[0], generator=gen, device=x.device)
+        usage = torch.zeros(n, dtype=torch.long, device=x.device)
+        err = torch.zeros(x_tr.shape[0], device=x.device)  # per-vector squared error, this epoch
+        for start in range(0, x_tr.shape[0], cfg.batch_size):
+            rows = perm[start : start + cfg.batch_size]
+            xb = x_tr[rows]
+            with torch.no_grad():
+                idx, _ = pursuit.encode(xb, w.detach(), s, cfg.encoder)  # [b, S]
+            coef = coefficients(xb, w, idx, cfg.encoder)
+            x_hat = torch.einsum("bs,bsd->bd", coef, w[idx])
+            sq = (xb - x_hat).pow(2)
+            mse = sq.mean()
+            l_div = diversity_loss(w)
+            loss = mse + diversity_beta(mse, l_div) * l_div
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                w.copy_(_unit_rows(w))
+                usage += torch.bincount(idx.flatten(), minlength=n)
+                err[rows] = sq.sum(1).detach()
+        # re-seed dead and duplicate atoms
+        with torch.no_grad():
+            dead = usage == 0
+            cos = (w @ w.T).abs().triu(1)  # [N, N]
+            dup = (cos > cfg.dup_cos).any(0)
+            bad = (dead | dup).nonzero()[:, 0]
+        if bad.numel():
+            _reseed(w, bad, x_tr, err, cfg, opt)
+            reseeded += int(bad.numel())
+        v = val_err(w.detach())
+        if not v >= best_val - 1e-6 * abs(best_val):  # improved (always, without a val split: nan)
+            best_atoms, best_val, best_epoch, stale = w.detach().clone(), v, epoch, 0
+        else:
+            stale += 1
+        if progress is not None:
+            progress(epoch, cfg.epochs, v)
+        if stale >= cfg.patience:
+            break
+    train = rel_err(x_tr, reconstruct(x_tr, best_atoms, s, cfg.encoder))
+    stats = {
+        "train_rel_err": train,
+        "val_rel_err": best_val,
+        "init_val_rel_err": init_val,
+        "epochs": ran,
+        "best_epoch": best_epoch,
+        "reseeded": reseeded,
+        "train_vectors": int(x_tr.shape[0]),
+        "val_vectors": int(x_val.shape[0]),
+    }
+    return best_atoms, stats

@@ -1,0 +1,116 @@
+"""NeuralDict and k-means: the learning rule, its pieces, and that training helps on held-out data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csrtool.engine import pursuit
+from csrtool.engine.kmeans import kmeans, kmeans_pp
+from csrtool.engine.neuraldict import (
+    TrainConfig, coefficients, diversity_beta, diversity_loss, reconstruct, rel_err, train_dictionary,
+)
+from csrtool.errors import CsrError
+
+
+def sparse_data(b: int, d: int = 16, n0: int = 40, s0: int = 2, seed: int = 0, noise: float = 0.02) -> torch.Tensor:
+    """Rows = s0-sparse combinations of n0 fixed random unit atoms (the same atoms for every seed) plus noise."""
+    atoms = torch.nn.functional.normalize(torch.randn(n0, d, generator=torch.Generator().manual_seed(1234)), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n0, generator=g)[:s0] for _ in range(b)])
+    coef = torch.randn(b, s0, generator=g) * torch.linspace(2.0, 0.7, s0)
+    return torch.einsum("bs,bsd->bd", coef, atoms[idx]) + noise * torch.randn(b, d, generator=g)
+
+
+SMALL = dict(atoms=48, sparsity=2, batch_size=128, lr=1e-2, kmeans_iters=3)
+
+
+def test_training_beats_kmeans_init_and_random_samples():
+    x, test = sparse_data(800, seed=0), sparse_data(400, seed=1)
+    trained, stats = train_dictionary(x, TrainConfig(**SMALL, epochs=6, patience=6), seed=0)
+    init, _ = train_dictionary(x, TrainConfig(**SMALL, epochs=0), seed=0)
+    samples, _ = train_dictionary(x, TrainConfig(**SMALL, epochs=0, init="samples"), seed=0)
+    err = {name: rel_err(test, reconstruct(test, a, 2, "omp")) for name, a in
+           {"trained": trained, "kmeans": init, "samples": samples}.items()}
+    assert err["trained"] < 0.8 * err["kmeans"], err
+    assert err["trained"] < 0.5 * err["samples"], err
+    assert stats["val_rel_err"] < stats["init_val_rel_err"]
+    assert 0 <= stats["train_rel_err"] < 1 and stats["epochs"] >= 1
+
+
+@pytest.mark.parametrize("encoder", ["mp", "omp"])
+def test_atoms_unit_norm_and_deterministic(encoder):
+    x = sparse_data(400)
+    cfg = TrainConfig(**{**SMALL, "atoms": 32}, encoder=encoder, epochs=3)
+    a1, s1 = train_dictionary(x, cfg, seed=7)
+    a2, s2 = train_dictionary(x, cfg, seed=7)
+    assert a1.shape == (32, 16)
+    torch.testing.assert_close(a1.norm(dim=1), torch.ones(32), atol=1e-5, rtol=0)
+    assert torch.equal(a1, a2) and s1 == s2
+
+
+def test_diversity_loss_equals_atom_gram_form():
+    a = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=1)
+    explicit = (torch.eye(50, dtype=torch.float64) - a @ a.T).pow(2).sum() / 50**2  # ‖I − A Aᵀ‖²_F / N²
+    torch.testing.assert_close(diversity_loss(a), explicit)
+    # minimum over unit atoms (tight frame): Σ_{i≠j} cos² ≥ N²/D − N
+    assert float(diversity_loss(a)) >= 1 / 8 - 1 / 50 - 1e-12
+
+
+def test_beta_rule():
+    mse = torch.tensor(0.3, requires_grad=True)
+    for l_div, want in [(0.5, 0.06), (0.01, 1.0), (0.03, 1.0), (3.0, 0.01)]:
+        beta = diversity_beta(mse, torch.tensor(l_div))
+        assert not beta.requires_grad
+        assert float(beta) == pytest.approx(min(max(0.1 * 0.3 / l_div, 0.0), 1.0))
+        assert float(beta) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("method", ["omp", "mp"])
+def test_differentiable_coefficients_match_pursuit(method):
+    atoms = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(3)), dim=1)
+    x = sparse_data(200, seed=4)
+    idx, coef = pursuit.encode(x, atoms, 4, method)
+    w = atoms.clone().requires_grad_(True)
+    c = coefficients(x, w, idx, method)
+    torch.testing.assert_close(c.detach(), coef, atol=1e-4, rtol=1e-4)
+    c.sum().backward()  # the gradient reaches the dictionary
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(CsrError, match="atoms must be a positive integer, got 0"):
+        TrainConfig(atoms=0)
+    with pytest.raises(CsrError, match="sparsity must be between 1 and atoms"):
+        TrainConfig(atoms=8, sparsity=9)
+    with pytest.raises(CsrError, match="scope must be one of head, layer, got 'model'"):
+        TrainConfig(scope="model")
+    with pytest.raises(CsrError, match="encoder must be one of mp, omp"):
+        TrainConfig(encoder="lasso")
+    with pytest.raises(CsrError, match="val_fraction must be in"):
+        TrainConfig(val_fraction=1.5)
+    with pytest.raises(Exception):
+        TrainConfig().atoms = 3  # frozen
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1) * 5
+    lab = torch.arange(600) % 6
+    x = centers[lab] + 0.05 * torch.randn(600, 16, generator=g)
+    c = kmeans(x, 6, iters=5, generator=torch.Generator().manual_seed(1), normalize=False)
+    dist = torch.cdist(centers, c).min(1).values
+    assert float(dist.max()) < 0.1
+    # spherical, sign-invariant: x and -x fall in the same cluster; unit centroids
+    xs = x * torch.where(torch.arange(600) % 2 == 0, 1.0, -1.0)[:, None]
+    cs = kmeans(xs, 12, iters=5, generator=torch.Generator().manual_seed(1))  # over-complete: no local minimum
+    torch.testing.assert_close(cs.norm(dim=1), torch.ones(12))
+    cos = (torch.nn.functional.normalize(centers, dim=1) @ cs.T).abs().max(1).values
+    assert float(cos.min()) > 0.99
+
+
+def test_kmeans_pp_distinct_and_seeded():
+    x = torch.randn(300, 8)
+    a = kmeans_pp(x, 50, torch.Generator().manual_seed(5))
+    b = kmeans_pp(x, 50, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.unique().numel() == 50
