@@ -142,7 +142,7 @@ def main() -> None:
         for kind in ("k", "v"):
             row = {(r["method"], r["S"]): r["rel_err"] for r in results if r["layer"] == layer and r["kind"] == kind}
             table.add_row(f"{layer} {kind}", *(f"{row[(m, s)]:.4f}" for m, s, _ in cols))
-    Console().print(table)
+    Console(width=240).print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"source": source, "config": cfg.to_dict(), "seconds": time.time() - t0,
