@@ -51,7 +51,7 @@ def eval_cmd(
     coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16 or int8.")] = "fp8",
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = 1024,
     needle: Annotated[bool, typer.Option("--needle/--no-needle", help="Run the passkey retrieval test.")] = True,
-    needle_context: Annotated[int, typer.Option("--needle-context", help="Tokens of filler around the pass key.")] = 384,
+    needle_context: Annotated[int, typer.Option("--needle-context", help="Tokens of filler around the pass key.")] = 256,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_download: AllowDownloadOpt = False,

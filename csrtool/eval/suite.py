@@ -39,7 +39,7 @@ class EvalConfig:
     kivi_group: int = 32
     calib_tokens: int = 1024
     needle: bool = True
-    needle_context: int = 384
+    needle_context: int = 256
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     seed: int = 0
 
