@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
 from csrtool.errors import CsrError
-from csrtool.io import atomic_path, atomic_write_bytes
+from csrtool.io import atomic_write_bytes
+from csrtool.stwrite import save_safetensors
 
 FORMAT = "csrtool-acts"
 VERSION = 1
@@ -62,8 +63,7 @@ class ActsWriter:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
         tensors = {k: torch.cat(v).contiguous() for k, v in sorted(self.pending.items())}
-        with atomic_path(self.dir / name) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        save_safetensors(self.dir / name, tensors, {"format": FORMAT})
         self.shards.append(name)
         self.pending, self.pending_tokens = {}, 0
 

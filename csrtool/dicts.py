@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
 from csrtool.errors import CsrError
-from csrtool.io import atomic_path
+from csrtool.stwrite import save_safetensors
 
 FORMAT = "csrtool-dicts"
 VERSION = 1
@@ -86,8 +86,7 @@ def save_dicts(path: Path, atoms: dict[str, torch.Tensor], config: dict, source:
         "errors": json.dumps(errors, sort_keys=True),
         "fingerprint": fp,
     }
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(Path(path), tensors, meta)
     return fp
 
 

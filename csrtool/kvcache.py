@@ -91,7 +91,7 @@ def load_cache(path: Path) -> KVCache:
             f"{path} needs arbitrary unpickling to load, which csrtool refuses for safety ({str(exc).splitlines()[0][:120]}): "
             "save the cache as plain tensors (csrtool cache, or a dict/tuple of tensors)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise CsrError(f"{path} is not a readable cache file ({str(exc).splitlines()[0][:160]})") from None
     return from_object(obj, name=str(path)).validate(str(path))
 
