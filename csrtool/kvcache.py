@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,23 +78,35 @@ def _plain(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=str))
 
 
-def load_cache(path: Path) -> KVCache:
-    """Read a cache in any supported layout; validate it. Never unpickles code."""
+def load_cache(path: Path, lazy: bool = False) -> KVCache:
+    """Read a cache in any supported layout; validate it. Never unpickles code.
+
+    lazy=True memory-maps .pt files and reads safetensors tensors one at a time,
+    so streaming commands keep memory bounded by one layer."""
     path = Path(path)
     if not path.is_file():
         raise CsrError(f"cache file {path} not found")
     if _looks_safetensors(path):
         return _load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         raise CsrError(
             f"{path} needs arbitrary unpickling to load, which csrtool refuses for safety ({str(exc).splitlines()[0][:120]}): "
             "save the cache as plain tensors (csrtool cache, or a dict/tuple of tensors)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise CsrError(f"{path} is not a readable cache file ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on garbage input
+        first = (str(exc).splitlines() or [""])[0][:120]
+        raise CsrError(
+            f"{path} is not a readable cache file ({type(exc).__name__}: {first}): pass a csrtool cache .pt, "
+            "a tuple of (key, value) tensors saved with torch.save, or a safetensors cache"
+        ) from None
     return from_object(obj, name=str(path)).validate(str(path))
+
+
+def open_cache(path: Path) -> KVCache:
+    """load_cache for streaming: tensors memory-mapped or read layer by layer."""
+    return load_cache(path, lazy=True)
 
 
 def from_object(obj: object, name: str = "cache") -> KVCache:
@@ -119,23 +132,36 @@ def _looks_safetensors(path: Path) -> bool:
     return raw[8:9] == b"{" and 0 < n < 100_000_000
 
 
+class _LazyTensors(Sequence):
+    """Tensors of a safetensors file read one at a time (bounded memory)."""
+
+    def __init__(self, fh, names: list[str]) -> None:
+        self.fh, self.names = fh, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.fh.get_tensor(self.names[i])
+
+
 def _load_safetensors(path: Path) -> KVCache:
+    """A safetensors cache whose tensors are read one at a time, when indexed."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            names = list(fh.keys())
-            meta_raw = (fh.metadata() or {}).get("meta", "{}")
-            tensors = {n: fh.get_tensor(n) for n in names}
+        fh = safe_open(str(path), framework="pt")
+        names = set(fh.keys())
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CsrError(f"{path} is not a readable safetensors cache ({exc})") from None
-    n_layers = len([n for n in names if n.startswith("keys.")])
-    try:
-        keys = [tensors[f"keys.{i}"] for i in range(n_layers)]
-        values = [tensors[f"values.{i}"] for i in range(n_layers)]
-        meta = json.loads(meta_raw)
-    except (KeyError, json.JSONDecodeError):
-        raise CsrError(f"{path}: a safetensors cache needs tensors keys.0..keys.{{L-1}} and values.0..values.{{L-1}}") from None
+    n = len([x for x in names if x.startswith("keys.")])
+    if not all(f"keys.{i}" in names and f"values.{i}" in names for i in range(n)):
+        raise CsrError(f"{path}: a safetensors cache needs tensors keys.0..keys.{{L-1}} and values.0..values.{{L-1}}")
+    keys = _LazyTensors(fh, [f"keys.{i}" for i in range(n)])
+    values = _LazyTensors(fh, [f"values.{i}" for i in range(n)])
     return KVCache(keys, values, meta).validate(str(path))
 
 

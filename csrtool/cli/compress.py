@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,82 +16,10 @@ from csrtool.cli import app
 from csrtool.cli.common import ForceOpt, JsonOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
 from csrtool.io import check_output
+from csrtool.kvcache import open_cache
 
 DictsOpt = Annotated[Path, typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
-
-
-# ---------------------------------------------------------------- lazy cache input
-
-
-class _LazyTensors(Sequence):
-    """Tensors of a safetensors file read one at a time (bounded memory)."""
-
-    def __init__(self, fh, names: list[str]) -> None:
-        self.fh, self.names = fh, names
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.fh.get_tensor(self.names[i])
-
-
-def open_cache(path: Path):
-    """A validated KVCache whose tensors are memory-mapped or read lazily, layer by layer.
-
-    Falls back to csrtool.kvcache.load_cache (and its error messages) for anything
-    that is not a zip .pt or a safetensors file. Never unpickles code."""
-    from csrtool import kvcache
-
-    path = Path(path)
-    if not path.is_file():
-        raise CsrError(f"cache file {path} not found")
-    if kvcache._looks_safetensors(path):
-        return _open_safetensors(path)
-    if zipfile.is_zipfile(path):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - load_cache reports the precise problem
-            return _load_cache(path)
-        return kvcache.from_object(obj, name=str(path)).validate(str(path))
-    return _load_cache(path)
-
-
-def _load_cache(path: Path):
-    from csrtool import kvcache
-
-    try:
-        return kvcache.load_cache(path)
-    except CsrError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - e.g. a text file fed to the unpickler
-        raise CsrError(
-            f"{path} is not a readable cache file ({type(exc).__name__}: {str(exc)[:80]}): pass a csrtool cache .pt, "
-            "a tuple of (key, value) tensors saved with torch.save, or a safetensors cache"
-        ) from None
-
-
-def _open_safetensors(path: Path):
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    from csrtool import kvcache
-
-    try:
-        fh = safe_open(str(path), framework="pt")
-        names = set(fh.keys())
-        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CsrError(f"{path} is not a readable safetensors cache ({exc})") from None
-    n = len([x for x in names if x.startswith("keys.")])
-    if not all(f"keys.{i}" in names and f"values.{i}" in names for i in range(n)):
-        raise CsrError(f"{path}: a safetensors cache needs tensors keys.0..keys.{{L-1}} and values.0..values.{{L-1}}")
-    cache = kvcache.KVCache(_LazyTensors(fh, [f"keys.{i}" for i in range(n)]), _LazyTensors(fh, [f"values.{i}" for i in range(n)]), meta)
-    return cache.validate(str(path))
 
 
 def _bar(total: int, desc: str) -> tqdm:
