@@ -12,7 +12,8 @@ from csrtool.cli import app
 from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TextOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
 
-CHARS_PER_TOKEN_MAX = 16  # tokenise only a prefix of the text long enough for the tokens asked
+CHARS_PER_TOKEN_MAX = 16
+TABLE_WIDTH = 160  # tokenise only a prefix of the text long enough for the tokens asked
 
 
 def _csv(value: str, what: str, cast=str) -> tuple:
@@ -94,7 +95,7 @@ def eval_cmd(
                 err.print(msg, highlight=False)
 
         doc = run_eval(loaded.model, ids, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta)
-    out.print(report.table(doc))
+    out.print(report.table(doc), width=None if out.is_terminal else TABLE_WIDTH)  # files/pipes: do not squash to 80 columns
     for line in report.lines(doc):
         out.print(line, highlight=False)
     write_json(json_out, report.json_safe(doc))

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 INSTALL = {
-    "quanto": "pip install 'optimum-quanto>=0.2.5'",
-    "hqq": "pip install hqq",
-    "fp8": "transformers>=5 (built in)",
+    "quanto": "needs optimum-quanto: pip install 'optimum-quanto>=0.2.5'",
+    "hqq": "needs hqq: pip install hqq",
+    "fp8": "needs transformers>=5 with QuantizedCache(backend='fp8')",
 }
 
 

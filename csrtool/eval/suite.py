@@ -102,7 +102,7 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
             for b in ([num] if num is not None else cfg.bits):
                 name = f"pq{b:g}"
                 if not pq.faiss_available():
-                    skipped.append((name, "install faiss-cpu (pip install faiss-cpu)"))
+                    skipped.append((name, "needs faiss: pip install faiss-cpu"))
                     continue
                 try:
                     pq.subquantizers(b, head_dim)
@@ -122,7 +122,7 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
             name = f"{kind}{num}" if num is not None else "tf-fp8"
             missing = quanto.backend_missing(backend)
             if missing:
-                skipped.append((name, f"install {missing}" if backend != "fp8" else f"needs {missing}"))
+                skipped.append((name, missing))
                 continue
             methods.append(quanto.QuantizedCacheMethod(backend, num or 8, cfg.window, dtype_bits=quanto.dtype_bits(dtype), name=name))
     if dicts is not None:
