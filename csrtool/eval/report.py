@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+PPL_PLOT_MAX = 2.0  # the quality plot clips perplexity at this multiple of the reference
+
 
 def json_safe(obj):
     """Replace NaN and ±inf (not valid JSON) by None, recursively; tuples become lists."""
@@ -91,13 +93,15 @@ def plot(doc: dict, path: Path) -> None:
 
     from csrtool.io import atomic_path
 
-    rows = [r for r in doc["methods"] if r.get("layers")]
+    # near-lossless rows (fp16) would stretch the log axis by orders of magnitude: leave them out here
+    rows = [r for r in doc["methods"] if r.get("layers") and max(r.get("rel_err_k") or 0, r.get("rel_err_v") or 0) > 1e-5]
+    color = {r["name"]: f"C{i % 10}" for i, r in enumerate(doc["methods"][1:])}  # same colour in every panel
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, kind in zip(axes[:2], ("k", "v")):
         for r in rows:
             pts = [(x["layer"], x[f"rel_err_{kind}"]) for x in r["layers"] if x.get(f"rel_err_{kind}") is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [max(p[1], 1e-8) for p in pts], marker=".", label=r["name"])
+                ax.plot([p[0] for p in pts], [max(p[1], 1e-8) for p in pts], marker=".", label=r["name"], color=color[r["name"]])
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel("relative squared error")
@@ -105,16 +109,19 @@ def plot(doc: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     ax = axes[2]
-    for r in doc["methods"]:
-        if r["kind"] == "reference":
-            ax.axhline(r["ppl"], color="gray", linestyle="--", label=r["name"])
-            continue
-        ax.scatter([r["bits_per_channel"]], [r["ppl"]], label=r["name"])
-        ax.annotate(r["name"], (r["bits_per_channel"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("payload bits per channel")
+    ref_ppl = doc["methods"][0]["ppl"]
+    top = ref_ppl * PPL_PLOT_MAX
+    ax.axhline(ref_ppl, color="gray", linestyle="--", label="reference")
+    for r in doc["methods"][1:]:
+        y, clipped = min(r["ppl"], top), r["ppl"] > top
+        ax.scatter([r["bits_per_channel"]], [y], marker="^" if clipped else "o", color=color[r["name"]])
+        label = r["name"] + (f" (ppl {r['ppl']:.3g})" if clipped else "")
+        ax.annotate(label, (r["bits_per_channel"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(ref_ppl * 0.97, top * 1.05)
+    ax.set_xlabel("payload bits per channel (log scale)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title("quality vs bits")
+    ax.set_title(f"quality vs bits (clipped at {PPL_PLOT_MAX:g}x reference)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
