@@ -108,6 +108,11 @@ def convert_gguf(gguf: Path) -> Path:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted the same file first: use its folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
