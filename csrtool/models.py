@@ -140,11 +140,14 @@ def resolve_source(spec: str) -> tuple[str, dict]:
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", allow_download: bool = False) -> Loaded:
     """Load model and tokenizer ready for inference (eval mode, no grad needed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
-    source, extra = resolve_source(spec)
+    source, extra = resolve_source(spec)  # a first GGUF conversion shows its own progress
+    if not log.isEnabledFor(logging.INFO):
+        hf_logging.disable_progress_bar()  # loading takes seconds; csrtool shows its own progress
     kwargs = {"local_files_only": not allow_download} if extra.get("hub") else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)

@@ -7,8 +7,8 @@ mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "== $* ($(( $(date +%s) - start )) s elapsed)"; }
 
-step "1/6 collect K/V activations (calibration text)"
-csrtool collect --max-tokens 4096 --seq-len 512 -o "$OUT/acts" --force --json "$OUT/collect.json"
+step "1/6 collect K/V activations (calibration text; keys before RoPE, which code better)"
+csrtool collect --keys pre-rope --max-tokens 4096 --seq-len 512 -o "$OUT/acts" --force --json "$OUT/collect.json"
 
 step "2/6 train NeuralDict dictionaries"
 csrtool train-dict "$OUT/acts" -o "$OUT/dicts.safetensors" --force --json "$OUT/train.json"
@@ -18,7 +18,8 @@ csrtool cache --heldout --max-tokens 2048 -o "$OUT/cache.pt" --force
 
 step "4/6 compress it at ~1 bit per channel and inspect the file"
 csrtool compress "$OUT/cache.pt" --dicts "$OUT/dicts.safetensors" --bits 1 -o "$OUT/cache.csr" --force
-csrtool inspect "$OUT/cache.csr" --json "$OUT/inspect.json"
+csrtool inspect "$OUT/cache.csr" --dicts "$OUT/dicts.safetensors"
+csrtool inspect "$OUT/cache.csr" --dicts "$OUT/dicts.safetensors" --json > "$OUT/inspect.json"
 
 step "5/6 decompress it back to a cache model.generate accepts"
 csrtool decompress "$OUT/cache.csr" --dicts "$OUT/dicts.safetensors" -o "$OUT/restored.pt" --force
