@@ -20,13 +20,7 @@ from tiny import byte_tokenizer, tiny_model
 CHUNK, WINDOW, T = 32, 16, 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one thread avoids OpenMP contention (tiny matmuls gain nothing from two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from csrtool.engine import pursuit
 FORMS = [True, False]  # Gram form, direct form
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine run faster and steadier on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the slow, obvious reference: one vector at a time, float64, explicit lstsq ---
