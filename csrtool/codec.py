@@ -2,13 +2,14 @@
 
 No file I/O here: `csrfile` frames the bytes this module makes (docs/format.md §3).
 
-    CodecConfig(sparsity_k, sparsity_v, coef, method, window)       frozen, validated
+    CodecConfig(sparsity_k, sparsity_v, coef, method, window, sink) frozen, validated
+    spans(T, window, sink) -> (s, Tc, w)                            sink / coded / tail tokens
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)              fits a bit budget
     roundtrip(x [B, H, T, D], atoms [G, C, N, Dc], S, coef, method) -> x_hat [B, H, T, D]
     roundtrip_keys(k, atoms, S, coef, method, positions, rope, key_space, cache_key_space)
     section_bytes(x_code, x_tail, atoms, S, coef, method) -> bytes   one K or V section
-    parse_section(buf, shape, N, C, S, coef, window, dtype) -> idx, coef, tail
+    parse_section(buf, shape, N, C, S, coef, window, dtype, sink) -> idx, coef, verbatim
     decode_codes(idx, coef, atoms) -> x_hat (code space, float32)
 
 `roundtrip` applies exactly the quantisation of the file, so evaluation code can
@@ -29,6 +30,7 @@ COEF_FORMATS = packing.COEF_FORMATS
 METHODS = ("omp", "mp")
 KEY_SPACES = ("pre-rope", "post-rope")
 DEFAULT_WINDOW = 8  # tokens: a 2,048-token fp32 SmolLM2 cache at 1 bit is 15.1x smaller than fp16 (W=16: 13.6x)
+DEFAULT_SINK = 4  # first tokens kept uncompressed (attention sinks): SmolLM2 1 bit +20.9% -> +19.2% ppl (docs/quality.md)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -40,6 +42,7 @@ class CodecConfig:
     coef: str = "fp8"
     method: str = "omp"
     window: int = DEFAULT_WINDOW
+    sink: int = DEFAULT_SINK
 
     def __post_init__(self) -> None:
         for name in ("sparsity_k", "sparsity_v"):
@@ -52,6 +55,15 @@ class CodecConfig:
             raise CsrError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
             raise CsrError(f"window must be an integer >= 0 (tokens kept uncompressed), got {self.window!r}")
+        if not isinstance(self.sink, int) or isinstance(self.sink, bool) or self.sink < 0:
+            raise CsrError(f"sink must be an integer >= 0 (first tokens kept uncompressed), got {self.sink!r}")
+
+
+def spans(t: int, window: int, sink: int) -> tuple[int, int, int]:
+    """Split T tokens into (s sink tokens, Tc coded tokens, w tail tokens): w = min(W, T), s = min(sink, T - w)."""
+    w = min(window, t)
+    s = min(sink, t - w)
+    return s, t - w - s, w
 
 
 # ---------------------------------------------------------------- accounting
@@ -101,16 +113,18 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     return best[1], best[2]
 
 
-def section_nbytes(shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype) -> int:
+def section_nbytes(
+    shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype, sink: int = 0
+) -> int:
     """Bytes of one section (docs/format.md §3) for a tensor of shape [B, H, T, D]."""
     b, h, t, d = shape
-    w = min(window, t)
-    m = b * h * (t - w)
+    s, tc, w = spans(t, window, sink)
+    m = b * h * tc
     n = m * chunks * sparsity
     coef_bytes = n * packing.COEF_BITS[coef] // 8
     vscale = 2 * m if coef == "int8" else 0
     elem = torch.empty((), dtype=dtype).element_size()
-    return 4 * b * h + vscale + packing.packed_nbytes(n, packing.index_bits(n_atoms)) + coef_bytes + b * h * w * d * elem
+    return 4 * b * h + vscale + packing.packed_nbytes(n, packing.index_bits(n_atoms)) + coef_bytes + b * h * (s + w) * d * elem
 
 
 # ---------------------------------------------------------------- coding
@@ -268,7 +282,7 @@ def roundtrip_keys(
 
 def section_bytes(x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str, method: str) -> bytes:
     """Section bytes from the coded tokens x_code [B, H, Tc, D] (code space, float)
-    and the tail x_tail [B, H, w, D] (original dtype, written verbatim)."""
+    and the verbatim tokens x_tail [B, H, s + w, D] (sink then tail, original dtype)."""
     g_dicts, c, n, dc = atoms.shape
     b, h, tc, d = x_code.shape
     bits = packing.index_bits(n)
@@ -289,14 +303,15 @@ def section_bytes(x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tenso
 
 
 def parse_section(
-    buf: bytes, shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype
+    buf: bytes, shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype,
+    sink: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Section bytes -> (idx [B, H, Tc, C, S], coef float32 [B, H, Tc, C, S], tail [B, H, w, D]).
+    """Section bytes -> (idx [B, H, Tc, C, S], coef float32 [B, H, Tc, C, S], verbatim [B, H, s + w, D]).
 
+    The verbatim tokens are the s sink tokens then the w tail tokens.
     Raises CsrError on values a valid writer never produces (index >= N, NaN...)."""
     b, h, t, d = shape
-    w = min(window, t)
-    tc = t - w
+    s, tc, w = spans(t, window, sink)
     m = b * h * tc
     n = m * chunks * sparsity
     raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
@@ -313,7 +328,7 @@ def parse_section(
     bits = packing.index_bits(n_atoms)
     idx, pad_ok = packing.unpack_indices(take(packing.packed_nbytes(n, bits)), n, bits)
     q = packing.from_bytes_view(take(n * packing.COEF_BITS[coef] // 8), coef, (b * h, tc, chunks * sparsity))
-    tail = packing.from_bytes_view(take(b * h * w * d * torch.empty((), dtype=dtype).element_size()), dtype, (b, h, w, d))
+    tail = packing.from_bytes_view(take(b * h * (s + w) * d * torch.empty((), dtype=dtype).element_size()), dtype, (b, h, s + w, d))
     assert pos == len(buf), (pos, len(buf))
     if not pad_ok or (n and int(idx.max()) >= n_atoms):
         raise CsrError("corrupted codes (atom index out of range)")
@@ -343,20 +358,30 @@ def encode_layer(
     _check_atoms(tuple(v.shape), atoms_v, "cache's values")
     if atoms_k.shape[1] != 1:
         raise CsrError(f"key dictionaries must have 1 channel chunk, got {atoms_k.shape[1]}: use a dictionary from csrtool train-dict")
-    t = k.shape[2]
-    tc = t - min(cfg.window, t)
-    kc = to_code_space(k[:, :, :tc], key_space, cache_key_space, rope_p)
-    kb = section_bytes(kc, k[:, :, tc:], atoms_k, cfg.sparsity_k, cfg.coef, cfg.method)
-    vb = section_bytes(v[:, :, :tc].to(torch.float32), v[:, :, tc:], atoms_v, cfg.sparsity_v, cfg.coef, cfg.method)
+    s, tc, _ = spans(k.shape[2], cfg.window, cfg.sink)
+    kc = to_code_space(k[:, :, s : s + tc], key_space, cache_key_space, _shifted(rope_p, s))
+    kb = section_bytes(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method)
+    vb = section_bytes(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method)
     return kb, vb
 
 
+def _verbatim(x: torch.Tensor, s: int, tc: int) -> torch.Tensor:
+    """The tokens a section stores as they are: the s sink tokens, then the tail after the coded ones."""
+    return torch.cat([x[:, :, :s], x[:, :, s + tc :]], dim=2)
+
+
+def _shifted(rope_p: dict | None, s: int) -> dict | None:
+    """RoPE parameters for the coded tokens, which start at token s of the cache."""
+    return None if rope_p is None else {**rope_p, "position_offset": rope_p["position_offset"] + s}
+
+
 def decode_section(
-    buf: bytes, shape: tuple[int, ...], atoms: torch.Tensor, sparsity: int, coef: str, window: int, dtype: torch.dtype
+    buf: bytes, shape: tuple[int, ...], atoms: torch.Tensor, sparsity: int, coef: str, window: int, dtype: torch.dtype,
+    sink: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Section bytes -> (coded tokens float32 [B, H, Tc, D] in code space, tail [B, H, w, D])."""
+    """Section bytes -> (coded tokens float32 [B, H, Tc, D] in code space, verbatim [B, H, s + w, D])."""
     g, c, n, dc = atoms.shape
-    idx, cf, tail = parse_section(buf, shape, n, c, sparsity, coef, window, dtype)
+    idx, cf, tail = parse_section(buf, shape, n, c, sparsity, coef, window, dtype, sink)
     return decode_codes(idx, cf, atoms), tail
 
 
@@ -374,9 +399,10 @@ def decode_layer(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of encode_layer: k, v [B, H, T, D] in `dtype`."""
-    kc, ktail = decode_section(kb, shape_k, atoms_k, cfg.sparsity_k, cfg.coef, cfg.window, dtype)
-    vc, vtail = decode_section(vb, shape_v, atoms_v, cfg.sparsity_v, cfg.coef, cfg.window, dtype)
-    kc = from_code_space(kc, key_space, cache_key_space, rope_p)
-    k = torch.cat([kc.to(dtype), ktail], dim=2)
-    v = torch.cat([vc.to(dtype), vtail], dim=2)
+    s, _, _ = spans(shape_k[2], cfg.window, cfg.sink)
+    kc, kverb = decode_section(kb, shape_k, atoms_k, cfg.sparsity_k, cfg.coef, cfg.window, dtype, cfg.sink)
+    vc, vverb = decode_section(vb, shape_v, atoms_v, cfg.sparsity_v, cfg.coef, cfg.window, dtype, cfg.sink)
+    kc = from_code_space(kc, key_space, cache_key_space, _shifted(rope_p, s))
+    k = torch.cat([kverb[:, :, :s], kc.to(dtype), kverb[:, :, s:]], dim=2)
+    v = torch.cat([vverb[:, :, :s], vc.to(dtype), vverb[:, :, s:]], dim=2)
     return k, v

@@ -66,10 +66,10 @@ class CsrHeader:
 
     def section_sizes(self, layer: int) -> tuple[int, int]:
         sk, sv = self.shapes(layer)
-        c, n, w, dt = self.config.coef, self.n_atoms, self.config.window, self.torch_dtype
+        c, n, w, dt, s = self.config.coef, self.n_atoms, self.config.window, self.torch_dtype, self.config.sink
         return (
-            codec.section_nbytes(sk, n, 1, self.config.sparsity_k, c, w, dt),
-            codec.section_nbytes(sv, n, self.value_split, self.config.sparsity_v, c, w, dt),
+            codec.section_nbytes(sk, n, 1, self.config.sparsity_k, c, w, dt, s),
+            codec.section_nbytes(sv, n, self.value_split, self.config.sparsity_v, c, w, dt, s),
         )
 
     @property
@@ -101,6 +101,7 @@ class CsrHeader:
                 "coef": self.config.coef,
                 "method": self.config.method,
                 "window": self.config.window,
+                "sink": self.config.sink,
                 "key_space": self.key_space,
                 "cache_key_space": self.cache_key_space,
             },
@@ -154,6 +155,7 @@ def header_from_json(obj: object) -> CsrHeader:
         coef=_choice(cd, "coef", codec.COEF_FORMATS),
         method=_choice(cd, "method", codec.METHODS),
         window=_int(cd, "window", 0),
+        sink=_int(cd, "sink", 0),
     )
     layers = []
     if not isinstance(obj["layers"], list) or not obj["layers"]:

@@ -50,6 +50,7 @@ def test_compress_inspect_decompress(files):
     info = json.loads(r.stdout)
     assert info["file_bytes"] == (d / "c.csr").stat().st_size
     assert info["header"]["codec"]["window"] == 4 and info["header"]["codec"]["key_space"] == "pre-rope"
+    assert info["header"]["codec"]["sink"] == 4 and rep["sink"] == 4  # the default attention sink
     assert info["ratio_vs_fp16"] == pytest.approx(2 * info["channels"] / info["file_bytes"])
     r = run("inspect", d / "c.csr")
     assert r.exit_code == 0 and "checksum  ok" in r.stdout and "vs fp16" in r.stdout

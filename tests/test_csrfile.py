@@ -57,7 +57,7 @@ def env(tmp_path_factory):
     dicts_path = make_dicts(d / "dicts.safetensors")
     cache = make_cache()
     path = d / "cache.csr"
-    cfg = codec.CodecConfig(3, 2, "fp8", "omp", window=5)
+    cfg = codec.CodecConfig(3, 2, "fp8", "omp", window=5, sink=2)
     write(path, cache, dicts_path, cfg)
     return {"dir": d, "dicts_path": dicts_path, "dicts": load_dicts(dicts_path), "cache": cache, "path": path, "cfg": cfg,
             "decoded": csrfile.read_csr(path, load_dicts(dicts_path)), "bytes": path.read_bytes()}
@@ -68,22 +68,22 @@ def env(tmp_path_factory):
 
 def test_exact_header_bytes():
     header = csrfile.CsrHeader(
-        dtype="float16", layers=((1, 2, 8, 4, 4),), n_atoms=4096, config=codec.CodecConfig(4, 2, "fp8", "omp", 2),
+        dtype="float16", layers=((1, 2, 8, 4, 4),), n_atoms=4096, config=codec.CodecConfig(4, 2, "fp8", "omp", 2, sink=1),
         value_split=2, key_space="post-rope", cache_key_space="post-rope", dict_fingerprint="ab" * 32,
         dict_scope="layer", dict_groups=1, model="m", rope=None, meta={"model": "m"},
     )
     body = (
         b'{"codec":{"cache_key_space":"post-rope","coef":"fp8","index_bits":12,"key_space":"post-rope",'
-        b'"method":"omp","n_atoms":4096,"sparsity_k":4,"sparsity_v":2,"value_split":2,"window":2},'
+        b'"method":"omp","n_atoms":4096,"sink":1,"sparsity_k":4,"sparsity_v":2,"value_split":2,"window":2},'
         b'"dicts":{"fingerprint":"' + b"ab" * 32 + b'","n_groups":1,"scope":"layer"},"dtype":"float16",'
         b'"format":"csrtool-csr","layers":[[1,2,8,4,4]],"meta":{"model":"m"},"model":"m","rope":null,"version":1}'
     )
     want = b"\x89CSR\r\n\x1a\n" + b"\x01\x00" + b"\x00\x00" + struct.pack("<I", len(body)) + body
     assert header.encode() == want
-    # sections: K = 2 group scales (8) + 12 vectors x 4 codes x 12 bits (72) + 48 fp8 (48) + tail 2x2x4 fp16 (32)
-    # V = 8 + 12 x 2 chunks x 2 codes x 12 bits (72) + 48 fp8 (48) + 32
-    assert header.section_sizes(0) == (8 + 72 + 48 + 32, 8 + 72 + 48 + 32)
-    assert header.file_nbytes == len(want) + 160 + 160 + 32
+    # T = 8 tokens: 1 sink, 5 coded, 2 tail. K = 2 group scales (8) + 10 vectors x 4 codes x 12 bits (60)
+    # + 40 fp8 (40) + sink and tail 2 heads x 3 tokens x 4 fp16 (48); V = 8 + 10 x 2 chunks x 2 codes x 12 bits (60) + 40 + 48
+    assert header.section_sizes(0) == (8 + 60 + 40 + 48, 8 + 60 + 40 + 48)
+    assert header.file_nbytes == len(want) + 156 + 156 + 32
 
 
 def test_file_layout_and_checksum(env):
@@ -96,8 +96,8 @@ def test_file_layout_and_checksum(env):
     assert len(raw) == 16 + hlen + header.payload_nbytes + 32
     # the first key section starts with the float32 group scales, then 12-bit... (6-bit here) indices
     sk, _ = header.section_sizes(0)
-    m = 1 * H * (T - 5)
-    assert sk == 4 * H + packing.packed_nbytes(m * 3, 6) + m * 3 + H * 5 * D * 4
+    m = 1 * H * (T - 5 - 2)
+    assert sk == 4 * H + packing.packed_nbytes(m * 3, 6) + m * 3 + H * (2 + 5) * D * 4
 
 
 # ---------------------------------------------------------------- round trip
@@ -105,18 +105,19 @@ def test_file_layout_and_checksum(env):
 
 def test_roundtrip_matches_in_memory_codec(env):
     cache, dec, ds, cfg = env["cache"], env["decoded"], env["dicts"], env["cfg"]
-    tc = T - cfg.window
+    s, end = cfg.sink, T - cfg.window  # coded tokens [s, end)
     assert dec.meta == cache.meta
     for layer in range(L):
         k, v = cache.keys[layer], cache.values[layer]
         assert dec.keys[layer].shape == k.shape and dec.keys[layer].dtype == k.dtype
-        # the tail is lossless
-        assert torch.equal(dec.keys[layer][:, :, tc:], k[:, :, tc:])
-        assert torch.equal(dec.values[layer][:, :, tc:], v[:, :, tc:])
-        # the coded part is exactly what codec.roundtrip / roundtrip_keys give
-        k_hat = codec.roundtrip_keys(k[:, :, :tc], ds.get(layer, "k"), 3, "fp8", "omp", 3, cache.meta["rope"])
-        assert torch.equal(dec.keys[layer][:, :, :tc], k_hat)
-        assert torch.equal(dec.values[layer][:, :, :tc], codec.roundtrip(v[:, :, :tc], ds.get(layer, "v"), 2, "fp8", "omp"))
+        # the sink and the tail are lossless
+        for part in (slice(0, s), slice(end, T)):
+            assert torch.equal(dec.keys[layer][:, :, part], k[:, :, part])
+            assert torch.equal(dec.values[layer][:, :, part], v[:, :, part])
+        # the coded part is exactly what codec.roundtrip / roundtrip_keys give (positions from offset 3 + s)
+        k_hat = codec.roundtrip_keys(k[:, :, s:end], ds.get(layer, "k"), 3, "fp8", "omp", 3 + s, cache.meta["rope"])
+        assert torch.equal(dec.keys[layer][:, :, s:end], k_hat)
+        assert torch.equal(dec.values[layer][:, :, s:end], codec.roundtrip(v[:, :, s:end], ds.get(layer, "v"), 2, "fp8", "omp"))
 
 
 def test_deterministic_bytes(env, tmp_path):
@@ -129,7 +130,7 @@ def test_deterministic_bytes(env, tmp_path):
 def test_other_formats_and_dtypes(tmp_path, coef, dtype):
     dicts_path = make_dicts(tmp_path / "d.safetensors", groups=1, split=1, key_space="post-rope")
     cache = make_cache(1, t=9, dtype=dtype, meta={"model": "x"})
-    cfg = codec.CodecConfig(4, 4, coef, "mp", window=2)
+    cfg = codec.CodecConfig(4, 4, coef, "mp", window=2, sink=0)
     size = write(tmp_path / "c.csr", cache, dicts_path, cfg)
     assert size == (tmp_path / "c.csr").stat().st_size
     reader = csrfile.open_csr(tmp_path / "c.csr")
@@ -189,6 +190,8 @@ def test_config_validates():
         codec.CodecConfig(1, 1, "fp4")
     with pytest.raises(CsrError, match=re.escape("window must be an integer >= 0 (tokens kept uncompressed), got -1")):
         codec.CodecConfig(1, 1, window=-1)
+    with pytest.raises(CsrError, match=re.escape("sink must be an integer >= 0 (first tokens kept uncompressed), got -1")):
+        codec.CodecConfig(1, 1, sink=-1)
 
 
 # ---------------------------------------------------------------- bad input

@@ -71,6 +71,8 @@ def test_memory_accounting_hand_case():
     mem = memory(m, tokens=100, window=20, n_layers=2, heads=3, head_dim=8)
     assert mem["bits_with_window"] == pytest.approx((80 * 3 + 20 * 16) / 100)
     assert mem["ratio_vs_fp16"] == pytest.approx(16 / 3)
+    mem = memory(m, tokens=100, window=20, n_layers=2, heads=3, head_dim=8, sink=4)  # sink tokens count like the window
+    assert mem["bits_with_window"] == pytest.approx((76 * 3 + 24 * 16) / 100)
     m.side_bits = 9600  # e.g. a codebook: 9600 bits over 100 tokens x 2 layers x 3 heads x 2 x 8 channels
     mem = memory(m, tokens=100, window=20, n_layers=2, heads=3, head_dim=8)
     assert mem["bits_total"] == pytest.approx(5.6 + 1.0)

@@ -92,6 +92,18 @@ def test_each_token_compressed_once_outside_window(model, ids, ref):
             assert sorted(rec.seen[(layer, kind)]) == list(range(T - WINDOW))
 
 
+def test_sink_tokens_never_compressed(model, ids, ref):
+    rec = Recorder()
+    res = runner.method_pass(model, ids, rec, ref, CHUNK, WINDOW, sink=3)
+    for layer in range(2):
+        for kind in "kv":
+            assert sorted(rec.seen[(layer, kind)]) == list(range(3, T - WINDOW))
+    # attention error still compares against the exact cache (sink included): same as recomputing without a sink
+    assert res.attn[0].value > 0.0
+    same = runner.method_pass(model, ids, NoiseMethod(1.0), ref, CHUNK, WINDOW, sink=T)
+    assert same.kl == pytest.approx(0.0, abs=1e-9) and not same.recon
+
+
 def test_degraded_method_is_worse(model, ids, ref):
     res = runner.method_pass(model, ids, NoiseMethod(1.0, seed=3), ref, CHUNK, WINDOW)
     mild = runner.method_pass(model, ids, NoiseMethod(0.001, seed=3), ref, CHUNK, WINDOW)

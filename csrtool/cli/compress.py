@@ -49,6 +49,7 @@ def compress(
     sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Atoms per vector: S, or SK,SV (values: per chunk).")] = None,
     coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16 or int8.")] = "fp8",
     window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed, in the original dtype (default 8).")] = None,
+    sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
     force: ForceOpt = False,
     json_out: JsonOpt = None,
@@ -67,17 +68,19 @@ def compress(
         s_k, s_v = _parse_sparsity(sparsity)
     else:
         s_k, s_v = codec.choose_sparsity(1.0 if bits is None else bits, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
-    cfg = codec.CodecConfig(s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window)
+    cfg = codec.CodecConfig(
+        s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window, codec.DEFAULT_SINK if sink is None else sink
+    )
     header = csrfile.make_header(kv, ds, cfg)
     with _bar(len(header.layers), "compress") as bar:
         size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
     report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method,
-              "window": cfg.window, "target_bits": bits, **csrfile.size_report(header, size)}
+              "window": cfg.window, "sink": cfg.sink, "target_bits": bits, **csrfile.size_report(header, size)}
     cb = report["code_bits_per_channel"]
     (err if str(json_out) == "-" else out).print(
         f"wrote {output}: {size:,} bytes, {report['ratio_vs_fp16']:.2f}x smaller than fp16; "
         f"S_k={s_k} S_v={s_v} ({coef}), code bits/channel K {cb['k']:.4f} V {cb['v']:.4f} avg {cb['avg']:.4f}; "
-        f"file bits/channel {report['bits_per_channel']['with_header']:.4f} (window {cfg.window})"
+        f"file bits/channel {report['bits_per_channel']['with_header']:.4f} (window {cfg.window}, sink {cfg.sink})"
     )
     write_json(json_out, report)
 
@@ -160,7 +163,7 @@ def inspect(
     out.print(f"[bold]{file}[/bold]  .csr v{csrfile.VERSION}  model {hd.model or '?'}  dtype {hd.dtype}")
     out.print(f"  shape     {len(hd.layers)} layers x [B={b}, H={h}, T={t}, Dk={dk}, Dv={dv}]")
     out.print(f"  codec     N={hd.n_atoms} ({report['header']['codec']['index_bits']}-bit indices), S_k={cfg.sparsity_k}, "
-              f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}")
+              f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}, sink {cfg.sink}")
     out.print(f"  keys      coded {hd.key_space}, cache {hd.cache_key_space}; dictionary {hd.dict_fingerprint[:16]} ({hd.dict_scope} scope)")
     out.print(f"  size      {reader.size:,} bytes = header {report['header_bytes']:,} + payload {report['payload_bytes']:,} + checksum 32")
     cb = report["code_bits_per_channel"]

@@ -49,6 +49,7 @@ def eval_cmd(
     tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to evaluate.")] = 1024,
     chunk: Annotated[int, typer.Option("--chunk", help="Tokens fed per forward pass.")] = 64,
     window: Annotated[int, typer.Option("--window", help="Most recent tokens kept in full precision.")] = 32,
+    sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = 4,
     coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16 or int8.")] = "fp8",
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = 1024,
     needle: Annotated[bool, typer.Option("--needle/--no-needle", help="Run the passkey retrieval test.")] = True,
@@ -73,7 +74,7 @@ def eval_cmd(
             check_output(path, force=True)
     cfg = EvalConfig(
         bits=_csv(bits, "--bits", float), baselines=_csv(baselines, "--baselines"), solvers=_csv(methods, "--methods"),
-        tokens=tokens, chunk=chunk, window=window, coef=coef, calib_tokens=calib_tokens,
+        tokens=tokens, chunk=chunk, window=window, sink=sink, coef=coef, calib_tokens=calib_tokens,
         needle=needle, needle_context=needle_context,
     )
     body = load_text(text, "heldout")

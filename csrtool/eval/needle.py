@@ -44,10 +44,10 @@ def make_trials(tokenizer, context_tokens: int, depths: tuple[float, ...], seed:
 
 
 @torch.no_grad()
-def retrieve(model, tokenizer, trial: Trial, method, chunk: int, window: int, max_new: int = 8) -> str:
+def retrieve(model, tokenizer, trial: Trial, method, chunk: int, window: int, max_new: int = 8, sink: int = 0) -> str:
     """Greedy answer to one trial through `method`'s compressed cache."""
     device = model.device
-    feed = CompressedFeed(model, method, window=window)
+    feed = CompressedFeed(model, method, window=window, sink=sink)
     ids = trial.ids.to(device)
     logits = None
     for start in range(0, ids.shape[1], chunk):
@@ -62,11 +62,11 @@ def retrieve(model, tokenizer, trial: Trial, method, chunk: int, window: int, ma
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
-def accuracy(model, tokenizer, trials: list[Trial], method, chunk: int, window: int) -> dict:
+def accuracy(model, tokenizer, trials: list[Trial], method, chunk: int, window: int, sink: int = 0) -> dict:
     """{'accuracy', 'by_depth': {depth: bool}, 'answers'} for one method."""
     by_depth, answers = {}, {}
     for trial in trials:
-        answer = retrieve(model, tokenizer, trial, method, chunk, window)
+        answer = retrieve(model, tokenizer, trial, method, chunk, window, sink=sink)
         by_depth[f"{trial.depth:g}"] = trial.key in answer
         answers[f"{trial.depth:g}"] = answer
     hits = sum(by_depth.values())

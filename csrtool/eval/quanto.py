@@ -4,6 +4,7 @@ Backends: 'quanto' (needs optimum-quanto >= 0.2.5, 2 or 4 bits), 'hqq' (needs hq
 'fp8' (built into transformers 5, per-tensor scale). The cache keeps the last
 `residual_length` tokens in full precision and re-quantises everything when that
 residual fills up, so its window varies between 0 and W tokens (ours is always W).
+It has no attention-sink tokens: the eval's --sink does not apply to these rows.
 
 Honest cost: nbits per element plus a scale and a zero point per group of
 `q_group_size` elements, counted in the model's dtype.

@@ -33,9 +33,9 @@ def table(doc: dict) -> Table:
     t = Table(
         title=(
             f"csrtool eval: {cfg.get('model', '?')}, {cfg['tokens']} tokens in chunks of {cfg['chunk']}, "
-            f"fp16 window {cfg['window']}, {cfg['scored_predictions']} scored predictions"
+            f"fp16 window {cfg['window']}, sink {cfg.get('sink', 0)}, {cfg['scored_predictions']} scored predictions"
         ),
-        caption="bits: payload per channel (indices, coefficients, scales counted); +win: with the fp16 window; "
+        caption="bits: payload per channel (indices, coefficients, scales counted); +win: with the fp16 window and sink tokens; "
         "+side: dictionaries/codebooks amortised over the evaluated tokens. Errors: mean over layers of "
         "Σ‖x−x̂‖²/Σ‖x‖²; attn: attention-output relative error with the real queries.",
     )

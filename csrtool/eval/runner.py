@@ -4,8 +4,9 @@ The text (token ids [1, T]) is fed in chunks of C tokens through a transformers
 DynamicCache. After each chunk, every token older than the last W tokens that is
 not compressed yet is replaced, in the cache, by the method's reconstruction:
 each token is compressed exactly once, when it leaves the window, and stays
-compressed. So a prediction in chunk c attends to compressed history, the W
-window tokens and its own chunk in full precision.
+compressed. The first `sink` tokens of the sequence (attention sinks) are never
+compressed. So a prediction in chunk c attends to the sink tokens, compressed
+history, the W window tokens and its own chunk in full precision.
 
 Measured per pass:
 - end to end, on the predictions after the first chunk (those that can see
@@ -102,15 +103,16 @@ def observing(model, feed: "CompressedFeed") -> Iterator[None]:
 class CompressedFeed:
     """Feed token chunks through a cache, compressing tokens that leave the window."""
 
-    def __init__(self, model, method, window: int, track: bool = False):
+    def __init__(self, model, method, window: int, track: bool = False, sink: int = 0):
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         self.model = model
         self.method = method
         self.window = window
+        self.sink = sink  # positions [0, sink) stay in full precision
         self.pos = 0  # tokens fed so far
-        self.done = 0  # tokens compressed so far (positions [0, done))
+        self.done = 0  # tokens handled so far (positions [0, done): sink tokens kept, the rest compressed)
         self.recon: dict[tuple[int, str], metrics.ErrorStats] = {}
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # originals of compressed tokens
         self.attn: dict[int, metrics.RatioStats] = {}
@@ -138,9 +140,10 @@ class CompressedFeed:
     def age(self) -> None:
         """Replace tokens older than the last `window` (and not yet compressed) by reconstructions."""
         upto = self.pos - self.window
-        if not self.reconstructs or upto <= self.done:
+        a = max(self.done, self.sink)
+        if not self.reconstructs or upto <= a:
             return
-        a, b = self.done, upto
+        b = upto
         positions = torch.arange(a, b, device=self.model.device)
         for layer_idx, layer in enumerate(self.cache.layers):
             pair = []
@@ -155,6 +158,8 @@ class CompressedFeed:
                 pair.append(x)
             if self.track_attention:
                 old = self.exact.get(layer_idx)
+                if old is None and a > 0:  # the sink tokens, kept as they are: exact[l] covers positions [0, b)
+                    old = (layer.keys[:, :, :a].clone(), layer.values[:, :, :a].clone())
                 self.exact[layer_idx] = (
                     (pair[0], pair[1]) if old is None else (torch.cat([old[0], pair[0]], 2), torch.cat([old[1], pair[1]], 2))
                 )
@@ -194,13 +199,15 @@ class PassResult:
         return math.exp(self.nll / max(1, self.n_scored))
 
 
-def check_inputs(ids: torch.Tensor, chunk: int, window: int) -> None:
+def check_inputs(ids: torch.Tensor, chunk: int, window: int, sink: int = 0) -> None:
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise CsrError(f"token ids must be [1, T], got {list(ids.shape)}")
     if chunk < 1:
         raise CsrError(f"--chunk must be >= 1, got {chunk}")
     if window < 0:
         raise CsrError(f"--window must be >= 0, got {window}")
+    if sink < 0:
+        raise CsrError(f"--sink must be >= 0, got {sink}")
     if ids.shape[1] < chunk + 2:
         raise CsrError(f"need more than one chunk of text: {ids.shape[1]} tokens for --chunk {chunk}; use more --tokens or a longer --text")
 
@@ -236,13 +243,13 @@ def reference_pass(model, ids: torch.Tensor, chunk: int, progress: Progress | No
 
 @torch.no_grad()
 def method_pass(
-    model, ids: torch.Tensor, method, ref: Reference, chunk: int, window: int, progress: Progress | None = None
+    model, ids: torch.Tensor, method, ref: Reference, chunk: int, window: int, progress: Progress | None = None, sink: int = 0
 ) -> PassResult:
     """Feed ids [1, T] in chunks through the method's compressed cache; compare to `ref`."""
-    check_inputs(ids, chunk, window)
+    check_inputs(ids, chunk, window, sink)
     t0 = time.perf_counter()
     t = ids.shape[1]
-    feed = CompressedFeed(model, method, window=window, track=True)
+    feed = CompressedFeed(model, method, window=window, track=True, sink=sink)
     nll = kl = agree = 0.0
     row = 0
     with observing(model, feed):

@@ -35,6 +35,7 @@ class EvalConfig:
     tokens: int = 1024
     chunk: int = 64
     window: int = 32
+    sink: int = 4  # first tokens kept in full precision for every method (attention sinks; docs/quality.md)
     coef: str = "fp8"
     kivi_group: int = 32
     calib_tokens: int = 1024
@@ -50,7 +51,7 @@ class EvalConfig:
         for s in self.solvers:
             if s not in ("mp", "omp"):
                 raise CsrError(f"--methods takes mp and/or omp, got {s!r}")
-        for name, v, lo in (("--tokens", self.tokens, 2), ("--chunk", self.chunk, 1), ("--window", self.window, 0), ("calib_tokens", self.calib_tokens, 0), ("kivi group", self.kivi_group, 1)):
+        for name, v, lo in (("--tokens", self.tokens, 2), ("--chunk", self.chunk, 1), ("--window", self.window, 0), ("--sink", self.sink, 0), ("calib_tokens", self.calib_tokens, 0), ("kivi group", self.kivi_group, 1)):
             if not isinstance(v, int) or v < lo:
                 raise CsrError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.tokens < self.chunk + 2:
@@ -133,10 +134,10 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
     return methods, skipped
 
 
-def memory(method, tokens: int, window: int, n_layers: int, heads: int, head_dim: int) -> dict:
-    """Bits per channel: payload, with the fp16 window, and with side data amortised over `tokens`."""
+def memory(method, tokens: int, window: int, n_layers: int, heads: int, head_dim: int, sink: int = 0) -> dict:
+    """Bits per channel: payload, with the fp16 window and sink tokens, and with side data amortised over `tokens`."""
     payload = bits_per_channel(method)
-    w = min(window, tokens)
+    w = min(window + sink, tokens)
     with_window = ((tokens - w) * payload + w * FP16_BITS) / tokens
     channels = tokens * n_layers * heads * 2 * head_dim
     total = with_window + method.side_bits / channels
@@ -199,7 +200,7 @@ def run_eval(
     n_layers, heads, head_dim = kv_shape(model.config)
     ids = ids.to(model.device)
     tokens = ids.shape[1]
-    runner.check_inputs(ids, cfg.chunk, cfg.window)
+    runner.check_inputs(ids, cfg.chunk, cfg.window, cfg.sink)
 
     def calib():
         if calib_ids is None or cfg.calib_tokens == 0:
@@ -234,12 +235,12 @@ def run_eval(
         rows[0]["needle"] = needle.accuracy(model, tokenizer, trials, Identity(), cfg.chunk, tokens)
 
     for method in methods:
-        res = runner.method_pass(model, ids, method, ref, cfg.chunk, cfg.window, progress=say)
+        res = runner.method_pass(model, ids, method, ref, cfg.chunk, cfg.window, progress=say, sink=cfg.sink)
         summary, layers = summarize(res, n_layers)
         row = {
             "name": method.name,
             "kind": type(method).__name__,
-            **memory(method, tokens, cfg.window, n_layers, heads, head_dim),
+            **memory(method, tokens, cfg.window, n_layers, heads, head_dim, cfg.sink),
             "ppl": res.ppl, "kl": res.kl, "top1_agreement": res.top1,
             **summary,
             "seconds": res.seconds,
@@ -249,7 +250,7 @@ def run_eval(
             row["config"] = method.describe()
         if trials:
             say(f"needle: {method.name}")
-            row["needle"] = needle.accuracy(model, tokenizer, trials, method, cfg.chunk, cfg.window)
+            row["needle"] = needle.accuracy(model, tokenizer, trials, method, cfg.chunk, cfg.window, cfg.sink)
         rows.append(row)
         say(f"{method.name}: ppl {res.ppl:.3f} (reference {ref.ppl:.3f}), KL {res.kl:.4f}, {res.seconds:.0f} s")
 
