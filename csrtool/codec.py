@@ -86,7 +86,9 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
 
     Among the pairs that use the most of the budget, prefer the one whose K and V
     costs are closest (an equal split), then the one with more value atoms (values
-    are harder to code, GUIDE §1).
+    are harder to code, GUIDE §1). Measured on SmolLM2 at N=1024 (docs/quality.md):
+    1 bit (3, 4) +19.2% ppl beats (4, 3) +20.0% and (2, 5) +25.6%; 2 bits (7, 7) and
+    (10, 4) tie at +7.9%.
     """
     if coef not in COEF_FORMATS:
         raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {coef!r}")
