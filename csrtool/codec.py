@@ -84,11 +84,12 @@ def bits_per_channel(n_atoms: int, head_dim: int, sparsity_k: int, sparsity_v: i
 def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, coef: str) -> tuple[int, int]:
     """Largest (s_k, s_v) whose average code bits per channel fit `bits`.
 
-    Among the pairs that use the most of the budget, prefer the one whose K and V
-    costs are closest (an equal split), then the one with more value atoms (values
-    are harder to code, GUIDE §1). Measured on SmolLM2 at N=1024 (docs/quality.md):
-    1 bit (3, 4) +19.2% ppl beats (4, 3) +20.0% and (2, 5) +25.6%; 2 bits (7, 7) and
-    (10, 4) tie at +7.9%.
+    Among the pairs that use the most of the budget, prefer the one whose key cost
+    is closest to twice the value cost, then the one with more key atoms. Key errors
+    pass through the softmax and dominate perplexity (docs/quality.md, SmolLM2: exact
+    values with 3 key atoms +15.5% ppl, exact keys with 4 value atoms +5.3%); at
+    N=4096 and 1 bit (4, 2) +18.1% beats (3, 3) +19.1% and (2, 4) +23.6%; at 2 bits
+    (8, 4) and (6, 6) tie at +6.2%.
     """
     if coef not in COEF_FORMATS:
         raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {coef!r}")
@@ -103,7 +104,7 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
             cv = vector_bits(n_atoms, s_v, value_split, coef)
             if ck + cv > budget + 1e-9:
                 break
-            key = (ck + cv, -abs(ck - cv), s_v)
+            key = (ck + cv, -abs(ck - 2 * cv), s_k)
             if best is None or key > best[0]:
                 best = (key, s_k, s_v)
     if best is None:

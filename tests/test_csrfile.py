@@ -166,9 +166,13 @@ def test_bits_per_channel_and_choose_sparsity():
             assert codec.bits_per_channel(4096, 64, s_k, s_v, 2, coef) <= bits
             # no room left for one more atom on either side
             assert codec.bits_per_channel(4096, 64, s_k + 1, s_v, 2, coef) > bits or codec.bits_per_channel(4096, 64, s_k, s_v + 1, 2, coef) > bits or s_k >= 64
-    assert codec.choose_sparsity(1.0, 4096, 64, 2, "fp8") == (2, 2)
-    # the paper's 1-bit point (4, 2) at d=128 and fp16, plus one key atom: packed 12-bit indices free the room
-    assert codec.choose_sparsity(1.0, 4096, 128, 2, "fp16") == (5, 2)
+    # among the pairs that fill the budget, key cost closest to twice the value cost (keys dominate perplexity)
+    assert codec.choose_sparsity(1.0, 4096, 64, 1, "fp8") == (4, 2)  # 120 of 128 bits: 80 K + 40 V
+    assert codec.choose_sparsity(2.0, 4096, 64, 1, "fp8") == (8, 4)
+    assert codec.choose_sparsity(1.0, 4096, 64, 2, "fp8") == (4, 1)  # V: 2 chunks x 1 atom = 40 bits
+    # the paper's 1-bit budget at d=128 and fp16 (256 bits): (5, 2) and (7, 1) both use 252 bits and are equally
+    # far from 2:1 (140 vs 112, 196 vs 56); the tie goes to more key atoms
+    assert codec.choose_sparsity(1.0, 4096, 128, 2, "fp16") == (7, 1)
     with pytest.raises(CsrError, match=re.escape("--bits 0.1 is below the smallest code (0.4688 bits per channel")):
         codec.choose_sparsity(0.1, 4096, 64, 2, "fp8")
 

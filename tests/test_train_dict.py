@@ -17,7 +17,7 @@ from csrtool.train import partial_dir, train_dicts
 
 runner = CliRunner()
 L, H, D, T = 2, 2, 16, 400
-FAST = dict(atoms=16, sparsity=2, epochs=2, batch_size=128, kmeans_iters=2)
+FAST = dict(atoms=16, sparsity=2, epochs=2, batch_size=128, kmeans_iters=2, scope="head")
 
 
 def make_acts(path: Path, seed: int = 0) -> Path:
@@ -67,7 +67,7 @@ def test_train_writes_all_dictionaries(acts, tmp_path):
 
 def test_layer_scope_and_layer_selection(acts, tmp_path):
     out = tmp_path / "d.safetensors"
-    train_dicts(acts, out, TrainConfig(**FAST, scope="layer"), layers=[1])
+    train_dicts(acts, out, TrainConfig(**{**FAST, "scope": "layer"}), layers=[1])
     ds = load_dicts(out)
     assert ds.layers == [1] and ds.atoms["layer.1.k"].shape == (1, 1, 16, D)
 
@@ -118,7 +118,7 @@ def test_resume_ignores_side_files_of_another_config(acts, tmp_path):
 
 def test_cli_end_to_end(acts, tmp_path):
     out, rep = tmp_path / "d.safetensors", tmp_path / "r.json"
-    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--sparsity", "2", "--epochs", "1",
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--sparsity", "2", "--epochs", "1", "--scope", "head",
                               "--value-split", "2", "--json", str(rep)])
     assert res.exit_code == 0, res.output
     assert "held-out relative error" in res.stdout and "trained 12, resumed 0" in res.stdout
