@@ -88,8 +88,9 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     is closest to twice the value cost, then the one with more key atoms. Key errors
     pass through the softmax and dominate perplexity (docs/quality.md, SmolLM2: exact
     values with 3 key atoms +15.5% ppl, exact keys with 4 value atoms +5.3%); at
-    N=4096 and 1 bit (4, 2) +18.1% beats (3, 3) +19.1% and (2, 4) +23.6%; at 2 bits
-    (8, 4) and (6, 6) tie at +6.2%.
+    N=1024 and 1 bit (5, 2) +17.6% beats (3, 4) +19.2%, (4, 3) +20.0%, (2, 5) +25.6%;
+    at N=4096 (4, 2) +18.1% beats (3, 3) +19.1% and (2, 4) +23.6%; at 2 bits (8, 4)
+    and (6, 6) tie at +6.2%, (5, 7) +9.0%.
     """
     if coef not in COEF_FORMATS:
         raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {coef!r}")
