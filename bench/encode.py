@@ -107,7 +107,10 @@ def main() -> None:
             allx = synthetic(vectors + n_train, d, seed=d)
             note = f"synthetic correlated Gaussian (decaying spectrum, random rotation), D={d}"
         data_notes[str(d)] = note
-        train, x = allx[:n_train], allx[n_train : n_train + vectors].contiguous()
+        n_fit = min(n_train, allx.shape[0] - vectors)  # small activation sets: fewer training vectors
+        if n_fit < 1024:
+            raise SystemExit(f"--acts has only {allx.shape[0]} vectors at D={d}; collect more tokens")
+        train, x = allx[:n_fit], allx[n_fit : n_fit + vectors].contiguous()
         for n in (1024, 4096):
             atoms = dictionary(train, n, seed=n + d)
             gram_s, g = best_time(lambda: pursuit.gram(atoms), 0)

@@ -29,7 +29,7 @@ from csrtool.errors import CsrError
 COEF_FORMATS = packing.COEF_FORMATS
 METHODS = ("omp", "mp")
 KEY_SPACES = ("pre-rope", "post-rope")
-DEFAULT_WINDOW = 8  # tokens: a 2,048-token fp32 SmolLM2 cache at 1 bit is 15.1x smaller than fp16 (W=16: 13.6x)
+DEFAULT_WINDOW = 4  # tokens; with the 4 sink tokens, 8 verbatim tokens: a 2,048-token fp32 SmolLM2 cache at 1 bit stays >= 14x smaller than fp16 (window 8 + sink 4: 13.7x)
 DEFAULT_SINK = 4  # first tokens kept uncompressed (attention sinks): SmolLM2 1 bit +20.9% -> +19.2% ppl (docs/quality.md)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -23,7 +23,8 @@ class _State:
 STATE = _State()
 
 # Results go to stdout, progress and messages to stderr.
-out = Console(soft_wrap=True)
+# Piped output (logs, CI) gets a wide console so result tables are not squeezed to 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 

@@ -48,7 +48,7 @@ def compress(
     bits: Annotated[Optional[float], typer.Option("--bits", "-b", help="Target code bits per channel (K and V averaged). Default 1.")] = None,
     sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Atoms per vector: S, or SK,SV (values: per chunk).")] = None,
     coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16 or int8.")] = "fp8",
-    window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed, in the original dtype (default 8).")] = None,
+    window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed, in the original dtype (default 4).")] = None,
     sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
     force: ForceOpt = False,
