@@ -31,10 +31,10 @@ def _is_partial(msg: str) -> bool:
 
 
 def _token_ids(tokenizer, text: str, n: int):
-    import torch
+    """The first n tokens of text as [1, n] ids (tokenizing only a prefix long enough)."""
+    from csrtool.collect import tokenize
 
-    ids = tokenizer(text[: n * CHARS_PER_TOKEN_MAX]).input_ids[:n]
-    return torch.tensor([ids], dtype=torch.long)
+    return tokenize(tokenizer, text[: n * CHARS_PER_TOKEN_MAX])[:n][None]
 
 
 @app.command("eval")
