@@ -174,3 +174,20 @@ def test_gpt2_style_model_captures_and_refuses_pre_rope():
     assert len(keys) == 2 and keys[0].shape == values[1].shape == (1, 4, 20, 8)
     with pytest.raises(CsrError, match="--keys pre-rope is not supported for gpt2 models"):
         key_rope(model, "pre-rope")
+
+
+def test_force_refuses_to_delete_an_unrelated_directory(tiny_llama_dir, tmp_path, text_file):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("data")
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(text_file), "--max-tokens", "32",
+                              "-o", str(precious), "--force"])
+    assert res.exit_code == 1
+    assert "is not empty and not a csrtool activation directory" in res.stderr
+    assert (precious / "keep.txt").read_text() == "data"
+    out = tmp_path / "acts"
+    for _ in range(2):  # a second --force run replaces the first collection
+        res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(text_file), "--max-tokens", "32",
+                                  "-o", str(out), "--force"])
+        assert res.exit_code == 0, res.output
+    assert ActsReader(out).tokens == 32

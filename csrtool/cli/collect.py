@@ -22,6 +22,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _clear_acts_dir(path: Path) -> None:
+    """--force replaces an earlier activation directory, never an unrelated one."""
+    import shutil
+
+    from csrtool.acts import MANIFEST
+
+    if any(path.iterdir()) and not (path / MANIFEST).is_file():
+        raise CsrError(f"{path} is not empty and not a csrtool activation directory: choose another --output")
+    shutil.rmtree(path)
+
+
 @app.command()
 @guarded
 def collect(
@@ -54,8 +65,7 @@ def collect(
     cfg = CollectConfig(max_tokens=max_tokens, seq_len=seq_len, key_space=keys,
                         layers=tuple(parse_layers(layers, n_layers)))
     if output.exists():
-        import shutil
-        shutil.rmtree(output)
+        _clear_acts_dir(output)
     with tqdm(total=cfg.max_tokens, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None) as bar:
         manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update)
     manifest["tokens_per_s"] = manifest["tokens"] / max(manifest["seconds"], 1e-9)
