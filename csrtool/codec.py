@@ -43,6 +43,7 @@ class CodecConfig:
     method: str = "omp"
     window: int = DEFAULT_WINDOW
     sink: int = DEFAULT_SINK
+    layer_sparsity: tuple[tuple[int, int], ...] | None = None  # per layer (s_k, s_v), overriding the two above
 
     def __post_init__(self) -> None:
         for name in ("sparsity_k", "sparsity_v"):
@@ -57,6 +58,18 @@ class CodecConfig:
             raise CsrError(f"window must be an integer >= 0 (tokens kept uncompressed), got {self.window!r}")
         if not isinstance(self.sink, int) or isinstance(self.sink, bool) or self.sink < 0:
             raise CsrError(f"sink must be an integer >= 0 (first tokens kept uncompressed), got {self.sink!r}")
+        if self.layer_sparsity is not None:
+            for i, pair in enumerate(self.layer_sparsity):
+                ok = isinstance(pair, tuple) and len(pair) == 2
+                if not ok or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in pair):
+                    raise CsrError(f"layer_sparsity[{i}] must be a pair of integers >= 1, got {pair!r}")
+
+    def for_layer(self, layer: int) -> "CodecConfig":
+        """The uniform config of one layer (its own sparsities when layer_sparsity is set)."""
+        if self.layer_sparsity is None:
+            return self
+        s_k, s_v = self.layer_sparsity[layer]
+        return CodecConfig(s_k, s_v, self.coef, self.method, self.window, self.sink)
 
 
 def spans(t: int, window: int, sink: int) -> tuple[int, int, int]:

@@ -23,6 +23,7 @@ from csrtool.kvcache import KVCache
 from csrtool.models import Loaded, kv_shape, rope_info
 
 KEY_SPACES = ("post-rope", "pre-rope")
+PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
         done += n
         if progress:
             progress(n)
+    probe = ids[cfg.max_tokens : cfg.max_tokens + min(cfg.seq_len, PROBE_TOKENS)]
+    if probe.numel() >= 2:  # held-out tokens for train-dict's sensitivity calibration (csrtool.sensitivity)
+        writer.meta["probe_ids"] = [int(i) for i in probe]
     manifest = writer.close()
     manifest["seconds"] = time.perf_counter() - t0
     return manifest

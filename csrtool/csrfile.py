@@ -31,7 +31,7 @@ from csrtool.io import atomic_path
 from csrtool.kvcache import KVCache
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
-VERSION = 1
+VERSION = 2  # version 1 files (one sparsity for all layers) are still read and written
 FORMAT = "csrtool-csr"
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len
 DIGEST = 32
@@ -66,11 +66,17 @@ class CsrHeader:
 
     def section_sizes(self, layer: int) -> tuple[int, int]:
         sk, sv = self.shapes(layer)
-        c, n, w, dt, s = self.config.coef, self.n_atoms, self.config.window, self.torch_dtype, self.config.sink
+        cfg = self.config.for_layer(layer)
+        c, n, w, dt, s = cfg.coef, self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
         return (
-            codec.section_nbytes(sk, n, 1, self.config.sparsity_k, c, w, dt, s),
-            codec.section_nbytes(sv, n, self.value_split, self.config.sparsity_v, c, w, dt, s),
+            codec.section_nbytes(sk, n, 1, cfg.sparsity_k, c, w, dt, s),
+            codec.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, c, w, dt, s),
         )
+
+    @property
+    def version(self) -> int:
+        """1 for one sparsity for all layers, 2 with per-layer sparsities (docs/format.md §2)."""
+        return 1 if self.config.layer_sparsity is None else 2
 
     @property
     def payload_nbytes(self) -> int:
@@ -86,9 +92,9 @@ class CsrHeader:
         return max(t for _, _, t, _, _ in self.layers)
 
     def to_json(self) -> dict:
-        return {
+        obj = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "model": self.model,
             "dtype": self.dtype,
             "layers": [list(x) for x in self.layers],
@@ -109,12 +115,15 @@ class CsrHeader:
             "rope": self.rope,
             "meta": self.meta,
         }
+        if self.config.layer_sparsity is not None:
+            obj["codec"]["layer_sparsity"] = [list(p) for p in self.config.layer_sparsity]
+        return obj
 
     def encode(self) -> bytes:
         """Preamble and canonical JSON header (docs/format.md §1-2)."""
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
         body = text.encode("ascii")
-        return PREAMBLE.pack(MAGIC, VERSION, 0, len(body)) + body
+        return PREAMBLE.pack(MAGIC, self.version, 0, len(body)) + body
 
     @property
     def file_nbytes(self) -> int:
@@ -131,6 +140,10 @@ def _int(obj: dict, key: str, lo: int, hi: int = _MAX_DIM) -> int:
     return val
 
 
+def _bad(what: str):
+    raise ValueError(what)
+
+
 def _choice(obj: dict, key: str, options: Iterable[str]) -> str:
     val = obj.get(key)
     if val not in tuple(options):
@@ -140,7 +153,7 @@ def _choice(obj: dict, key: str, options: Iterable[str]) -> str:
 
 def header_from_json(obj: object) -> CsrHeader:
     """Validate a parsed header; ValueError/KeyError/TypeError on anything invalid."""
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("version") != VERSION:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("version") not in (1, 2):
         raise ValueError("format/version")
     cd, dd = obj["codec"], obj["dicts"]
     if not isinstance(cd, dict) or not isinstance(dd, dict):
@@ -149,6 +162,14 @@ def header_from_json(obj: object) -> CsrHeader:
     if cd.get("index_bits") != packing.index_bits(n_atoms):
         raise ValueError("index_bits")
     value_split = _int(cd, "value_split", 1, 1 << 16)
+    per_layer = None
+    if obj["version"] == 2:
+        rows = cd["layer_sparsity"]
+        if not isinstance(rows, list) or not isinstance(obj.get("layers"), list) or len(rows) != len(obj["layers"]):
+            raise ValueError("layer_sparsity")
+        per_layer = tuple((_int({"x": r[0]}, "x", 1, 1 << 16), _int({"x": r[1]}, "x", 1, 1 << 16)) if isinstance(r, list) and len(r) == 2 else _bad("layer_sparsity row") for r in rows)
+    elif "layer_sparsity" in cd:
+        raise ValueError("layer_sparsity in a version 1 header")
     cfg = codec.CodecConfig(
         sparsity_k=_int(cd, "sparsity_k", 1, 1 << 16),
         sparsity_v=_int(cd, "sparsity_v", 1, 1 << 16),
@@ -156,6 +177,7 @@ def header_from_json(obj: object) -> CsrHeader:
         method=_choice(cd, "method", codec.METHODS),
         window=_int(cd, "window", 0),
         sink=_int(cd, "sink", 0),
+        layer_sparsity=per_layer,
     )
     layers = []
     if not isinstance(obj["layers"], list) or not obj["layers"]:
@@ -264,7 +286,7 @@ def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader) -> Iterat
     for i in range(len(header.layers)):
         k, v = cache.keys[i], cache.values[i]
         yield codec.encode_layer(
-            k, v, dicts.get(i, "k"), dicts.get(i, "v"), header.config, header.key_space, header.cache_key_space, header.rope
+            k, v, dicts.get(i, "k"), dicts.get(i, "v"), header.config.for_layer(i), header.key_space, header.cache_key_space, header.rope
         )
 
 
@@ -334,7 +356,7 @@ class CsrReader:
             sk, sv = hd.shapes(i)
             try:
                 k, v = codec.decode_layer(
-                    kb, vb, sk, sv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config,
+                    kb, vb, sk, sv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
                     hd.key_space, hd.cache_key_space, hd.rope, hd.torch_dtype,
                 )
             except CsrError as exc:
@@ -379,7 +401,7 @@ def open_csr(path: Path) -> CsrReader:
         if expected is not None and size < expected:
             raise CsrError(f"{path} is truncated (expected {expected} bytes, found {size}): compress the cache again")
         raise CsrError(f"{path} is corrupted (checksum mismatch): compress the cache again")
-    if header is None:
+    if header is None or header.version != version:
         raise CsrError(f"{path} is corrupted (invalid header): compress the cache again")
     if size != expected:
         raise CsrError(f"{path} is corrupted (size {size} bytes, the header implies {expected}): compress the cache again")
@@ -410,10 +432,11 @@ def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = N
     if dict_nbytes is None:
         dict_nbytes = sum(4 * header.dict_groups * header.n_atoms * (dk + dv) for _, _, _, dk, dv in header.layers)
     elem = torch.empty((), dtype=header.torch_dtype).element_size()
-    cfg = header.config
+    n = len(header.layers)
+    cfgs = [header.config.for_layer(i) for i in range(n)]
     d_k = header.layers[0][3]
-    k_bits = codec.vector_bits(header.n_atoms, cfg.sparsity_k, 1, cfg.coef) / d_k
-    v_bits = codec.vector_bits(header.n_atoms, cfg.sparsity_v, header.value_split, cfg.coef) / header.layers[0][4]
+    k_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_k, 1, c.coef) for c in cfgs) / n / d_k
+    v_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_v, header.value_split, c.coef) for c in cfgs) / n / header.layers[0][4]
     return {
         "file_bytes": file_nbytes,
         "header_bytes": head,

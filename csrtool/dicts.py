@@ -7,7 +7,9 @@ Layout (see docs/architecture.md):
 - string metadata: `format` = 'csrtool-dicts', `version`, `config` (training config,
   JSON), `source` (model, key_space, num_kv_heads, head_dim, tokens, JSON),
   `errors` (per-dictionary train/val relative error, JSON), `fingerprint`
-  (sha256 of names, shapes and bytes of all atoms; checked on load).
+  (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
+  train-dict calibrated them, `sensitivity` (csrtool.calibrate: per-layer KL and
+  loss curves that compress/eval use to spread a bit budget over layers).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class DictSet:
     source: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
     fingerprint: str = ""
+    sensitivity: dict = field(default_factory=dict)  # csrtool.calibrate output; {} when not calibrated
 
     def get(self, layer: int, kind: str) -> torch.Tensor:
         name = dict_name(layer, kind)
@@ -74,7 +77,7 @@ class DictSet:
         return next(iter(self.atoms.values())).shape[2]
 
 
-def save_dicts(path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict) -> str:
+def save_dicts(path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict, sensitivity: dict | None = None) -> str:
     """Write a dictionary file atomically; returns its fingerprint."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(atoms.items())}
     fp = fingerprint(tensors)
@@ -86,6 +89,8 @@ def save_dicts(path: Path, atoms: dict[str, torch.Tensor], config: dict, source:
         "errors": json.dumps(errors, sort_keys=True),
         "fingerprint": fp,
     }
+    if sensitivity:
+        meta["sensitivity"] = json.dumps(sensitivity, sort_keys=True)
     save_safetensors(Path(path), tensors, meta)
     return fp
 
@@ -109,11 +114,11 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
     if fp != meta.get("fingerprint"):
         raise CsrError(f"{path} was modified after training (fingerprint mismatch): re-run csrtool train-dict")
     try:
-        config, source, errors = (json.loads(meta.get(k, "{}")) for k in ("config", "source", "errors"))
+        config, source, errors, sensitivity = (json.loads(meta.get(k, "{}")) for k in ("config", "source", "errors", "sensitivity"))
     except json.JSONDecodeError:
         raise CsrError(f"{path} has corrupted metadata: re-run csrtool train-dict") from None
     for name, t in tensors.items():
         if t.dim() != 4:
             raise CsrError(f"{path}: dictionary {name} has shape {list(t.shape)}, expected [G, C, N, Dc]")
     atoms = {k: v.to(device) for k, v in tensors.items()}
-    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp)
+    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity)

@@ -122,10 +122,13 @@ def train_dicts(
     layers: Optional[list[int]] = None,
     device: str | torch.device = "cpu",
     progress: Optional[Progress] = None,
+    calibrate: Optional[Callable[[dict[str, torch.Tensor], dict], dict]] = None,
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
-    Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed"}
+    `calibrate(atoms, source) -> sensitivity` (csrtool.calibrate), if given, runs
+    before the file is written and its result is stored in it.
+    Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
     with errors["layer.{l}.{k}"] = {"train_rel_err": [G][C], "val_rel_err": [G][C], ...}.
     """
     emit = progress or (lambda event, info: None)
@@ -193,7 +196,8 @@ def train_dicts(
 
     config = cfg.to_dict()
     source = _source(reader, fp)
-    fingerprint = save_dicts(Path(out), atoms, config=config, source=source, errors=errors)
+    sensitivity = calibrate(atoms, source) if calibrate is not None else {}
+    fingerprint = save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity)
     part.remove()
     return {
         "out": str(out),
@@ -203,6 +207,7 @@ def train_dicts(
         "errors": errors,
         "trained": trained,
         "resumed": resumed,
+        "sensitivity": {k: v for k, v in sensitivity.items() if k != "curves"},
     }
 
 

@@ -51,11 +51,17 @@ def compress(
     window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed, in the original dtype (default 4).")] = None,
     sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
+    uniform: Annotated[bool, typer.Option("--uniform", help="With --bits: same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Compress a KV cache into a .csr file with sparse codes over a dictionary."""
-    from csrtool import codec, csrfile
+    """Compress a KV cache into a .csr file with sparse codes over a dictionary.
+
+    With --bits (default 1) and calibrated dictionaries (train-dict --calibrate),
+    the atoms are spread over layers and K/V where the model is most sensitive,
+    at the same average bits; --sparsity or --uniform give every layer the same.
+    """
+    from csrtool import allocate, codec, csrfile
     from csrtool.dicts import load_dicts
 
     check_output(output, force=force)
@@ -64,22 +70,30 @@ def compress(
     ds = load_dicts(dicts)
     kv = open_cache(cache)
     _, _, v_split = csrfile.check_fit(kv, ds)
+    per_layer = None
     if sparsity is not None:
         s_k, s_v = _parse_sparsity(sparsity)
     else:
-        s_k, s_v = codec.choose_sparsity(1.0 if bits is None else bits, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
+        target = 1.0 if bits is None else bits
+        s_k, s_v = codec.choose_sparsity(target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
+        if not uniform and len(kv.keys) == len(ds.layers):
+            per_layer = allocate.plan(ds.sensitivity, len(kv.keys), target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
+        if per_layer is not None:
+            s_k, s_v = max(p[0] for p in per_layer), max(p[1] for p in per_layer)
     cfg = codec.CodecConfig(
-        s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window, codec.DEFAULT_SINK if sink is None else sink
+        s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window, codec.DEFAULT_SINK if sink is None else sink,
+        layer_sparsity=per_layer,
     )
     header = csrfile.make_header(kv, ds, cfg)
     with _bar(len(header.layers), "compress") as bar:
         size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
     report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method,
+              "layer_sparsity": None if per_layer is None else [list(p) for p in per_layer],
               "window": cfg.window, "sink": cfg.sink, "target_bits": bits, **csrfile.size_report(header, size)}
     cb = report["code_bits_per_channel"]
     (err if str(json_out) == "-" else out).print(
         f"wrote {output}: {size:,} bytes, {report['ratio_vs_fp16']:.2f}x smaller than fp16; "
-        f"S_k={s_k} S_v={s_v} ({coef}), code bits/channel K {cb['k']:.4f} V {cb['v']:.4f} avg {cb['avg']:.4f}; "
+        f"{'S_k/S_v per layer ' + ' '.join(f'{a}/{b}' for a, b in per_layer) if per_layer else f'S_k={s_k} S_v={s_v}'} ({coef}), code bits/channel K {cb['k']:.4f} V {cb['v']:.4f} avg {cb['avg']:.4f}; "
         f"file bits/channel {report['bits_per_channel']['with_header']:.4f} (window {cfg.window}, sink {cfg.sink})"
     )
     write_json(json_out, report)

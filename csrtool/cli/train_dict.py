@@ -34,6 +34,7 @@ def train_dict(
     max_vectors: Annotated[int, typer.Option("--max-vectors", help="Training vectors per dictionary (random subsample above).")] = _DEF.max_vectors,
     seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
     device: DeviceOpt = "cpu",
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -71,7 +72,20 @@ def train_dict(
             elif event == "done":
                 bar.advance(overall)
 
-        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event)
+        calib = None
+        if calibrate and reader.manifest.get("probe_ids") and picked is None:
+            def calib(atoms, source):
+                from csrtool.calibrate import calibrate as run_calibration
+                from csrtool.models import load_model
+
+                task = bar.add_task("sensitivity", total=None)
+                loaded = load_model(reader.manifest["model"], device=str(dev))
+                return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"],
+                                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+        elif calibrate:
+            why = "--layers picks a subset" if picked is not None else f"{acts_dir} has no probe window (collected by an older csrtool or with too little text)"
+            err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
+        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib)
 
     table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder})")
     table.add_column("layer", justify="right")
@@ -86,5 +100,9 @@ def train_dict(
                      "k_train_rel_err": k["mean_train_rel_err"], "v_train_rel_err": v["mean_train_rel_err"]})
         table.add_row(str(layer), *(f"{rows[-1][c]:.4f}" for c in ("k_val_rel_err", "v_val_rel_err", "k_train_rel_err", "v_train_rel_err")))
     out.print(table)
+    if report["sensitivity"]:
+        kl = report["sensitivity"]["kl"]
+        top = sorted(kl, key=kl.get, reverse=True)[:4]
+        out.print("most sensitive (KL at the 1-bit sparsity): " + ", ".join(f"{n} {kl[n]:.4f}" for n in top))
     out.print(f"trained {report['trained']}, resumed {report['resumed']} dictionaries; wrote {output} (fingerprint {report['fingerprint'][:12]})")
     write_json(json_out, {**report, "layers": rows})

@@ -4,7 +4,11 @@ Reconstruction goes through `csrtool.codec.roundtrip` / `roundtrip_keys`, so the
 coefficient quantisation (fp8 by default) and the key space (pre- or post-RoPE,
 from the dictionary file's source) are those of a .csr file.
 
-Honest cost (codec.vector_bits): per vector C·S·(ceil(log2 N) + coefficient bits)
+With `bits` and calibrated dictionaries (train-dict --calibrate), the sparsity of
+each layer comes from csrtool.allocate.plan, exactly as `compress --bits` picks it;
+`uniform=True` (or explicit sparsities) gives every layer the same.
+
+Honest cost (codec.vector_bits, averaged over layers): per vector C·S·(ceil(log2 N) + coefficient bits)
 plus any per-vector scale; the per-(head, batch) float32 coefficient scale a file
 section adds is 32 bits per head per compressed batch of tokens (< 0.01 bit/channel
 at the default chunk) and is left out. Dictionaries are side bits, counted at fp16.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from csrtool import codec
+from csrtool import allocate, codec
 from csrtool.dicts import DictSet
 from csrtool.errors import CsrError
 
@@ -60,6 +64,7 @@ class CSR:
         rope_info: dict | None = None,
         sparsity: tuple[int, int] | None = None,
         name: str | None = None,
+        uniform: bool = False,
     ):
         if method not in codec.METHODS:
             raise CsrError(f"CSR method must be one of {', '.join(codec.METHODS)}, got {method!r}")
@@ -82,8 +87,12 @@ class CSR:
                 least = codec.bits_per_channel(self.n_atoms, head_dim, 1, 1, self.value_split, coef)
                 raise CsrError(f"--bits {bits:g} cannot be met with these dictionaries: one atom for K and V costs {least:.3g} bits/channel ({exc}); raise --bits") from None
         self.s_k, self.s_v = sparsity
-        self.bits_k = codec.vector_bits(self.n_atoms, self.s_k, 1, coef) / head_dim
-        self.bits_v = codec.vector_bits(self.n_atoms, self.s_v, self.value_split, coef) / head_dim
+        self.layer_sparsity = None  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
+        if bits is not None and not uniform:
+            self.layer_sparsity = allocate.plan(dicts.sensitivity, n_layers, bits, self.n_atoms, head_dim, self.value_split, coef)
+        plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
+        self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, coef) for p in plan) / n_layers / head_dim
+        self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, coef) for p in plan) / n_layers / head_dim
         self.side_bits = sum(a.numel() for n, a in dicts.atoms.items() if int(n.split(".")[1]) < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"
         self.name = name or f"csr-{method}-{label}"
@@ -99,17 +108,21 @@ class CSR:
             "solver": self.method,
             "key_space": self.key_space,
             "target_bits": self.target_bits,
+            "layer_sparsity": None if self.layer_sparsity is None else [list(p) for p in self.layer_sparsity],
         }
+
+    def sparsity(self, layer: int) -> tuple[int, int]:
+        return self.layer_sparsity[layer] if self.layer_sparsity is not None else (self.s_k, self.s_v)
 
     def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         atoms = self.dicts.get(layer, kind).to(x.device)
+        s_k, s_v = self.sparsity(layer)
         if kind == "v" or self.key_space == "post-rope":
-            s = self.s_v if kind == "v" else self.s_k
-            return codec.roundtrip(x, atoms, s, self.coef, self.method)
+            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, self.coef, self.method)
         first = int(positions[0])
         assert bool((positions == torch.arange(first, first + x.shape[2], device=positions.device)).all())
         return codec.roundtrip_keys(
-            x, atoms, self.s_k, self.coef, self.method,
+            x, atoms, s_k, self.coef, self.method,
             positions_offset=first, rope_info=self.rope_info,
             key_space=self.key_space, cache_key_space="post-rope",
         )

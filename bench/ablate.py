@@ -1,0 +1,86 @@
+"""Where does CSR's perplexity loss come from? Compress one layer (or one kind) at a time.
+
+Each item is a CSR setting applied to a subset of the cache only (every other
+layer / kind stays exact), on the same held-out tokens, chunks and window as
+`csrtool eval`. The per-layer increases tell how to spend a bit budget across
+layers (docs/quality.md §5).
+
+    python bench/ablate.py --dicts out/demo/dicts.safetensors --sparsity 5/2 --per-layer --json out/bench/ablate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from csrtool.corpus import load_text  # noqa: E402
+from csrtool.dicts import load_dicts  # noqa: E402
+from csrtool.eval import runner  # noqa: E402
+from csrtool.eval.csr import CSR  # noqa: E402
+from csrtool.models import kv_shape, load_model, rope_info  # noqa: E402
+
+
+class Subset:
+    """A method applied to some (layer, kind) pairs only; the rest stay exact."""
+
+    def __init__(self, inner, layers: set[int], kinds: set[str], name: str):
+        self.inner, self.layers, self.kinds, self.name = inner, layers, kinds, name
+        self.bits_k, self.bits_v, self.side_bits = inner.bits_k, inner.bits_v, 0
+
+    def reconstruct(self, layer, kind, x, positions):
+        if layer in self.layers and kind in self.kinds:
+            return self.inner.reconstruct(layer, kind, x, positions)
+        return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dicts", required=True)
+    ap.add_argument("--sparsity", default="5/2")
+    ap.add_argument("--solver", default="omp")
+    ap.add_argument("--per-layer", action="store_true", help="one pass per layer, K and V compressed")
+    ap.add_argument("--kinds", default="kv", help="kv, k or v: which kinds the subsets compress")
+    ap.add_argument("--layers", default="", help="comma-separated layer subsets as a-b ranges, e.g. '0-9,10-19,20-29'")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    loaded = load_model("smollm2-135m", "auto", "auto")
+    model = loaded.model
+    n_layers, heads, head_dim = kv_shape(model.config)
+    text = load_text(None, "heldout")
+    ids = torch.tensor([loaded.tokenizer(text[: args.tokens * 16]).input_ids[: args.tokens]], dtype=torch.long)
+    ref = runner.reference_pass(model, ids, args.chunk)
+    print(f"reference ppl {ref.ppl:.4f}", flush=True)
+    sk, sv = (int(v) for v in args.sparsity.split("/"))
+    csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), sparsity=(sk, sv))
+    subsets: list[tuple[str, set[int]]] = []
+    if args.per_layer:
+        subsets += [(f"L{i}", {i}) for i in range(n_layers)]
+    for spec in [s for s in args.layers.split(",") if s.strip()]:
+        a, _, b = spec.partition("-")
+        subsets.append((f"L{spec}", set(range(int(a), int(b or a) + 1))))
+    rows = []
+    for label, layers in subsets:
+        m = Subset(csr, layers, set(args.kinds), f"{label}-{args.kinds}")
+        res = runner.method_pass(model, ids, m, ref, args.chunk, args.window, sink=args.sink)
+        row = {"subset": label, "layers": sorted(layers), "kinds": args.kinds, "sparsity": [sk, sv],
+               "ppl": res.ppl, "dppl": res.ppl / ref.ppl - 1, "kl": res.kl, "top1": res.top1}
+        rows.append(row)
+        print(f"{m.name:12s} ppl {res.ppl:.3f} d {100 * row['dppl']:+.2f}% KL {res.kl:.4f} top1 {res.top1:.3f}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"argv": sys.argv[1:], "reference_ppl": ref.ppl, "rows": rows}, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

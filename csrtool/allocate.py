@@ -1,0 +1,122 @@
+"""Spend a bit budget across layers and K/V where the model's loss is most sensitive.
+
+A uniform sparsity gives every layer the same atoms, but on SmolLM2 coding one
+layer alone at 1 bit costs anywhere from +0.0% to +3.4% perplexity
+(docs/quality.md §5). So each dictionary set carries, per layer and kind, a
+loss curve: the KL divergence its coded keys (or values) alone cause at the
+reference sparsity (csrtool.sensitivity), scaled by its relative error at
+S = 1, 2, ... atoms (KL grows like the error energy for small errors),
+
+    D(S) = KL(S_ref) · err(S) / err(S_ref)
+
+and the budget goes greedily to the step with the largest drop of D per bit.
+
+    error_curve(x [B, H, T, D], atoms, s_max) -> relative error at 1..s_max atoms
+    loss_curve(kl, errors, s_ref) -> D(1..s_max)
+    allocate(curves {(layer, kind): [...]}, layers, bits, n_atoms, head_dim, value_split, coef) -> [(s_k, s_v)] per layer
+    plan(sensitivity, n_layers, bits, ...) -> per-layer (s_k, s_v), or None without calibration
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from csrtool import codec
+from csrtool.errors import CsrError
+
+
+def error_curve(x: torch.Tensor, atoms: torch.Tensor, s_max: int) -> list[float]:
+    """Relative squared error of x [B, H, T, D] (code space) coded with 1..s_max atoms (MP prefixes)."""
+    x = x.float()
+    energy = float(x.pow(2).sum())
+    return [float((x - r).pow(2).sum()) / energy for r in prefix_reconstructions(x, atoms, s_max)]
+
+
+def loss_curve(kl: float, errors: list[float], s_ref: int) -> list[float]:
+    """D(S) = KL measured at s_ref atoms, scaled by the error curve (KL grows like the error energy)."""
+    ref = errors[s_ref - 1]
+    return [kl * e / ref if ref > 0 else 0.0 for e in errors]
+
+
+def curves_from(sensitivity: dict) -> dict[tuple[int, str], list[float]]:
+    """{(layer, kind): D(1..S_max)} from a dictionary file's `sensitivity` metadata (csrtool.calibrate)."""
+    out = {}
+    for name, curve in (sensitivity.get("curves") or {}).items():
+        _, layer, kind = name.split(".")
+        out[(int(layer), kind)] = [float(v) for v in curve]
+    return out
+
+
+def plan(sensitivity: dict, n_layers: int, bits: float, n_atoms: int, head_dim: int, value_split: int, coef: str) -> tuple[tuple[int, int], ...] | None:
+    """Per-layer sparsities for `bits` from calibrated dictionaries; None when they carry no curves."""
+    curves = curves_from(sensitivity)
+    if not curves:
+        return None
+    return tuple(allocate(curves, list(range(n_layers)), bits, n_atoms, head_dim, value_split, coef))
+
+
+def _monotone(curve: list[float]) -> list[float]:
+    """Running minimum: one more atom never costs quality (OMP never raises the error)."""
+    best, out = float("inf"), []
+    for v in curve:
+        best = min(best, v)
+        out.append(best)
+    return out
+
+
+def allocate(
+    curves: dict[tuple[int, str], list[float]],
+    layers: list[int],
+    bits: float,
+    n_atoms: int,
+    head_dim: int,
+    value_split: int,
+    coef: str,
+) -> list[tuple[int, int]]:
+    """Per-layer (s_k, s_v) whose mean code bits per channel fit `bits`, minimising Σ D.
+
+    Every layer gets at least one atom per kind; then, while the budget allows, the
+    (layer, kind) whose next atom lowers its curve the most per bit gets it. Beyond a
+    curve's end a kind gets no more atoms."""
+    for layer in layers:
+        for kind in ("k", "v"):
+            if not curves.get((layer, kind)):
+                raise CsrError(f"the dictionary file has no distortion curve for layer {layer} ({kind}): re-run csrtool train-dict")
+    cost = {"k": codec.vector_bits(n_atoms, 1, 1, coef) - codec.vector_bits(n_atoms, 0, 1, coef),
+            "v": codec.vector_bits(n_atoms, 1, value_split, coef) - codec.vector_bits(n_atoms, 0, value_split, coef)}
+    base = {"k": codec.vector_bits(n_atoms, 0, 1, coef), "v": codec.vector_bits(n_atoms, 0, value_split, coef)}
+    budget = bits * 2 * head_dim * len(layers)  # bits per token and head, summed over layers
+    s = {(layer, kind): 1 for layer in layers for kind in ("k", "v")}
+    spent = sum(base[kind] + cost[kind] for (_, kind) in s)
+    if spent > budget + 1e-9:
+        least = spent / (2 * head_dim * len(layers))
+        raise CsrError(f"--bits {bits} is below the smallest code ({least:.4f} bits per channel with one atom for K and V): raise --bits")
+    mono = {key: _monotone(c) for key, c in curves.items() if key in s}
+
+    def gain(key: tuple[int, str]) -> float:
+        c, n = mono[key], s[key]
+        return (c[n - 1] - c[n]) / cost[key[1]] if n < len(c) else -1.0
+
+    heap = [(-gain(key), key) for key in sorted(s)]
+    heapq.heapify(heap)
+    while heap:
+        g, key = heapq.heappop(heap)
+        if -g < 0:
+            break
+        if spent + cost[key[1]] > budget + 1e-9:
+            continue  # this kind's atom no longer fits; a cheaper kind's still may
+        s[key] += 1
+        spent += cost[key[1]]
+        heapq.heappush(heap, (-gain(key), key))
+    return [(s[(layer, "k")], s[(layer, "v")]) for layer in layers]
+
+
+def prefix_reconstructions(x: torch.Tensor, atoms: torch.Tensor, s_max: int) -> torch.Tensor:
+    """x [B, H, T, D] (code space) -> [s_max, B, H, T, D]: matching pursuit with 1..s_max atoms.
+
+    One MP run at s_max gives every shorter code as a prefix (MP never revisits a
+    coefficient), so a whole curve costs one encode. Coefficients unquantised."""
+    idx, cf = codec.encode_codes(x, atoms, s_max, "mp")
+    return torch.stack([codec.decode_codes(idx[..., :s], cf[..., :s], atoms) for s in range(1, s_max + 1)])

@@ -1,0 +1,65 @@
+"""Pipeline step: measure where a dictionary set's errors hurt the model, for bit allocation.
+
+    calibrate(loaded, atoms, source, probe_ids, progress) -> sensitivity (JSON-able dict)
+
+On the probe window `csrtool collect` keeps after its activations (held-out
+calibration tokens), with the dictionaries at the uniform 1-bit sparsity:
+- the KL each single layer's coded keys or values cause (csrtool.sensitivity);
+- each layer's relative error curve for 1..S_max atoms (csrtool.allocate.error_curve);
+their product is the loss curve D(S) that `allocate` minimises under a bit budget.
+The result is stored in the dictionary file (metadata `sensitivity`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from csrtool import codec
+from csrtool.allocate import error_curve, loss_curve
+from csrtool.collect import capture_kv, key_rope
+from csrtool.dicts import DictSet, dict_name
+from csrtool.errors import CsrError
+from csrtool.eval.csr import CSR
+from csrtool.models import Loaded, kv_shape, rope_info
+from csrtool.sensitivity import layer_sensitivity
+
+RECENT = 64  # tokens a query sees exactly: eval's 32-token window plus half a 64-token chunk
+SINK = codec.DEFAULT_SINK
+REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this budget
+
+
+def calibrate(
+    loaded: Loaded, atoms: dict[str, torch.Tensor], source: dict, probe_ids: list[int],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    n_layers, heads, head_dim = kv_shape(loaded.config)
+    ds = DictSet(atoms=atoms, source=source)
+    if len(ds.layers) != n_layers:
+        raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
+    key_space = source.get("key_space", "post-rope")
+    value_split = next(a.shape[1] for n, a in atoms.items() if n.endswith(".v"))
+    n_atoms = ds.n_atoms
+    s_ref = codec.choose_sparsity(REF_BITS, n_atoms, head_dim, value_split, "fp8")
+    method = CSR(ds, n_layers, heads, head_dim, method="omp", rope_info=rope_info(loaded.model), sparsity=s_ref)
+    ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
+    total = 2 * n_layers
+    done = [0]
+
+    def tick(layer: int, kind: str) -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    kl = layer_sensitivity(loaded.model, ids, method, recent=RECENT, sink=SINK, progress=tick)
+    _, keys, values = capture_kv(loaded.model, ids, key_space, key_rope(loaded.model, key_space))
+    s_max = {"k": min(n_atoms, head_dim // 2), "v": min(n_atoms, head_dim // value_split // 2)}
+    s_at = {"k": s_ref[0], "v": s_ref[1]}
+    curves, kls = {}, {}
+    for layer in range(n_layers):
+        for kind, x in (("k", keys[layer]), ("v", values[layer])):
+            errs = error_curve(x[:, :, SINK:].float().cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]))
+            curves[dict_name(layer, kind)] = loss_curve(kl[(layer, kind)], errs, s_at[kind])
+            kls[dict_name(layer, kind)] = kl[(layer, kind)]
+    return {"s_ref": list(s_ref), "recent": RECENT, "sink": SINK, "tokens": len(probe_ids), "kl": kls, "curves": curves}
