@@ -41,7 +41,10 @@ def calibrate(
     key_space = source.get("key_space", "post-rope")
     value_split = next(a.shape[1] for n, a in atoms.items() if n.endswith(".v"))
     n_atoms = ds.n_atoms
-    s_ref = codec.choose_sparsity(REF_BITS, n_atoms, head_dim, value_split, "fp8")
+    try:
+        s_ref = codec.choose_sparsity(REF_BITS, n_atoms, head_dim, value_split, "fp8")
+    except CsrError:  # small head_dim: one atom each already costs more than REF_BITS
+        s_ref = (1, 1)
     method = CSR(ds, n_layers, heads, head_dim, method="omp", rope_info=rope_info(loaded.model), sparsity=s_ref)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     total = 2 * n_layers

@@ -307,3 +307,47 @@ def test_fuzz_corruptions(env, tmp_path, data):
         return
     good = env["decoded"]
     assert all(torch.equal(a, b) for a, b in zip(dec.keys + dec.values, good.keys + good.values))
+
+
+# ---------------------------------------------------------------- per-layer sparsity (version 2)
+
+
+def test_per_layer_sparsity_round_trip(env, tmp_path):
+    cache, ds = env["cache"], env["dicts"]
+    cfg = codec.CodecConfig(4, 3, "fp8", "omp", window=5, sink=2, layer_sparsity=((4, 1), (1, 3)))
+    path = tmp_path / "v2.csr"
+    size = write(path, cache, env["dicts_path"], cfg)
+    raw = path.read_bytes()
+    assert struct.unpack("<H", raw[8:10])[0] == 2 and size == len(raw)
+    header = csrfile.open_csr(path).header
+    assert header.version == 2 and header.config.layer_sparsity == ((4, 1), (1, 3))
+    assert b'"layer_sparsity":[[4,1],[1,3]]' in raw
+    m = H * (T - 5 - 2)
+    assert header.section_sizes(0)[0] == 4 * H + packing.packed_nbytes(m * 4, 6) + m * 4 + H * 7 * D * 4
+    assert header.section_sizes(1)[0] == 4 * H + packing.packed_nbytes(m * 1, 6) + m * 1 + H * 7 * D * 4
+    dec = csrfile.read_csr(path, ds)
+    s, end = 2, T - 5
+    for layer, (sk, sv) in enumerate(cfg.layer_sparsity):
+        k, v = cache.keys[layer], cache.values[layer]
+        want_k = codec.roundtrip_keys(k[:, :, s:end], ds.get(layer, "k"), sk, "fp8", "omp", 3 + s, cache.meta["rope"])
+        assert torch.equal(dec.keys[layer][:, :, s:end], want_k)
+        assert torch.equal(dec.values[layer][:, :, s:end], codec.roundtrip(v[:, :, s:end], ds.get(layer, "v"), sv, "fp8", "omp"))
+    # code bits average the layers: K (4 + 1) / 2 atoms x (6 + 8) bits / 16 channels
+    rep = csrfile.size_report(header, size)
+    assert rep["code_bits_per_channel"]["k"] == pytest.approx(2.5 * 14 / D)
+
+
+def test_per_layer_sparsity_must_cover_every_layer(env, tmp_path):
+    cfg = codec.CodecConfig(4, 3, "fp8", "omp", window=5, sink=2, layer_sparsity=((4, 1), (1, 3)))
+    path = tmp_path / "v2.csr"
+    write(path, env["cache"], env["dicts_path"], cfg)
+    raw = path.read_bytes()
+    bad = raw.replace(b'"layer_sparsity":[[4,1],[1,3]]', b'"layer_sparsity":[[4,1]]        ')
+    hlen = struct.unpack("<I", bad[12:16])[0]
+    body = bad[16 : 16 + hlen]
+    fixed = bad[:-32] + hashlib.sha256(bad[:-32]).digest()  # a valid checksum: the header itself is what is wrong
+    p = corrupt(env, tmp_path, fixed)
+    assert b"[[4,1]]" in body
+    assert read_err(p, env["dicts"]) == f"{p} is corrupted (invalid header): compress the cache again"
+    with pytest.raises(CsrError, match=r"layer_sparsity\[1\] must be a pair of integers >= 1, got \(1, 0\)"):
+        codec.CodecConfig(4, 3, layer_sparsity=((4, 1), (1, 0)))

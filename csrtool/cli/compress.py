@@ -174,10 +174,12 @@ def inspect(
         return
     cfg, bpc = hd.config, report["bits_per_channel"]
     b, h, t, dk, dv = hd.layers[0]
-    out.print(f"[bold]{file}[/bold]  .csr v{csrfile.VERSION}  model {hd.model or '?'}  dtype {hd.dtype}")
+    out.print(f"[bold]{file}[/bold]  .csr v{hd.version}  model {hd.model or '?'}  dtype {hd.dtype}")
     out.print(f"  shape     {len(hd.layers)} layers x [B={b}, H={h}, T={t}, Dk={dk}, Dv={dv}]")
     out.print(f"  codec     N={hd.n_atoms} ({report['header']['codec']['index_bits']}-bit indices), S_k={cfg.sparsity_k}, "
               f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}, sink {cfg.sink}")
+    if cfg.layer_sparsity is not None:
+        out.print("  per layer S_k/S_v " + " ".join(f"{a}/{b}" for a, b in cfg.layer_sparsity) + " (the two above are the maxima)")
     out.print(f"  keys      coded {hd.key_space}, cache {hd.cache_key_space}; dictionary {hd.dict_fingerprint[:16]} ({hd.dict_scope} scope)")
     out.print(f"  size      {reader.size:,} bytes = header {report['header_bytes']:,} + payload {report['payload_bytes']:,} + checksum 32")
     cb = report["code_bits_per_channel"]
