@@ -27,11 +27,13 @@ from csrtool import codec
 from csrtool.errors import CsrError
 
 
-def error_curve(x: torch.Tensor, atoms: torch.Tensor, s_max: int) -> list[float]:
-    """Relative squared error of x [B, H, T, D] (code space) coded with 1..s_max atoms (MP prefixes)."""
+def error_curve(x: torch.Tensor, atoms: torch.Tensor, s_max: int, mean: torch.Tensor | None = None) -> list[float]:
+    """Relative squared error of x [B, H, T, D] (code space) coded with 1..s_max atoms (MP prefixes),
+    the dictionary's `mean` [G, D] subtracted first (error relative to x itself)."""
     x = x.float()
     energy = float(x.pow(2).sum())
-    return [float((x - r).pow(2).sum()) / energy for r in prefix_reconstructions(x, atoms, s_max)]
+    xc = codec.shift(x, mean, -1.0)
+    return [float((xc - r).pow(2).sum()) / energy for r in prefix_reconstructions(xc, atoms, s_max)]
 
 
 def loss_curve(kl: float, errors: list[float], s_ref: int) -> list[float]:

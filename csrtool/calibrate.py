@@ -32,10 +32,10 @@ REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this bud
 
 def calibrate(
     loaded: Loaded, atoms: dict[str, torch.Tensor], source: dict, probe_ids: list[int],
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, means: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     n_layers, heads, head_dim = kv_shape(loaded.config)
-    ds = DictSet(atoms=atoms, source=source)
+    ds = DictSet(atoms=atoms, source=source, means=means or {})
     if len(ds.layers) != n_layers:
         raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
     key_space = source.get("key_space", "post-rope")
@@ -62,7 +62,7 @@ def calibrate(
     curves, kls = {}, {}
     for layer in range(n_layers):
         for kind, x in (("k", keys[layer]), ("v", values[layer])):
-            errs = error_curve(x[:, :, SINK:].float().cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]))
+            errs = error_curve(x[:, :, SINK:].float().cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]), ds.mean(layer, kind))
             curves[dict_name(layer, kind)] = loss_curve(kl[(layer, kind)], errs, s_at[kind])
             kls[dict_name(layer, kind)] = kl[(layer, kind)]
     return {"s_ref": list(s_ref), "recent": RECENT, "sink": SINK, "tokens": len(probe_ids), "kl": kls, "curves": curves}

@@ -216,15 +216,26 @@ def dequantize_codes(q, g, v, fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
     return packing.dequantize(q, g, v, fmt).reshape(shape)
 
 
-def roundtrip(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str = "fp8", method: str = "omp") -> torch.Tensor:
+def shift(x: torch.Tensor, mean: torch.Tensor | None, sign: float) -> torch.Tensor:
+    """x [B, H, T, D] (float32) plus sign * the dictionary's mean [G, D] (G = H or 1); x itself without one."""
+    if mean is None:
+        return x
+    m = mean.to(x.device, torch.float32)
+    return x + sign * m[None, :, None, :]
+
+
+def roundtrip(
+    x: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str = "fp8", method: str = "omp", mean: torch.Tensor | None = None,
+) -> torch.Tensor:
     """What compress -> decompress gives for x [B, H, T, D] coded in place: x_hat in x's dtype.
 
     Coefficient scales are per (batch, head) over the T tokens given, as in a file
-    section, so pass the coded tokens only (without the window) to match a file."""
-    idx, c = encode_codes(x, atoms, sparsity, method)
+    section, so pass the coded tokens only (without the window) to match a file.
+    `mean` [G, D] (the dictionary's, if it has one) is subtracted before coding."""
+    idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method)
     q, g, v = quantize_codes(c, coef)
     c_hat = dequantize_codes(q, g, v, coef, tuple(c.shape))
-    return decode_codes(idx, c_hat, atoms).to(x.dtype)
+    return shift(decode_codes(idx, c_hat, atoms), mean, 1.0).to(x.dtype)
 
 
 # ---------------------------------------------------------------- key space
@@ -281,6 +292,7 @@ def roundtrip_keys(
     rope_info: dict | None = None,
     key_space: str = "pre-rope",
     cache_key_space: str = "post-rope",
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Keys k [B, H, T, D] as stored in a cache -> what decompress returns for them.
 
@@ -291,21 +303,23 @@ def roundtrip_keys(
     if key_space != cache_key_space:
         rope_p = rope_params({"rope": rope_info, "position_offset": positions_offset}, k.shape[2])
     kc = to_code_space(k, key_space, cache_key_space, rope_p)
-    return from_code_space(roundtrip(kc, atoms, sparsity, coef, method), key_space, cache_key_space, rope_p).to(k.dtype)
+    return from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean), key_space, cache_key_space, rope_p).to(k.dtype)
 
 
 # ---------------------------------------------------------------- bytes
 
 
-def section_bytes(x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str, method: str) -> bytes:
-    """Section bytes from the coded tokens x_code [B, H, Tc, D] (code space, float)
-    and the verbatim tokens x_tail [B, H, s + w, D] (sink then tail, original dtype)."""
+def section_bytes(
+    x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str, method: str, mean: torch.Tensor | None = None,
+) -> bytes:
+    """Section bytes from the coded tokens x_code [B, H, Tc, D] (code space, float; `mean` subtracted
+    here) and the verbatim tokens x_tail [B, H, s + w, D] (sink then tail, original dtype)."""
     g_dicts, c, n, dc = atoms.shape
     b, h, tc, d = x_code.shape
     bits = packing.index_bits(n)
     parts: list[bytes] = []
     if tc:
-        idx, cf = encode_codes(x_code, atoms, sparsity, method)
+        idx, cf = encode_codes(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method)
         q, g, v = quantize_codes(cf, coef)
     else:
         idx = torch.zeros(0, dtype=torch.int64)
@@ -369,16 +383,17 @@ def encode_layer(
     key_space: str,
     cache_key_space: str,
     rope_p: dict | None,
+    means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[bytes, bytes]:
-    """Key and value section bytes of one layer: k, v [B, H, T, D] as in the cache."""
+    """Key and value section bytes of one layer: k, v [B, H, T, D] as in the cache; `means` the dictionaries' (K, V)."""
     _check_atoms(tuple(k.shape), atoms_k, "cache's keys")
     _check_atoms(tuple(v.shape), atoms_v, "cache's values")
     if atoms_k.shape[1] != 1:
         raise CsrError(f"key dictionaries must have 1 channel chunk, got {atoms_k.shape[1]}: use a dictionary from csrtool train-dict")
     s, tc, _ = spans(k.shape[2], cfg.window, cfg.sink)
     kc = to_code_space(k[:, :, s : s + tc], key_space, cache_key_space, _shifted(rope_p, s))
-    kb = section_bytes(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method)
-    vb = section_bytes(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method)
+    kb = section_bytes(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0])
+    vb = section_bytes(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1])
     return kb, vb
 
 
@@ -394,12 +409,12 @@ def _shifted(rope_p: dict | None, s: int) -> dict | None:
 
 def decode_section(
     buf: bytes, shape: tuple[int, ...], atoms: torch.Tensor, sparsity: int, coef: str, window: int, dtype: torch.dtype,
-    sink: int = 0,
+    sink: int = 0, mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Section bytes -> (coded tokens float32 [B, H, Tc, D] in code space, verbatim [B, H, s + w, D])."""
     g, c, n, dc = atoms.shape
     idx, cf, tail = parse_section(buf, shape, n, c, sparsity, coef, window, dtype, sink)
-    return decode_codes(idx, cf, atoms), tail
+    return shift(decode_codes(idx, cf, atoms), mean, 1.0), tail
 
 
 def decode_layer(
@@ -414,11 +429,12 @@ def decode_layer(
     cache_key_space: str,
     rope_p: dict | None,
     dtype: torch.dtype,
+    means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of encode_layer: k, v [B, H, T, D] in `dtype`."""
     s, _, _ = spans(shape_k[2], cfg.window, cfg.sink)
-    kc, kverb = decode_section(kb, shape_k, atoms_k, cfg.sparsity_k, cfg.coef, cfg.window, dtype, cfg.sink)
-    vc, vverb = decode_section(vb, shape_v, atoms_v, cfg.sparsity_v, cfg.coef, cfg.window, dtype, cfg.sink)
+    kc, kverb = decode_section(kb, shape_k, atoms_k, cfg.sparsity_k, cfg.coef, cfg.window, dtype, cfg.sink, means[0])
+    vc, vverb = decode_section(vb, shape_v, atoms_v, cfg.sparsity_v, cfg.coef, cfg.window, dtype, cfg.sink, means[1])
     kc = from_code_space(kc, key_space, cache_key_space, _shifted(rope_p, s))
     k = torch.cat([kverb[:, :, :s], kc.to(dtype), kverb[:, :, s:]], dim=2)
     v = torch.cat([vverb[:, :, :s], vc.to(dtype), vverb[:, :, s:]], dim=2)

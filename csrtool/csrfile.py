@@ -286,7 +286,8 @@ def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader) -> Iterat
     for i in range(len(header.layers)):
         k, v = cache.keys[i], cache.values[i]
         yield codec.encode_layer(
-            k, v, dicts.get(i, "k"), dicts.get(i, "v"), header.config.for_layer(i), header.key_space, header.cache_key_space, header.rope
+            k, v, dicts.get(i, "k"), dicts.get(i, "v"), header.config.for_layer(i), header.key_space, header.cache_key_space, header.rope,
+            (dicts.mean(i, "k"), dicts.mean(i, "v")),
         )
 
 
@@ -357,7 +358,7 @@ class CsrReader:
             try:
                 k, v = codec.decode_layer(
                     kb, vb, sk, sv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
-                    hd.key_space, hd.cache_key_space, hd.rope, hd.torch_dtype,
+                    hd.key_space, hd.cache_key_space, hd.rope, hd.torch_dtype, (dicts.mean(i, "k"), dicts.mean(i, "v")),
                 )
             except CsrError as exc:
                 raise CsrError(f"{self.path} layer {i}: {exc}") from None

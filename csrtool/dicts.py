@@ -1,6 +1,8 @@
 """Dictionary files: one safetensors file holding every trained dictionary.
 
 Layout (see docs/architecture.md):
+- tensor `layer.{l}.{k|v}.mean` (optional): float32 [G, D], the mean of the training
+  vectors, subtracted before coding and added back after decoding (train-dict --center);
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
   (scope 'layer'), C = channel-split chunks (1 for keys, `value_split` for values),
   N atoms of Dc = D / C channels, each atom of unit norm;
@@ -29,6 +31,7 @@ from csrtool.stwrite import save_safetensors
 FORMAT = "csrtool-dicts"
 VERSION = 1
 KINDS = ("k", "v")
+MEAN_SUFFIX = ".mean"
 
 
 def dict_name(layer: int, kind: str) -> str:
@@ -57,6 +60,7 @@ class DictSet:
     errors: dict = field(default_factory=dict)
     fingerprint: str = ""
     sensitivity: dict = field(default_factory=dict)  # csrtool.calibrate output; {} when not calibrated
+    means: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [G, D]: subtracted before coding
 
     def get(self, layer: int, kind: str) -> torch.Tensor:
         name = dict_name(layer, kind)
@@ -64,6 +68,10 @@ class DictSet:
             have = ", ".join(sorted(self.layers_str()))
             raise CsrError(f"the dictionary file has no dictionary for {name} (it covers layers {have}): train one with csrtool train-dict --layers")
         return self.atoms[name]
+
+    def mean(self, layer: int, kind: str) -> torch.Tensor | None:
+        """The vector subtracted before coding and added back after ([G, D]), or None (files without centring)."""
+        return self.means.get(dict_name(layer, kind))
 
     def layers_str(self) -> set[str]:
         return {name.split(".")[1] for name in self.atoms}
@@ -77,9 +85,13 @@ class DictSet:
         return next(iter(self.atoms.values())).shape[2]
 
 
-def save_dicts(path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict, sensitivity: dict | None = None) -> str:
-    """Write a dictionary file atomically; returns its fingerprint."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(atoms.items())}
+def save_dicts(
+    path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict, sensitivity: dict | None = None,
+    means: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Write a dictionary file atomically; returns its fingerprint (over atoms and means)."""
+    both = {**atoms, **{f"{k}{MEAN_SUFFIX}": v for k, v in (means or {}).items()}}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(both.items())}
     fp = fingerprint(tensors)
     meta = {
         "format": FORMAT,
@@ -117,8 +129,12 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         config, source, errors, sensitivity = (json.loads(meta.get(k, "{}")) for k in ("config", "source", "errors", "sensitivity"))
     except json.JSONDecodeError:
         raise CsrError(f"{path} has corrupted metadata: re-run csrtool train-dict") from None
-    for name, t in tensors.items():
+    means = {k.removesuffix(MEAN_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(MEAN_SUFFIX)}
+    atoms = {k: v.to(device) for k, v in tensors.items() if not k.endswith(MEAN_SUFFIX)}
+    for name, t in atoms.items():
         if t.dim() != 4:
             raise CsrError(f"{path}: dictionary {name} has shape {list(t.shape)}, expected [G, C, N, Dc]")
-    atoms = {k: v.to(device) for k, v in tensors.items()}
-    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity)
+        m = means.get(name)
+        if m is not None and tuple(m.shape) != (t.shape[0], t.shape[1] * t.shape[3]):
+            raise CsrError(f"{path}: mean of {name} has shape {list(m.shape)}, expected [{t.shape[0]}, {t.shape[1] * t.shape[3]}]: re-run csrtool train-dict")
+    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity, means=means)

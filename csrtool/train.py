@@ -5,7 +5,8 @@
 For each selected layer and kind (k, v), each group G (every KV head with scope
 'head', all heads stacked with scope 'layer') and each channel chunk C (values
 split into `value_split` chunks of D / C channels, keys never split), one
-NeuralDict is trained; they are assembled into tensors `layer.{l}.{k|v}`
+NeuralDict is trained (on the vectors minus their mean, with cfg.center,
+the default; the means are stored as `layer.{l}.{k|v}.mean` [G, D]); they are assembled into tensors `layer.{l}.{k|v}`
 [G, C, N, Dc] and written with csrtool.dicts.save_dicts, atomically.
 
 Resume: finished dictionaries go to a side directory `OUT.partial/` (one small
@@ -25,13 +26,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from csrtool.acts import MANIFEST, ActsReader
 from csrtool.dicts import KINDS, dict_name, save_dicts
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary
 from csrtool.errors import CsrError
 from csrtool.io import atomic_path, atomic_write_bytes
+from csrtool.stwrite import save_safetensors
 
 # progress(event, info): "start" {total, resumed}, "dict" {name, epochs},
 # "epoch" {name, epoch, epochs, val_rel_err}, "done" {name, stats, resumed}
@@ -91,13 +93,15 @@ class _Partial:
         if not self.done and self.dir.exists():
             shutil.rmtree(self.dir)  # stale: another config or other activations
 
-    def load(self, name: str) -> torch.Tensor:
-        return load_file(str(self.dir / f"{name}.safetensors"))["atoms"]
+    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = load_file(str(self.dir / f"{name}.safetensors"))
+        return t["atoms"], t["mean"]
 
-    def add(self, name: str, atoms: torch.Tensor, stats: dict) -> None:
+    def add(self, name: str, atoms: torch.Tensor, mean: torch.Tensor, stats: dict) -> None:
         self.dir.mkdir(exist_ok=True)
         with atomic_path(self.dir / f"{name}.safetensors") as tmp:
-            save_file({"atoms": atoms.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
+            save_safetensors(tmp, {"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),
+                                   "mean": mean.detach().to("cpu", torch.float32).contiguous()}, {})
         self.done[name] = stats
         state = {**self.key, "done": self.done}
         atomic_write_bytes(self.dir / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
@@ -122,11 +126,11 @@ def train_dicts(
     layers: Optional[list[int]] = None,
     device: str | torch.device = "cpu",
     progress: Optional[Progress] = None,
-    calibrate: Optional[Callable[[dict[str, torch.Tensor], dict], dict]] = None,
+    calibrate: Optional[Callable[[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]], dict]] = None,
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
-    `calibrate(atoms, source) -> sensitivity` (csrtool.calibrate), if given, runs
+    `calibrate(atoms, source, means) -> sensitivity` (csrtool.calibrate), if given, runs
     before the file is written and its result is stored in it.
     Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
     with errors["layer.{l}.{k}"] = {"train_rel_err": [G][C], "val_rel_err": [G][C], ...}.
@@ -152,6 +156,7 @@ def train_dicts(
     emit("start", {"total": len(units), "resumed": sum(unit_name(*u) in part.done for u in units)})
 
     atoms: dict[str, torch.Tensor] = {}
+    means: dict[str, torch.Tensor] = {}
     errors: dict[str, dict] = {}
     trained = resumed = 0
     for layer in layers:
@@ -159,34 +164,41 @@ def train_dicts(
             c_n = chunks[kind]
             x = None  # loaded lazily: a fully resumed layer is never read
             grid: list[list[torch.Tensor]] = []
+            mean_grid: list[torch.Tensor] = []
             stat_grid: list[list[dict]] = []
             for g in range(n_groups):
-                row, srow = [], []
+                row, mrow, srow = [], [], []
                 for c in range(c_n):
                     name = unit_name(layer, kind, g, c)
                     if name in part.done:
-                        a, stats = part.load(name), part.done[name]
+                        (a, mu), stats = part.load(name), part.done[name]
                         resumed += 1
                         emit("done", {"name": name, "stats": stats, "resumed": True})
                     else:
                         if x is None:
                             x = reader.load(layer, kind).to(device)  # [T, H, D]
                         xv = group_vectors(x, cfg.scope, g, c, c_n)
+                        mu = xv.mean(0) if cfg.center else torch.zeros_like(xv[0])
+                        xv = xv - mu
                         emit("dict", {"name": name, "epochs": cfg.epochs})
 
                         def on_epoch(epoch: int, epochs: int, val: float, _name: str = name) -> None:
                             emit("epoch", {"name": _name, "epoch": epoch, "epochs": epochs, "val_rel_err": val})
 
                         a, stats = train_dictionary(xv, cfg, seed=unit_seed(cfg.seed, name), progress=on_epoch)
-                        a = a.cpu()
-                        part.add(name, a, stats)
+                        a, mu = a.cpu(), mu.cpu()
+                        part.add(name, a, mu, stats)
                         trained += 1
                         emit("done", {"name": name, "stats": stats, "resumed": False})
                     row.append(a)
+                    mrow.append(mu)
                     srow.append(stats)
                 grid.append(row)
+                mean_grid.append(torch.cat(mrow))
                 stat_grid.append(srow)
             atoms[dict_name(layer, kind)] = torch.stack([torch.stack(r) for r in grid])  # [G, C, N, Dc]
+            if cfg.center:
+                means[dict_name(layer, kind)] = torch.stack(mean_grid)  # [G, D]
             errors[dict_name(layer, kind)] = {
                 key: [[s[key] for s in r] for r in stat_grid] for key in ("train_rel_err", "val_rel_err", "init_val_rel_err", "epochs")
             }
@@ -196,8 +208,8 @@ def train_dicts(
 
     config = cfg.to_dict()
     source = _source(reader, fp)
-    sensitivity = calibrate(atoms, source) if calibrate is not None else {}
-    fingerprint = save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity)
+    sensitivity = calibrate(atoms, source, means) if calibrate is not None else {}
+    fingerprint = save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means)
     part.remove()
     return {
         "out": str(out),

@@ -351,3 +351,34 @@ def test_per_layer_sparsity_must_cover_every_layer(env, tmp_path):
     assert read_err(p, env["dicts"]) == f"{p} is corrupted (invalid header): compress the cache again"
     with pytest.raises(CsrError, match=r"layer_sparsity\[1\] must be a pair of integers >= 1, got \(1, 0\)"):
         codec.CodecConfig(4, 3, layer_sparsity=((4, 1), (1, 0)))
+
+
+def test_centred_dictionaries_round_trip(env, tmp_path):
+    """A dictionary with means: the file codes x - mean and decodes back to codec.roundtrip(..., mean)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(5)
+    means = {f"layer.{layer}.{kind}": torch.randn(H, D, generator=g) for layer in range(L) for kind in "kv"}
+    dpath = tmp_path / "centred.safetensors"
+    save_dicts(dpath, make_atoms(), {"n_atoms": N}, {"key_space": "pre-rope", "model": "tiny"}, {}, means=means)
+    ds = load_dicts(dpath)
+    assert ds.fingerprint != env["dicts"].fingerprint  # the means are part of the dictionary's identity
+    torch.testing.assert_close(ds.mean(1, "k"), means["layer.1.k"])
+    cache = env["cache"]
+    path = tmp_path / "c.csr"
+    write(path, cache, dpath, env["cfg"])
+    dec = csrfile.read_csr(path, ds)
+    s, end = 2, T - 5
+    for layer in range(L):
+        k, v = cache.keys[layer], cache.values[layer]
+        want_k = codec.roundtrip_keys(k[:, :, s:end], ds.get(layer, "k"), 3, "fp8", "omp", 3 + s, cache.meta["rope"], mean=ds.mean(layer, "k"))
+        assert torch.equal(dec.keys[layer][:, :, s:end], want_k)
+        want_v = codec.roundtrip(v[:, :, s:end], ds.get(layer, "v"), 2, "fp8", "omp", mean=ds.mean(layer, "v"))
+        assert torch.equal(dec.values[layer][:, :, s:end], want_v)
+    # a mean of the wrong shape, or one edited after training, is refused
+    t = load_file(str(dpath))
+    meta = __import__("safetensors").safe_open(str(dpath), "pt").metadata()
+    t["layer.0.k.mean"] = t["layer.0.k.mean"] + 1
+    save_file(t, str(tmp_path / "edited.safetensors"), meta)
+    with pytest.raises(CsrError, match="modified after training"):
+        load_dicts(tmp_path / "edited.safetensors")

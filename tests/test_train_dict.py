@@ -65,6 +65,27 @@ def test_train_writes_all_dictionaries(acts, tmp_path):
     assert not partial_dir(out).exists()
 
 
+def test_means_are_the_training_means_and_are_subtracted(acts, tmp_path):
+    from csrtool.acts import ActsReader
+    from csrtool import codec
+
+    out = tmp_path / "c.safetensors"
+    train_dicts(acts, out, TrainConfig(**FAST, value_split=2))
+    ds = load_dicts(out)
+    x = ActsReader(acts).load(1, "v")  # [T, H, D]
+    assert sorted(ds.means) == ["layer.0.k", "layer.0.v", "layer.1.k", "layer.1.v"]
+    # the split is random, so the mean of the training vectors is close to, not equal to, the full mean
+    torch.testing.assert_close(ds.mean(1, "v"), x.mean(0), atol=0.05, rtol=0)
+    assert ds.mean(1, "v").shape == (H, D) and float(ds.mean(1, "v").abs().sum()) > 0
+    # coding x minus the mean: codec.roundtrip with the mean is exactly that, shifted back
+    xb = x.permute(1, 0, 2)[None]
+    want = codec.roundtrip(xb - ds.mean(1, "v")[None, :, None], ds.get(1, "v"), 2) + ds.mean(1, "v")[None, :, None]
+    torch.testing.assert_close(codec.roundtrip(xb, ds.get(1, "v"), 2, mean=ds.mean(1, "v")), want, atol=1e-5, rtol=0)
+    plain = tmp_path / "p.safetensors"
+    train_dicts(acts, plain, TrainConfig(**FAST, center=False))
+    assert load_dicts(plain).means == {} and load_dicts(plain).config["center"] is False
+
+
 def test_layer_scope_and_layer_selection(acts, tmp_path):
     out = tmp_path / "d.safetensors"
     train_dicts(acts, out, TrainConfig(**{**FAST, "scope": "layer"}), layers=[1])
@@ -96,8 +117,9 @@ def test_resume_skips_finished_and_gives_identical_output(acts, tmp_path):
     redone = [i["name"] for e, i in events if e == "done" and not i["resumed"]]
     assert len(redone) == L * 2 * H - 3 and not set(redone) & set(trained)
     assert report["resumed"] == 3
-    a, b = load_dicts(out), load_dicts(full)  # same atoms, bit for bit, and the same metadata
+    a, b = load_dicts(out), load_dicts(full)  # same atoms and means, bit for bit, and the same metadata
     assert a.fingerprint == b.fingerprint and all(torch.equal(a.atoms[k], b.atoms[k]) for k in b.atoms)
+    assert sorted(a.means) == sorted(b.means) and all(torch.equal(a.means[k], b.means[k]) for k in b.means)
     assert (a.config, a.source, a.errors) == (b.config, b.source, b.errors)
     assert not partial_dir(out).exists()
 

@@ -33,6 +33,7 @@ def train_dict(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (cosine schedule).")] = _DEF.lr,
     max_vectors: Annotated[int, typer.Option("--max-vectors", help="Training vectors per dictionary (random subsample above).")] = _DEF.max_vectors,
     seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
+    center: Annotated[bool, typer.Option("--center/--no-center", help="Code each vector minus its dictionary's training mean (stored in the file; keys before RoPE carry most of their energy in it).")] = _DEF.center,
     device: DeviceOpt = "cpu",
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     json_out: JsonOpt = None,
@@ -50,7 +51,7 @@ def train_dict(
 
     check_output(output, force=force)
     cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
-                      batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed)
+                      batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center)
     reader = ActsReader(acts_dir)
     picked = parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
     dev = resolve_device(device)
@@ -74,20 +75,21 @@ def train_dict(
 
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
-            def calib(atoms, source):
+            def calib(atoms, source, means):
                 from csrtool.calibrate import calibrate as run_calibration
                 from csrtool.models import load_model
 
                 task = bar.add_task("sensitivity", total=None)
                 loaded = load_model(reader.manifest["model"], device=str(dev))
                 return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"],
-                                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                       progress=lambda done, total: bar.update(task, completed=done, total=total), means=means)
         elif calibrate:
             why = "--layers picks a subset" if picked is not None else f"{acts_dir} has no probe window (collected by an older csrtool or with too little text)"
             err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
         report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib)
 
-    table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder})")
+    centred = " (x: vectors minus their dictionary's mean)" if cfg.center else ""
+    table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder}){centred}")
     table.add_column("layer", justify="right")
     table.add_column("K val", justify="right")
     table.add_column("V val", justify="right")

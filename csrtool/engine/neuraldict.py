@@ -65,6 +65,7 @@ class TrainConfig:
     patience: int = 2  # epochs without validation improvement before stopping
     dup_cos: float = 0.995  # atoms closer than this (|cos|) count as duplicates
     seed: int = 0
+    center: bool = True  # subtract each dictionary's training mean before coding (stored with the atoms; the pipeline applies it)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -86,6 +87,7 @@ class TrainConfig:
         need(isinstance(self.patience, int) and self.patience >= 1, f"patience must be a positive integer, got {self.patience!r}")
         need(isinstance(self.dup_cos, (int, float)) and 0 < self.dup_cos <= 1, f"dup_cos must be in (0, 1], got {self.dup_cos!r}")
         need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(isinstance(self.center, bool), f"center must be a boolean, got {self.center!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

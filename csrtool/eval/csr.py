@@ -116,13 +116,14 @@ class CSR:
 
     def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         atoms = self.dicts.get(layer, kind).to(x.device)
+        mean = self.dicts.mean(layer, kind)
         s_k, s_v = self.sparsity(layer)
         if kind == "v" or self.key_space == "post-rope":
-            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, self.coef, self.method)
+            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, self.coef, self.method, mean)
         first = int(positions[0])
         assert bool((positions == torch.arange(first, first + x.shape[2], device=positions.device)).all())
         return codec.roundtrip_keys(
             x, atoms, s_k, self.coef, self.method,
             positions_offset=first, rope_info=self.rope_info,
-            key_space=self.key_space, cache_key_space="post-rope",
+            key_space=self.key_space, cache_key_space="post-rope", mean=mean,
         )
