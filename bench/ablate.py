@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 
-from csrtool.corpus import load_text  # noqa: E402
 from csrtool.dicts import load_dicts  # noqa: E402
 from csrtool.eval import runner  # noqa: E402
 from csrtool.eval.csr import CSR  # noqa: E402
-from csrtool.models import kv_shape, load_model, rope_info  # noqa: E402
+from csrtool.models import rope_info  # noqa: E402
+from heldout import heldout_reference  # noqa: E402
 
 
 class Subset:
@@ -54,13 +54,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    loaded = load_model("smollm2-135m", "auto", "auto")
+    loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk)
     model = loaded.model
-    n_layers, heads, head_dim = kv_shape(model.config)
-    text = load_text(None, "heldout")
-    ids = torch.tensor([loaded.tokenizer(text[: args.tokens * 16]).input_ids[: args.tokens]], dtype=torch.long)
-    ref = runner.reference_pass(model, ids, args.chunk)
-    print(f"reference ppl {ref.ppl:.4f}", flush=True)
     sk, sv = (int(v) for v in args.sparsity.split("/"))
     csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), sparsity=(sk, sv))
     subsets: list[tuple[str, set[int]]] = []

@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 
-from csrtool.corpus import load_text  # noqa: E402
 from csrtool.dicts import load_dicts  # noqa: E402
 from csrtool.eval import kivi, runner  # noqa: E402
 from csrtool.eval.csr import CSR  # noqa: E402
 from csrtool.eval.suite import memory, summarize  # noqa: E402
-from csrtool.models import kv_shape, load_model, rope_info  # noqa: E402
+from csrtool.models import rope_info  # noqa: E402
+from heldout import heldout_reference  # noqa: E402
 
 
 def main() -> None:
@@ -45,13 +45,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    loaded = load_model("smollm2-135m", "auto", "auto")
+    loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk)
     model = loaded.model
-    n_layers, heads, head_dim = kv_shape(model.config)
-    text = load_text(None, "heldout")
-    ids = torch.tensor([loaded.tokenizer(text[: args.tokens * 16]).input_ids[: args.tokens]], dtype=torch.long)
-    ref = runner.reference_pass(model, ids, args.chunk)
-    print(f"reference ppl {ref.ppl:.4f} ({ref.seconds:.0f} s)", flush=True)
     rope = rope_info(model)
     sinks = [int(s) for s in args.sink.split(",") if s.strip()]
     todo = []

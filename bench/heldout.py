@@ -1,0 +1,19 @@
+"""Shared by the quality benches: the model, the held-out eval tokens and their reference pass."""
+
+from __future__ import annotations
+
+import torch
+
+from csrtool.corpus import load_text
+from csrtool.eval import runner
+from csrtool.models import Loaded, kv_shape, load_model
+
+
+def heldout_reference(tokens: int, chunk: int) -> tuple[Loaded, tuple[int, int, int], torch.Tensor, runner.Reference]:
+    """(loaded SmolLM2, (layers, KV heads, head_dim), ids [1, tokens] of the held-out text, its reference pass)."""
+    loaded = load_model("smollm2-135m", "auto", "auto")
+    text = load_text(None, "heldout")
+    ids = torch.tensor([loaded.tokenizer(text[: tokens * 16]).input_ids[:tokens]], dtype=torch.long)
+    ref = runner.reference_pass(loaded.model, ids, chunk)
+    print(f"reference ppl {ref.ppl:.4f} ({ref.seconds:.0f} s)", flush=True)
+    return loaded, kv_shape(loaded.config), ids, ref
