@@ -155,3 +155,22 @@ def test_train_dict_no_calibrate(pipeline, tmp_path):
                               "--epochs", "0", "--no-calibrate"])
     assert res.exit_code == 0, res.output
     assert load_dicts(tmp_path / "d.safetensors").sensitivity == {}
+
+
+def test_eval_uses_the_calibrated_plan_unless_uniform(pipeline, tiny_llama_dir):
+    from csrtool import allocate
+
+    dicts = pipeline / "dicts.safetensors"
+    plans = {}
+    for flag in ([], ["--uniform"]):
+        out = pipeline / f"eval{len(flag)}.json"
+        res = runner.invoke(app, ["eval", "--model", str(tiny_llama_dir), "--dicts", str(dicts), "--text", str(pipeline / "text.txt"),
+                                  "--tokens", "120", "--chunk", "32", "--window", "16", "--bits", "4", "--methods", "omp",
+                                  "--baselines", "", "--no-needle", "--json", str(out)] + flag)
+        assert res.exit_code == 0, res.output
+        (m,) = [m for m in json.loads(out.read_text())["methods"] if m["name"] == "csr-omp-4b"]
+        plans[bool(flag)] = m["config"]["layer_sparsity"]
+        assert m["bits_per_channel"] <= 4.0
+    ds = load_dicts(dicts)
+    want = allocate.plan(ds.sensitivity, 2, 4.0, ds.n_atoms, 8, 1, "fp8")
+    assert [tuple(p) for p in plans[False]] == list(want) and plans[True] is None

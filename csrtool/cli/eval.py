@@ -51,6 +51,7 @@ def eval_cmd(
     window: Annotated[int, typer.Option("--window", help="Most recent tokens kept in full precision.")] = 32,
     sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = 4,
     coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16 or int8.")] = "fp8",
+    uniform: Annotated[bool, typer.Option("--uniform", help="CSR: the same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration (as compress --uniform).")] = False,
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = 1024,
     needle: Annotated[bool, typer.Option("--needle/--no-needle", help="Run the passkey retrieval test.")] = True,
     needle_context: Annotated[int, typer.Option("--needle-context", help="Tokens of filler around the pass key.")] = 256,
@@ -75,7 +76,7 @@ def eval_cmd(
     cfg = EvalConfig(
         bits=_csv(bits, "--bits", float), baselines=_csv(baselines, "--baselines"), solvers=_csv(methods, "--methods"),
         tokens=tokens, chunk=chunk, window=window, sink=sink, coef=coef, calib_tokens=calib_tokens,
-        needle=needle, needle_context=needle_context,
+        needle=needle, needle_context=needle_context, uniform=uniform,
     )
     body = load_text(text, "heldout")
     loaded = load_model(model, device, dtype, allow_download)

@@ -43,6 +43,7 @@ class EvalConfig:
     needle_context: int = 256
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     seed: int = 0
+    uniform: bool = False  # CSR: same sparsity in every layer even with calibrated dictionaries
 
     def __post_init__(self) -> None:
         for b in self.bits:
@@ -130,7 +131,7 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
         rope = rope_info(model)
         for b in cfg.bits:
             for solver in cfg.solvers:
-                methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope))
+                methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope, uniform=cfg.uniform))
     return methods, skipped
 
 
