@@ -174,3 +174,20 @@ def test_eval_uses_the_calibrated_plan_unless_uniform(pipeline, tiny_llama_dir):
     ds = load_dicts(dicts)
     want = allocate.plan(ds.sensitivity, 2, 4.0, ds.n_atoms, 8, 1, "fp8")
     assert [tuple(p) for p in plans[False]] == list(want) and plans[True] is None
+
+
+def test_calibration_needs_a_loadable_model(pipeline, tmp_path):
+    import shutil
+
+    acts = tmp_path / "acts"
+    shutil.copytree(pipeline / "acts", acts)
+    manifest = json.loads((acts / "manifest.json").read_text())
+    manifest["model"] = str(tmp_path / "gone")
+    (acts / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "d.safetensors"
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0"])
+    assert res.exit_code == 1 and not out.exists()
+    assert "cannot load" in res.output and "re-run with --no-calibrate" in res.output
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--no-calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "trained 0, resumed 8" in res.output and load_dicts(out).sensitivity == {}

@@ -12,6 +12,7 @@ from rich.table import Table
 from csrtool.cli import app
 from csrtool.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayersOpt, err, guarded, out, write_json
 from csrtool.engine.neuraldict import TrainConfig
+from csrtool.errors import CsrError
 from csrtool.io import check_output, parse_layers
 
 _DEF = TrainConfig()
@@ -80,7 +81,11 @@ def train_dict(
                 from csrtool.models import load_model
 
                 task = bar.add_task("sensitivity", total=None)
-                loaded = load_model(reader.manifest["model"], device=str(dev))
+                try:
+                    loaded = load_model(reader.manifest["model"], device=str(dev))
+                except CsrError as exc:
+                    raise CsrError(f"cannot load {reader.manifest['model']} to calibrate layer sensitivities ({exc}); the trained "
+                                   f"dictionaries are kept in {partial_dir(output)}: re-run with --no-calibrate to write them") from None
                 return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"],
                                        progress=lambda done, total: bar.update(task, completed=done, total=total), means=means)
         elif calibrate:
