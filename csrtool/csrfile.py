@@ -6,6 +6,7 @@
     open_csr(path) -> CsrReader              verifies everything before any payload is decoded
     CsrReader.layers(dicts) -> iter of (l, k, v)   decoded layer by layer (bounded memory)
     read_csr(path, dicts) -> KVCache
+    scratch_layers(output, header) -> (keys, values)   memory-mapped tensors to decode into
 
 Every problem with a file is a CsrError; no length is trusted before it has been
 checked against the file size and the checksum.
@@ -13,10 +14,12 @@ checked against the file size and the checksum.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -426,6 +429,28 @@ def read_csr(path: Path, dicts: DictSet) -> KVCache:
     return KVCache(keys, values, dict(reader.header.meta))
 
 
+@contextlib.contextmanager
+def scratch_layers(output: Path, hd: CsrHeader):
+    """Per-layer (keys, values) tensors for decoding into, backed by a memory-mapped scratch file
+    beside `output` (so a cache larger than RAM can be rebuilt), removed afterwards."""
+    dtype = hd.torch_dtype
+    shapes = [s for i in range(len(hd.layers)) for s in hd.shapes(i)]
+    total = sum(int(torch.Size(s).numel()) for s in shapes)
+    fd, scratch = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".scratch", dir=output.parent or ".")
+    os.close(fd)
+    try:
+        storage = torch.from_file(scratch, shared=True, size=max(total, 1), dtype=dtype)
+        tensors, pos = [], 0
+        for s in shapes:
+            n = int(torch.Size(s).numel())
+            tensors.append(storage[pos : pos + n].view(s))
+            pos += n
+        yield tensors[0::2], tensors[1::2]
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+
+
 def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = None) -> dict:
     """Sizes and bits per channel of a .csr file (see docs/format.md §5)."""
     ch = header.n_channels
@@ -461,5 +486,5 @@ def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = N
 
 __all__ = [
     "CsrHeader", "CsrReader", "MAGIC", "VERSION", "make_header", "encode_sections", "write_csr", "open_csr",
-    "read_csr", "size_report",
+    "read_csr", "scratch_layers", "size_report",
 ]

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from tqdm import tqdm
 
@@ -116,7 +112,7 @@ def decompress(
     ds = load_dicts(dicts)
     reader.check_dicts(ds)
     hd = reader.header
-    with _spill(output, hd) as (keys, values):
+    with csrfile.scratch_layers(output, hd) as (keys, values):
         with _bar(len(hd.layers), "decompress") as bar:
             for i, k, v in reader.layers(ds):
                 keys[i].copy_(k)
@@ -126,27 +122,6 @@ def decompress(
 
         save_cache(output, KVCache(keys, values, dict(hd.meta)))
     out.print(f"wrote {output}: {len(hd.layers)} layers, {hd.n_tokens} tokens, {hd.dtype}")
-
-
-@contextlib.contextmanager
-def _spill(output: Path, hd):
-    """Output tensors backed by a scratch file beside `output` (memory-mapped), removed after."""
-    dtype = hd.torch_dtype
-    shapes = [s for i in range(len(hd.layers)) for s in hd.shapes(i)]
-    total = sum(int(torch.Size(s).numel()) for s in shapes)
-    fd, scratch = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".scratch", dir=output.parent or ".")
-    os.close(fd)
-    try:
-        storage = torch.from_file(scratch, shared=True, size=max(total, 1), dtype=dtype)
-        tensors, pos = [], 0
-        for s in shapes:
-            n = int(torch.Size(s).numel())
-            tensors.append(storage[pos : pos + n].view(s))
-            pos += n
-        yield tensors[0::2], tensors[1::2]
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
 
 
 @app.command()
