@@ -23,7 +23,7 @@ from csrtool.dicts import load_dicts  # noqa: E402
 from csrtool.eval import runner  # noqa: E402
 from csrtool.eval.csr import CSR  # noqa: E402
 from csrtool.models import rope_info  # noqa: E402
-from heldout import heldout_reference  # noqa: E402
+from heldout import add_eval_args, heldout_reference  # noqa: E402
 
 
 class Subset:
@@ -47,11 +47,8 @@ def main() -> None:
     ap.add_argument("--per-layer", action="store_true", help="one pass per layer, K and V compressed")
     ap.add_argument("--kinds", default="kv", help="kv, k or v: which kinds the subsets compress")
     ap.add_argument("--layers", default="", help="comma-separated layer subsets as a-b ranges, e.g. '0-9,10-19,20-29'")
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--sink", type=int, default=4)
-    ap.add_argument("--json", type=Path)
+    add_eval_args(ap)
     args = ap.parse_args()
 
     loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import torch
 
 from csrtool.corpus import load_text
@@ -17,3 +20,11 @@ def heldout_reference(tokens: int, chunk: int) -> tuple[Loaded, tuple[int, int, 
     ref = runner.reference_pass(loaded.model, ids, chunk)
     print(f"reference ppl {ref.ppl:.4f} ({ref.seconds:.0f} s)", flush=True)
     return loaded, kv_shape(loaded.config), ids, ref
+
+
+def add_eval_args(ap: argparse.ArgumentParser) -> None:
+    """--tokens, --chunk, --window (as csrtool eval's defaults) and --json."""
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--json", type=Path)

@@ -28,7 +28,7 @@ from csrtool.eval import kivi, runner  # noqa: E402
 from csrtool.eval.csr import CSR  # noqa: E402
 from csrtool.eval.suite import memory, summarize  # noqa: E402
 from csrtool.models import rope_info  # noqa: E402
-from heldout import heldout_reference  # noqa: E402
+from heldout import add_eval_args, heldout_reference  # noqa: E402
 
 
 def main() -> None:
@@ -39,10 +39,7 @@ def main() -> None:
     ap.add_argument("--coef", default="fp8")
     ap.add_argument("--kivi", default="2", help="comma-separated KIVI bit widths ('' for none)")
     ap.add_argument("--sink", default="0", help="comma-separated sink sizes")
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--json", type=Path)
+    add_eval_args(ap)
     args = ap.parse_args()
 
     loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk)
