@@ -22,11 +22,12 @@ from csrtool.collect import capture_kv, key_rope
 from csrtool.dicts import DictSet, dict_name
 from csrtool.errors import CsrError
 from csrtool.eval.csr import CSR
+from csrtool.eval.suite import EvalConfig
 from csrtool.models import Loaded, kv_shape, rope_info
 from csrtool.sensitivity import layer_sensitivity
 
-RECENT = 64  # tokens a query sees exactly: eval's 32-token window plus half a 64-token chunk
-SINK = codec.DEFAULT_SINK
+RECENT = EvalConfig.window + EvalConfig.chunk // 2  # tokens a query sees exactly in eval: the window plus half a chunk (64)
+SINK = EvalConfig.sink
 REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this budget
 
 

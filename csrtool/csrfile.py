@@ -143,10 +143,6 @@ def _int(obj: dict, key: str, lo: int, hi: int = _MAX_DIM) -> int:
     return val
 
 
-def _bad(what: str):
-    raise ValueError(what)
-
-
 def _choice(obj: dict, key: str, options: Iterable[str]) -> str:
     val = obj.get(key)
     if val not in tuple(options):
@@ -170,7 +166,12 @@ def header_from_json(obj: object) -> CsrHeader:
         rows = cd["layer_sparsity"]
         if not isinstance(rows, list) or not isinstance(obj.get("layers"), list) or len(rows) != len(obj["layers"]):
             raise ValueError("layer_sparsity")
-        per_layer = tuple((_int({"x": r[0]}, "x", 1, 1 << 16), _int({"x": r[1]}, "x", 1, 1 << 16)) if isinstance(r, list) and len(r) == 2 else _bad("layer_sparsity row") for r in rows)
+        pairs = []
+        for r in rows:
+            if not isinstance(r, list) or len(r) != 2:
+                raise ValueError("layer_sparsity row")
+            pairs.append(tuple(_int({"x": v}, "x", 1, 1 << 16) for v in r))
+        per_layer = tuple(pairs)
     elif "layer_sparsity" in cd:
         raise ValueError("layer_sparsity in a version 1 header")
     cfg = codec.CodecConfig(

@@ -84,7 +84,7 @@ class _Replay:
         if norm is None or head is None:
             return None
         args, kwargs = self.inputs[start]
-        h = args[0] if args else kwargs.pop("hidden_states")
+        h = args[0] if args else kwargs["hidden_states"]  # recorded inputs stay intact for the next run
         for i in range(start, len(m.model.layers)):
             a, kw = self.inputs[i]
             kw = {k: v for k, v in kw.items() if k != "hidden_states"}

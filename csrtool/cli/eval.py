@@ -12,8 +12,8 @@ from csrtool.cli import app
 from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TextOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
 
-CHARS_PER_TOKEN_MAX = 16
-TABLE_WIDTH = 160  # tokenise only a prefix of the text long enough for the tokens asked
+CHARS_PER_TOKEN_MAX = 16  # tokenise only a prefix of the text long enough for the tokens asked
+TABLE_WIDTH = 160  # the result table's width when stdout is a file or pipe
 
 
 def _csv(value: str, what: str, cast=str) -> tuple:

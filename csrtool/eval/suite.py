@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from csrtool.codec import DEFAULT_SINK
 from csrtool.errors import CsrError
 from csrtool.eval import kivi, needle, pq, quanto, runner
 from csrtool.eval.csr import CSR
@@ -35,7 +36,7 @@ class EvalConfig:
     tokens: int = 1024
     chunk: int = 64
     window: int = 32
-    sink: int = 4  # first tokens kept in full precision for every method (attention sinks; docs/quality.md)
+    sink: int = DEFAULT_SINK  # first tokens kept in full precision for every method (attention sinks; docs/quality.md)
     coef: str = "fp8"
     kivi_group: int = 32
     calib_tokens: int = 1024
