@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -31,7 +32,8 @@ from csrtool.dicts import load_dicts  # noqa: E402
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary  # noqa: E402
 from csrtool.eval import runner  # noqa: E402
 from csrtool.eval.suite import summarize  # noqa: E402
-from csrtool.models import kv_shape, load_model, rope_info  # noqa: E402
+from csrtool.models import rope_info  # noqa: E402
+from heldout import heldout_reference  # noqa: E402
 
 
 @torch.no_grad()
@@ -94,9 +96,8 @@ def main() -> None:
     args = ap.parse_args()
     s_k, s_v = (int(v) for v in args.sparsity.split("/"))
 
-    loaded = load_model("smollm2-135m", "auto", "auto")
+    loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(1024, 64)
     model = loaded.model
-    n_layers, heads, head_dim = kv_shape(model.config)
     rope = rope_info(model)
     calib = torch.tensor([loaded.tokenizer(load_text(None, "calibration")[: 2048 * 16]).input_ids[:2048]])
     w = query_pair_energy(model, calib, heads, head_dim)
@@ -110,9 +111,6 @@ def main() -> None:
         keys[layer] = x[keep]
     vd = load_dicts(Path(args.dicts))
 
-    text = load_text(None, "heldout")
-    ids = torch.tensor([loaded.tokenizer(text[: 1024 * 16]).input_ids[:1024]])
-    ref = runner.reference_pass(model, ids, 64)
     rows = []
     for variant in args.variants.split(","):
         katoms, mus, scales = [], [], []
