@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from csrtool import codec, csrfile
-from csrtool.dicts import load_dicts
+from csrtool import codec
+from csrtool.formats import csrfile
+from csrtool.formats.dicts import load_dicts
 from csrtool.eval.metrics import rel_sq_error
-from csrtool.kvcache import load_cache
+from csrtool.formats.kvcache import load_cache
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from csrtool.acts import ActsReader  # noqa: E402
+from csrtool.formats.acts import ActsReader  # noqa: E402
 from csrtool.engine import pursuit  # noqa: E402
 from csrtool.engine.neuraldict import TrainConfig, rel_err, train_dictionary  # noqa: E402
 

@@ -42,7 +42,7 @@ def synthetic(t: int, d: int, seed: int) -> torch.Tensor:
 
 
 def real(acts: Path, t: int, d: int) -> tuple[torch.Tensor, str]:
-    from csrtool.acts import ActsReader
+    from csrtool.formats.acts import ActsReader
 
     reader = ActsReader(acts)
     layer = reader.layers[len(reader.layers) // 2]

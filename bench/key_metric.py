@@ -28,7 +28,7 @@ from safetensors import safe_open  # noqa: E402
 
 from csrtool import codec  # noqa: E402
 from csrtool.corpus import load_text  # noqa: E402
-from csrtool.dicts import load_dicts  # noqa: E402
+from csrtool.formats.dicts import load_dicts  # noqa: E402
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary  # noqa: E402
 from csrtool.eval import runner  # noqa: E402
 from csrtool.eval.suite import summarize  # noqa: E402

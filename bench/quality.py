@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from csrtool.dicts import load_dicts  # noqa: E402
+from csrtool.formats.dicts import load_dicts  # noqa: E402
 from csrtool.eval import kivi, runner  # noqa: E402
 from csrtool.eval.csr import CSR  # noqa: E402
 from csrtool.eval.suite import memory, summarize  # noqa: E402

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from csrtool.acts import ActsWriter
+from csrtool.formats.acts import ActsWriter
 from csrtool.engine import rope
 from csrtool.errors import CsrError
-from csrtool.kvcache import KVCache
+from csrtool.formats.kvcache import KVCache
 from csrtool.models import Loaded, kv_shape, rope_info
 
 KEY_SPACES = ("post-rope", "pre-rope")
@@ -122,7 +122,7 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
         if progress:
             progress(n)
     probe = ids[cfg.max_tokens : cfg.max_tokens + min(cfg.seq_len, PROBE_TOKENS)]
-    if probe.numel() >= 2:  # held-out tokens for train-dict's sensitivity calibration (csrtool.sensitivity)
+    if probe.numel() >= 2:  # held-out tokens for train-dict's sensitivity calibration (csrtool.calibration.sensitivity)
         writer.meta["probe_ids"] = [int(i) for i in probe]
     manifest = writer.close()
     manifest["seconds"] = time.perf_counter() - t0

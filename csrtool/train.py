@@ -7,7 +7,7 @@ For each selected layer and kind (k, v), each group G (every KV head with scope
 split into `value_split` chunks of D / C channels, keys never split), one
 NeuralDict is trained (on the vectors minus their mean, with cfg.center,
 the default; the means are stored as `layer.{l}.{k|v}.mean` [G, D]); they are assembled into tensors `layer.{l}.{k|v}`
-[G, C, N, Dc] and written with csrtool.dicts.save_dicts, atomically.
+[G, C, N, Dc] and written with csrtool.formats.dicts.save_dicts, atomically.
 
 Resume: finished dictionaries go to a side directory `OUT.partial/` (one small
 safetensors file per dictionary plus `state.json` with the config and the
@@ -28,12 +28,12 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file
 
-from csrtool.acts import MANIFEST, ActsReader
-from csrtool.dicts import KINDS, dict_name, save_dicts
+from csrtool.formats.acts import MANIFEST, ActsReader
+from csrtool.formats.dicts import KINDS, dict_name, save_dicts
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary
 from csrtool.errors import CsrError
-from csrtool.io import atomic_path, atomic_write_bytes
-from csrtool.stwrite import save_safetensors
+from csrtool.formats.io import atomic_path, atomic_write_bytes
+from csrtool.formats.stwrite import save_safetensors
 
 # progress(event, info): "start" {total, resumed}, "dict" {name, epochs},
 # "epoch" {name, epoch, epochs, val_rel_err}, "done" {name, stats, resumed}
@@ -130,7 +130,7 @@ def train_dicts(
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
-    `calibrate(atoms, source, means) -> sensitivity` (csrtool.calibrate), if given, runs
+    `calibrate(atoms, source, means) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
     before the file is written and its result is stored in it.
     Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
     with errors["layer.{l}.{k}"] = {"train_rel_err": [G][C], "val_rel_err": [G][C], ...}.

@@ -1,11 +1,12 @@
-"""csrtool.allocate: greedy bit allocation over hand-computed curves, error curves, budgets."""
+"""csrtool.calibration.allocate: greedy bit allocation over hand-computed curves, error curves, budgets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from csrtool import allocate, codec
+from csrtool import codec
+from csrtool.calibration import allocate
 from csrtool.errors import CsrError
 
 N, D = 1024, 64  # 10-bit indices + fp8 coefficients: 18 bits per atom, no vector scale

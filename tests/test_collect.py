@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from csrtool.acts import ActsReader
+from csrtool.formats.acts import ActsReader
 from csrtool.cli import app
 from csrtool.collect import capture_kv, tokenize
 from csrtool.engine import rope
 from csrtool.errors import CsrError
-from csrtool.io import parse_layers
-from csrtool.kvcache import load_cache
+from csrtool.formats.io import parse_layers
+from csrtool.formats.kvcache import load_cache
 from csrtool.models import load_model, rope_info
 
 runner = CliRunner()

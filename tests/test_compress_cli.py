@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from csrtool.cli import app
-from csrtool.dicts import save_dicts
-from csrtool.kvcache import KVCache, from_dynamic_cache, load_cache, save_cache, to_dynamic_cache
+from csrtool.formats.dicts import save_dicts
+from csrtool.formats.kvcache import KVCache, from_dynamic_cache, load_cache, save_cache, to_dynamic_cache
 
 from test_csrfile import make_cache, make_dicts
 
@@ -134,7 +134,7 @@ def test_dictionary_problems(files):
     d, dicts, cache_path = files
     assert run("compress", cache_path, "--dicts", dicts, "-o", d / "c.csr", "--sparsity", "2").exit_code == 0
     other = make_dicts(d / "other.safetensors", seed=9)
-    from csrtool.dicts import load_dicts
+    from csrtool.formats.dicts import load_dicts
 
     fa, fb = load_dicts(dicts).fingerprint, load_dicts(other).fingerprint
     assert err_line(run("decompress", d / "c.csr", "--dicts", other, "-o", d / "b.pt")) == (

@@ -13,11 +13,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csrtool import codec, csrfile
-from csrtool.dicts import load_dicts, save_dicts
+from csrtool import codec
+from csrtool.formats import csrfile
+from csrtool.formats.dicts import load_dicts, save_dicts
 from csrtool.engine import packing
 from csrtool.errors import CsrError
-from csrtool.kvcache import KVCache
+from csrtool.formats.kvcache import KVCache
 
 L, H, D, N, T = 2, 2, 16, 64, 24
 INV_FREQ = (1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))).tolist()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from csrtool import codec
 from csrtool.cli import app
-from csrtool.dicts import DictSet, save_dicts
+from csrtool.formats.dicts import DictSet, save_dicts
 from csrtool.eval import needle, pq, runner, suite
 from csrtool.eval.csr import CSR
 from csrtool.eval.methods import Identity, NoiseMethod

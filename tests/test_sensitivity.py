@@ -1,4 +1,4 @@
-"""Layer sensitivity (csrtool.sensitivity), calibration in train-dict, per-layer sparsity in compress."""
+"""Layer sensitivity (csrtool.calibration.sensitivity), calibration in train-dict, per-layer sparsity in compress."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from csrtool import csrfile
+from csrtool.formats import csrfile
 from csrtool.cli import app
-from csrtool.dicts import load_dicts
+from csrtool.formats.dicts import load_dicts
 from csrtool.eval.methods import Identity, NoiseMethod
 from csrtool.models import load_model
-from csrtool.sensitivity import _mixed_attention, _Replay, layer_sensitivity
+from csrtool.calibration.sensitivity import _mixed_attention, _Replay, layer_sensitivity
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # ~1.8k byte tokens
@@ -158,7 +158,7 @@ def test_train_dict_no_calibrate(pipeline, tmp_path):
 
 
 def test_eval_uses_the_calibrated_plan_unless_uniform(pipeline, tiny_llama_dir):
-    from csrtool import allocate
+    from csrtool.calibration import allocate
 
     dicts = pipeline / "dicts.safetensors"
     plans = {}

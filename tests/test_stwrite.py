@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import load_file, safe_open
 
-from csrtool.stwrite import safetensors_bytes, save_safetensors
+from csrtool.formats.stwrite import safetensors_bytes, save_safetensors
 
 
 def test_exact_bytes_of_a_small_file():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from csrtool.acts import ActsWriter
+from csrtool.formats.acts import ActsWriter
 from csrtool.cli import app
-from csrtool.dicts import load_dicts
+from csrtool.formats.dicts import load_dicts
 from csrtool.engine.neuraldict import TrainConfig
 from csrtool.train import partial_dir, train_dicts
 
@@ -66,7 +66,7 @@ def test_train_writes_all_dictionaries(acts, tmp_path):
 
 
 def test_means_are_the_training_means_and_are_subtracted(acts, tmp_path):
-    from csrtool.acts import ActsReader
+    from csrtool.formats.acts import ActsReader
     from csrtool import codec
 
     out = tmp_path / "c.safetensors"

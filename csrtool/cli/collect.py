@@ -15,7 +15,7 @@ from csrtool.cli.common import (
     AllowDownloadOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayersOpt, ModelOpt, TextOpt, err, guarded, out, write_json,
 )
 from csrtool.errors import CsrError
-from csrtool.io import check_output, parse_layers
+from csrtool.formats.io import check_output, parse_layers
 
 
 def _peak_rss_mib() -> float:
@@ -26,7 +26,7 @@ def _clear_acts_dir(path: Path) -> None:
     """--force replaces an earlier activation directory, never an unrelated one."""
     import shutil
 
-    from csrtool.acts import MANIFEST
+    from csrtool.formats.acts import MANIFEST
 
     if any(path.iterdir()) and not (path / MANIFEST).is_file():
         raise CsrError(f"{path} is not empty and not a csrtool activation directory: choose another --output")
@@ -102,7 +102,7 @@ def cache(
     """Save the KV cache of one prompt as a plain dict of tensors (the input of compress)."""
     from csrtool.collect import prompt_cache
     from csrtool.corpus import load_text, text_source
-    from csrtool.kvcache import save_cache
+    from csrtool.formats.kvcache import save_cache
     from csrtool.models import load_model
 
     check_output(output, force=force)

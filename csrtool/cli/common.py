@@ -55,7 +55,7 @@ def write_json(path: Optional[Path], data: dict) -> None:
     if str(path) == "-":
         sys.stdout.write(text + "\n")
         return
-    from csrtool.io import atomic_write_bytes
+    from csrtool.formats.io import atomic_write_bytes
 
     atomic_write_bytes(path, (text + "\n").encode())
 

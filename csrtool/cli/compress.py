@@ -11,8 +11,8 @@ from tqdm import tqdm
 from csrtool.cli import app
 from csrtool.cli.common import ForceOpt, JsonOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
-from csrtool.io import check_output
-from csrtool.kvcache import open_cache
+from csrtool.formats.io import check_output
+from csrtool.formats.kvcache import open_cache
 
 DictsOpt = Annotated[Path, typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
@@ -57,8 +57,10 @@ def compress(
     the atoms are spread over layers and K/V where the model is most sensitive,
     at the same average bits; --sparsity or --uniform give every layer the same.
     """
-    from csrtool import allocate, codec, csrfile
-    from csrtool.dicts import load_dicts
+    from csrtool import codec
+    from csrtool.calibration import allocate
+    from csrtool.formats import csrfile
+    from csrtool.formats.dicts import load_dicts
 
     check_output(output, force=force)
     if bits is not None and sparsity is not None:
@@ -103,9 +105,9 @@ def decompress(
     output: OutputOpt,
     force: ForceOpt = False,
 ) -> None:
-    """Rebuild a KV cache (.pt, loadable with csrtool.kvcache.load_cache) from a .csr file."""
-    from csrtool import csrfile
-    from csrtool.dicts import load_dicts
+    """Rebuild a KV cache (.pt, loadable with csrtool.formats.kvcache.load_cache) from a .csr file."""
+    from csrtool.formats import csrfile
+    from csrtool.formats.dicts import load_dicts
 
     check_output(output, force=force)
     reader = csrfile.open_csr(file)
@@ -118,7 +120,7 @@ def decompress(
                 keys[i].copy_(k)
                 values[i].copy_(v)
                 bar.update()
-        from csrtool.kvcache import KVCache, save_cache
+        from csrtool.formats.kvcache import KVCache, save_cache
 
         save_cache(output, KVCache(keys, values, dict(hd.meta)))
     out.print(f"wrote {output}: {len(hd.layers)} layers, {hd.n_tokens} tokens, {hd.dtype}")
@@ -134,7 +136,7 @@ def inspect(
     """Show a .csr file's header, sizes, bits per channel and compression ratios (verifies the checksum)."""
     import json
 
-    from csrtool import csrfile
+    from csrtool.formats import csrfile
 
     reader = csrfile.open_csr(file)
     hd = reader.header

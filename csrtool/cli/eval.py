@@ -64,10 +64,10 @@ def eval_cmd(
     """Measure reconstruction, attention fidelity, perplexity/KL/top-1, passkey retrieval and memory
     of CSR and baselines on the same held-out tokens (built-in corpus unless --text)."""
     from csrtool.corpus import load_text, text_source
-    from csrtool.dicts import load_dicts
+    from csrtool.formats.dicts import load_dicts
     from csrtool.eval import report
     from csrtool.eval.suite import EvalConfig, run_eval
-    from csrtool.io import check_output
+    from csrtool.formats.io import check_output
     from csrtool.models import load_model
 
     for path in (json_out, plot):

@@ -13,7 +13,7 @@ from csrtool.cli import app
 from csrtool.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayersOpt, err, guarded, out, write_json
 from csrtool.engine.neuraldict import TrainConfig
 from csrtool.errors import CsrError
-from csrtool.io import check_output, parse_layers
+from csrtool.formats.io import check_output, parse_layers
 
 _DEF = TrainConfig()
 
@@ -46,7 +46,7 @@ def train_dict(
     (Adam through sparse codes, with an atom-diversity penalty). An interrupted
     run resumes from OUTPUT.partial/ when re-run with the same options.
     """
-    from csrtool.acts import ActsReader
+    from csrtool.formats.acts import ActsReader
     from csrtool.models import resolve_device
     from csrtool.train import partial_dir, train_dicts
 
@@ -77,7 +77,7 @@ def train_dict(
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
             def calib(atoms, source, means):
-                from csrtool.calibrate import calibrate as run_calibration
+                from csrtool.calibration.calibrate import calibrate as run_calibration
                 from csrtool.models import load_model
 
                 task = bar.add_task("sensitivity", total=None)

@@ -5,7 +5,7 @@ coefficient quantisation (fp8 by default) and the key space (pre- or post-RoPE,
 from the dictionary file's source) are those of a .csr file.
 
 With `bits` and calibrated dictionaries (train-dict --calibrate), the sparsity of
-each layer comes from csrtool.allocate.plan, exactly as `compress --bits` picks it;
+each layer comes from csrtool.calibration.allocate.plan, exactly as `compress --bits` picks it;
 `uniform=True` (or explicit sparsities) gives every layer the same.
 
 Honest cost (codec.vector_bits, averaged over layers): per vector C·S·(ceil(log2 N) + coefficient bits)
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from csrtool import allocate, codec
-from csrtool.dicts import DictSet
+from csrtool import codec
+from csrtool.calibration import allocate
+from csrtool.formats.dicts import DictSet
 from csrtool.errors import CsrError
 
 DICT_BITS = 16  # atoms counted at fp16

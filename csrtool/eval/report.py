@@ -91,7 +91,7 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from csrtool.io import atomic_path
+    from csrtool.formats.io import atomic_path
 
     # near-lossless rows (fp16) would stretch the log axis by orders of magnitude: leave them out here
     rows = [r for r in doc["methods"] if r.get("layers") and max(r.get("rel_err_k") or 0, r.get("rel_err_v") or 0) > 1e-5]

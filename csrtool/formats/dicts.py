@@ -10,7 +10,7 @@ Layout (see docs/architecture.md):
   JSON), `source` (model, key_space, num_kv_heads, head_dim, tokens, JSON),
   `errors` (per-dictionary train/val relative error, JSON), `fingerprint`
   (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
-  train-dict calibrated them, `sensitivity` (csrtool.calibrate: per-layer KL and
+  train-dict calibrated them, `sensitivity` (csrtool.calibration.calibrate: per-layer KL and
   loss curves that compress/eval use to spread a bit budget over layers).
 """
 
@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from csrtool.errors import CsrError
-from csrtool.stwrite import save_safetensors
+from csrtool.formats.stwrite import save_safetensors
 
 FORMAT = "csrtool-dicts"
 VERSION = 1
@@ -59,7 +59,7 @@ class DictSet:
     source: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
     fingerprint: str = ""
-    sensitivity: dict = field(default_factory=dict)  # csrtool.calibrate output; {} when not calibrated
+    sensitivity: dict = field(default_factory=dict)  # csrtool.calibration.calibrate output; {} when not calibrated
     means: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [G, D]: subtracted before coding
 
     def get(self, layer: int, kind: str) -> torch.Tensor:

@@ -4,8 +4,8 @@
 
 On the probe window `csrtool collect` keeps after its activations (held-out
 calibration tokens), with the dictionaries at the uniform 1-bit sparsity:
-- the KL each single layer's coded keys or values cause (csrtool.sensitivity);
-- each layer's relative error curve for 1..S_max atoms (csrtool.allocate.error_curve);
+- the KL each single layer's coded keys or values cause (csrtool.calibration.sensitivity);
+- each layer's relative error curve for 1..S_max atoms (csrtool.calibration.allocate.error_curve);
 their product is the loss curve D(S) that `allocate` minimises under a bit budget.
 The result is stored in the dictionary file (metadata `sensitivity`).
 """
@@ -17,14 +17,14 @@ from typing import Callable
 import torch
 
 from csrtool import codec
-from csrtool.allocate import error_curve, loss_curve
+from csrtool.calibration.allocate import error_curve, loss_curve
 from csrtool.collect import capture_kv, key_rope
-from csrtool.dicts import DictSet, dict_name
+from csrtool.formats.dicts import DictSet, dict_name
 from csrtool.errors import CsrError
 from csrtool.eval.csr import CSR
 from csrtool.eval.suite import EvalConfig
 from csrtool.models import Loaded, kv_shape, rope_info
-from csrtool.sensitivity import layer_sensitivity
+from csrtool.calibration.sensitivity import layer_sensitivity
 
 RECENT = EvalConfig.window + EvalConfig.chunk // 2  # tokens a query sees exactly in eval: the window plus half a chunk (64)
 SINK = EvalConfig.sink

@@ -4,7 +4,7 @@ A uniform sparsity gives every layer the same atoms, but on SmolLM2 coding one
 layer alone at 1 bit costs anywhere from +0.0% to +3.4% perplexity
 (docs/quality.md §5). So each dictionary set carries, per layer and kind, a
 loss curve: the KL divergence its coded keys (or values) alone cause at the
-reference sparsity (csrtool.sensitivity), scaled by its relative error at
+reference sparsity (csrtool.calibration.sensitivity), scaled by its relative error at
 S = 1, 2, ... atoms (KL grows like the error energy for small errors),
 
     D(S) = KL(S_ref) · err(S) / err(S_ref)
@@ -43,7 +43,7 @@ def loss_curve(kl: float, errors: list[float], s_ref: int) -> list[float]:
 
 
 def curves_from(sensitivity: dict) -> dict[tuple[int, str], list[float]]:
-    """{(layer, kind): D(1..S_max)} from a dictionary file's `sensitivity` metadata (csrtool.calibrate)."""
+    """{(layer, kind): D(1..S_max)} from a dictionary file's `sensitivity` metadata (csrtool.calibration.calibrate)."""
     out = {}
     for name, curve in (sensitivity.get("curves") or {}).items():
         _, layer, kind = name.split(".")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from csrtool.io import atomic_path
+from csrtool.formats.io import atomic_path
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from csrtool.errors import CsrError
-from csrtool.io import atomic_path
+from csrtool.formats.io import atomic_path
 
 
 @dataclass

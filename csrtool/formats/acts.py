@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
 from csrtool.errors import CsrError
-from csrtool.io import atomic_write_bytes
-from csrtool.stwrite import save_safetensors
+from csrtool.formats.io import atomic_write_bytes
+from csrtool.formats.stwrite import save_safetensors
 
 FORMAT = "csrtool-acts"
 VERSION = 1

@@ -27,11 +27,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from csrtool import codec
-from csrtool.dicts import DictSet
+from csrtool.formats.dicts import DictSet
 from csrtool.engine import packing
 from csrtool.errors import CsrError
-from csrtool.io import atomic_path
-from csrtool.kvcache import KVCache
+from csrtool.formats.io import atomic_path
+from csrtool.formats.kvcache import KVCache
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
 VERSION = 2  # version 1 files (one sparsity for all layers) are still read and written
