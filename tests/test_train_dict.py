@@ -169,3 +169,55 @@ def test_cli_bad_input(acts, tmp_path, args, message):
     assert res.exit_code == 1, res.output
     assert message in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_never_deletes_a_partial_directory_it_did_not_create(acts, tmp_path):
+    """Issue 14.1: a user's `OUT.partial/` is refused, not wiped."""
+    out = tmp_path / "d.safetensors"
+    partial_dir(out).mkdir()
+    keep = partial_dir(out) / "keep.txt"
+    keep.write_text("keep")
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--sparsity", "2", "--epochs", "1",
+                              "--scope", "head", "--no-calibrate"])
+    assert res.exit_code == 1, res.output
+    assert "was not made by csrtool train-dict" in res.stderr and "Traceback" not in res.output
+    assert keep.read_text() == "keep" and not out.exists()
+
+
+def test_stale_partial_state_removes_only_its_own_files(acts, tmp_path):
+    out = tmp_path / "d.safetensors"
+
+    def crash(event, info):
+        if event == "done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dicts(acts, out, TrainConfig(**FAST), progress=crash)
+    mine = partial_dir(out) / "notes.txt"
+    mine.write_text("mine")
+    train_dicts(acts, out, TrainConfig(**{**FAST, "seed": 1}), layers=[0])  # another config: the old state is stale
+    assert out.exists() and mine.read_text() == "mine"
+    assert sorted(p.name for p in partial_dir(out).iterdir()) == ["notes.txt"]
+
+
+def test_truncated_partial_entry_is_retrained(acts, tmp_path):
+    """Issue 14.14: a dictionary file cut short by a crash is trained again, not fatal."""
+    cfg = TrainConfig(**FAST)
+    full = tmp_path / "full.safetensors"
+    train_dicts(acts, full, cfg)
+    out = tmp_path / "d.safetensors"
+    names = []
+
+    def crash_after_two(event, info):
+        if event == "done" and not info["resumed"]:
+            names.append(info["name"])
+            if len(names) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dicts(acts, out, cfg, progress=crash_after_two)
+    bad = partial_dir(out) / f"{names[0]}.safetensors"
+    bad.write_bytes(bad.read_bytes()[:50])
+    report = train_dicts(acts, out, cfg)
+    assert report["resumed"] == 1 and report["trained"] == L * 2 * H - 1
+    assert load_dicts(out).fingerprint == load_dicts(full).fingerprint
