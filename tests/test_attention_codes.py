@@ -18,24 +18,27 @@ def _atoms(g, c, n, dc, gen):
     return a / a.norm(dim=-1, keepdim=True)
 
 
-def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fp8=False):
+def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None):
     atoms = _atoms(g, c, n, D // c, gen)
     idx = torch.randint(0, n, (b, h, t, c, s), generator=gen).to(idx_dtype)
     coef = torch.randn(b, h, t, c, s, generator=gen)
     scale = None
-    if fp8:  # the .csr's storage: fp8 e4m3 with a float32 scale per (batch, head)
-        q, g_, _ = packing.quantize(coef.reshape(b * h, t, c * s), "fp8")
+    if fmt in ("fp8", "fp16"):  # the .csr's storage: fp8 e4m3 (or fp16) with a float32 scale per (batch, head)
+        q, g_, _ = packing.quantize(coef.reshape(b * h, t, c * s), fmt)
         coef, scale = q.reshape(b, h, t, c, s), g_.reshape(b, h)
+    elif fmt == "int8":  # int8 with a float16 scale per vector: pass g·v per token
+        q, g_, v = packing.quantize(coef.reshape(b * h, t, c * s), fmt)
+        coef, scale = q.reshape(b, h, t, c, s), (g_[:, None] * v.float()).reshape(b, h, t)
     mean = torch.randn(g, D, generator=gen) if centred else None
     return Codes(idx, coef, atoms, scale, mean)
 
 
-def _problem(*, b=2, h=2, rep=3, tq=1, tc=50, sink=2, win=5, kc=1, vc=2, g=2, centred=True, fp8=False, pad=(0, 7),
-             pre_rope=False, window=None, seed=0, n=64):
+def _problem(*, b=2, h=2, rep=3, tq=1, tc=50, sink=2, win=5, kc=1, vc=2, g=2, centred=True, fmt=None, pad=(0, 7),
+             pre_rope=False, window=None, seed=0, n=64, pos_shift=0):
     gen = torch.Generator().manual_seed(seed)
     g = h if g == "h" else g
-    keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, fp8=fp8)
-    values = _codes(b, h, tc, vc, 2, n, g, gen, centred, idx_dtype=torch.int32, fp8=fp8)
+    keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, fmt=fmt)
+    values = _codes(b, h, tc, vc, 2, n, g, gen, centred, idx_dtype=torch.int32, fmt=fmt)
     total = sink + tc + win
     dense = [Segment(torch.randn(b, h, sink, D, generator=gen), torch.randn(b, h, sink, D, generator=gen), 0),
              Segment(torch.randn(b, h, win, D, generator=gen), torch.randn(b, h, win, D, generator=gen), sink + tc)]
@@ -46,7 +49,7 @@ def _problem(*, b=2, h=2, rep=3, tq=1, tc=50, sink=2, win=5, kc=1, vc=2, g=2, ce
     kw = dict(coded_start=sink, valid=valid, q_start=total - tq, window=window, scale=0.3)
     if pre_rope:
         inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-        kw.update(rope=Rope(inv, 1.0), key_pos0=torch.tensor([sink - p for p in pad[:b]]))
+        kw.update(rope=Rope(inv, 1.0), key_pos0=torch.tensor([sink - p + pos_shift for p in pad[:b]]))
     return q, keys, values, dense, kw
 
 
@@ -55,8 +58,12 @@ CASES = {
     "post-uncentred-shared-C1": dict(centred=False, g=1, vc=1),
     "pre-centred-perhead-C2": dict(pre_rope=True, g="h"),
     "pre-uncentred-shared-C1": dict(pre_rope=True, centred=False, g=1, vc=1),
-    "fp8-scales": dict(fp8=True),
-    "pre-fp8-scales": dict(fp8=True, pre_rope=True),
+    "fp8-scales": dict(fmt="fp8"),
+    "pre-fp8-scales": dict(fmt="fp8", pre_rope=True),
+    "int8-token-scales": dict(fmt="int8", g=1),
+    "pre-int8-token-scales": dict(fmt="int8", pre_rope=True),
+    "fp16-coefficients": dict(fmt="fp16", pre_rope=True, g=1),
+    "pre-far-positions": dict(pre_rope=True, pos_shift=5000, tq=2),
     "sliding-window": dict(window=20, tq=3),
     "chunked-prefill": dict(tq=4, pre_rope=True),
     "no-gqa-batch1": dict(b=1, rep=1, pad=(3,)),
@@ -120,7 +127,7 @@ def test_reconstruct_matches_codec_decode():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    q, keys, values, dense, kw = _problem(pre_rope=True, fp8=True, tq=2, window=25)
+    q, keys, values, dense, kw = _problem(pre_rope=True, fmt="fp8", tq=2, window=25)
     cpu = attend(q, keys, values, dense, block=16, **kw)
     mv = lambda x: None if x is None else x.cuda()  # noqa: E731
     cu = lambda c: Codes(c.idx.cuda(), c.coef.cuda(), c.atoms.cuda(), mv(c.scale), mv(c.mean))  # noqa: E731

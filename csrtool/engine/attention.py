@@ -30,15 +30,21 @@ of the cache), the same for every sequence of the batch; `valid` marks real toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from csrtool.engine import rope as _rope
 
-DEFAULT_BLOCK = 8192  # coded tokens per block: bounds the temporaries (about 60 bytes per token and query row)
+# Coded tokens per block of the online softmax, from the size of its temporaries:
+# post-RoPE keys ~40 bytes per (token, head, query row); pre-RoPE keys ~1.5 KB per (token, head)
+# for the decoded and rotated keys. Measured on a 2-core CPU (docs/attention.md): fewer,
+# larger blocks win for post-RoPE keys (a block costs ~40 torch calls); pre-RoPE keys
+# want the rotated block to stay near the caches.
+POST_BLOCK_ELEMS = 9 * 32768  # tokens x heads x query rows
+PRE_BLOCK_ELEMS = 3 * 4096  # tokens x heads
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,27 @@ class Rope:
 
     inv_freq: torch.Tensor
     scaling: float = 1.0
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def table(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """[2, length, D] float32: cos and sin of positions start..start+length-1, as rope.cos_sin gives them.
+
+        Positions >= 0 come from a table kept per device and grown by doubling (512 bytes
+        a position at D = 64), so one Rope shared by a model's layers computes each
+        position once; negative positions (padding) are computed on the spot."""
+        if start < 0:
+            return torch.stack(_rope.cos_sin(self.inv_freq, torch.arange(start, start + length, device=device), self.scaling))
+        tab = self._tables.get(device)
+        if tab is None or tab.shape[1] < start + length:
+            size = max(1024, 1 << (start + length - 1).bit_length())
+            tab = self._tables[device] = torch.stack(_rope.cos_sin(self.inv_freq, torch.arange(size, device=device), self.scaling))
+        return tab[:, start : start + length]
 
 
 # ---------------------------------------------------------------- shared pieces
 
 
-def _scale_of(codes: Codes, t0: int = 0, t1: int | None = None) -> torch.Tensor | None:
+def _scale_of(codes: Codes) -> torch.Tensor | None:
     """The coefficient scale broadcastable to [B, H, T]."""
     s = codes.scale
     if s is None:
@@ -114,15 +135,11 @@ def reconstruct(codes: Codes) -> torch.Tensor:
     """Decode one side: [B, H, T, C·Dc] float32 = Σ coef·scale·atom (+ mean)."""
     b, h, t, c, s = codes.idx.shape
     g, _, n, dc = codes.atoms.shape
-    coef = codes.coef.to(torch.float32)
+    cf, fac = _coef_f32(codes.coef)
     sc = _scale_of(codes)
-    if sc is not None:
-        coef = coef * sc[..., None, None]
-    atoms = codes.atoms.to(torch.float32)  # [G, C, N, Dc]
-    heads = torch.arange(h, device=codes.idx.device) if g > 1 else torch.zeros(h, dtype=torch.long, device=codes.idx.device)
-    off = (heads[:, None] * c + torch.arange(c, device=heads.device)[None, :]) * n  # [H, C]
-    flat = codes.idx.to(torch.int64) + off[None, :, None, :, None]
-    out = F.embedding_bag(flat.reshape(-1, s), atoms.reshape(g * c * n, dc), per_sample_weights=coef.reshape(-1, s), mode="sum")
+    cf = cf * (fac if sc is None else sc[..., None, None] * fac)
+    idx = (codes.idx.to(torch.int64) + _offsets(codes, False, torch.int64)).reshape(-1, s)
+    out = F.embedding_bag(idx, codes.atoms.to(torch.float32).reshape(g * c * n, dc), per_sample_weights=cf.reshape(-1, s), mode="sum")
     out = out.reshape(b, h, t, c * dc)
     mean = _mean_of(codes, out.device)
     return out if mean is None else out + mean[None, :, None, :]
@@ -137,10 +154,11 @@ def _rotate_keys(k: torch.Tensor, pos0: torch.Tensor, t0: int, rp: Rope) -> torc
     return k * cos + _rope.rotate_half(k) * sin
 
 
-def _allowed(slots: torch.Tensor, lo: int, hi: int, valid, q_start: int, tq: int, window: int | None, batch: int) -> torch.Tensor | None:
-    """Bool [B, Tq, T] (True = attend) for keys at `slots` [T] (all within lo..hi); None when every key is allowed."""
+def _allowed(slots: Callable[[], torch.Tensor], lo: int, hi: int, valid, q_start: int, tq: int, window: int | None, batch: int) -> torch.Tensor | None:
+    """Bool [B, Tq, T] (True = attend) for keys at slots() [T] (all within lo..hi); None when every key is allowed."""
     if valid is None and hi <= q_start and (window is None or lo > q_start + tq - 1 - window):
         return None
+    slots = slots()
     qs = torch.arange(q_start, q_start + tq, device=slots.device)[:, None]  # [Tq, 1]
     ok = slots[None, :] <= qs  # [Tq, T]
     if window is not None:
@@ -197,7 +215,7 @@ def attend_reference(
     sc = d**-0.5 if scale is None else scale
     scores = (q.to(torch.float32) @ k_all.transpose(-1, -2)) * sc  # [B, Hq, Tq, T]
     lo, hi = (int(s_all.min()), int(s_all.max())) if s_all.numel() else (0, 0)
-    ok = _allowed(s_all, lo, hi, valid, q_start, tq, window, b)
+    ok = _allowed(lambda: s_all, lo, hi, valid, q_start, tq, window, b)
     if ok is not None:
         scores = scores.masked_fill(~ok[:, None], float("-inf"))
     m = scores.amax(-1, keepdim=True)
@@ -208,39 +226,242 @@ def attend_reference(
 
 
 # ---------------------------------------------------------------- on the codes
+#
+# Layout: the R = rep·Tq query rows of a KV head first, then the B·H heads, then tokens:
+# scores [R, BH, T] so that every reduction over tokens runs along contiguous memory.
+# Per-(batch, head) coefficient scales and the fp8 factor fold into the small tables
+# (q·Dᵀ for post-RoPE keys, q for pre-RoPE keys, the atom mass for values), so the
+# per-token work is: widen the indices, widen the coefficients, gather, exp, scatter.
 
 
-def _flat_index(codes: Codes, per_batch: bool) -> torch.Tensor:
-    """idx [B, H, T, C, S] -> int64 rows into a flat table: [(b·)H·C·N, ...] (per_batch) or [G·C·N, ...]."""
-    b, h, t, c, s = codes.idx.shape
+def _coef_f32(c: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Stored coefficients (any view, e.g. permuted) -> (contiguous float32 tensor in c's logical order, factor):
+    the coefficient is tensor · factor.
+
+    fp8 e4m3 goes through its bits (torch's own fp8 cast is ~10x slower on CPU): the
+    sign-extended byte shifted by 7, with bit 14 cleared, is the float16 of value/256,
+    exact for normal and subnormal e4m3 values (a NaN byte, which a valid file never
+    holds, would read as ±480)."""
+    if c.dtype == torch.float8_e4m3fn:
+        b = torch.empty(c.shape, dtype=torch.int16, device=c.device)
+        b.copy_(c.view(torch.int8))
+        b <<= 7
+        b &= -16512  # 0xBF80: sign, then the 7 exponent/mantissa bits
+        return b.view(torch.float16).to(torch.float32), 256.0
+    out = torch.empty(c.shape, dtype=torch.float32, device=c.device)
+    return out.copy_(c), 1.0
+
+
+def _offsets(codes: Codes, per_batch: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Row offsets into a flat table, [B or 1, H, 1, C, 1]: ((b·H + h)·C + c)·N (per_batch) or (g·C + c)·N."""
+    b, h, _, c, _ = codes.idx.shape
     n = codes.atoms.shape[2]
     dev = codes.idx.device
     if per_batch:
-        off = torch.arange(b * h * c, device=dev, dtype=torch.int64).reshape(b, h, 1, c, 1) * n
+        return (torch.arange(b * h * c, device=dev, dtype=dtype) * n).reshape(b, h, 1, c, 1)
+    g = codes.atoms.shape[0]
+    heads = torch.arange(h, device=dev, dtype=dtype) if g > 1 else torch.zeros(h, device=dev, dtype=dtype)
+    return ((heads[:, None] * c + torch.arange(c, device=dev, dtype=dtype)[None, :]) * n).reshape(1, h, 1, c, 1)
+
+
+def _head_factor(codes: Codes, fac: float, bh: int, device) -> torch.Tensor | None:
+    """The per-(batch, head) part of the coefficient scale times `fac`, [BH] (None if it is 1)."""
+    if codes.scale is not None and codes.scale.dim() == 2:
+        return codes.scale.to(device, torch.float32).reshape(bh) * fac
+    return None if fac == 1.0 else torch.full((bh,), fac, device=device)
+
+
+def _token_scale(codes: Codes) -> torch.Tensor | None:
+    """The per-token coefficient scale as [1, BH, T] (int8 storage), else None."""
+    s = codes.scale
+    return None if s is None or s.dim() == 2 else s.to(torch.float32).reshape(1, -1, s.shape[2])
+
+
+def _fp8_factor(codes: Codes) -> float:
+    return 256.0 if codes.coef.dtype == torch.float8_e4m3fn else 1.0
+
+
+def _per_chunk_products(x: torch.Tensor, atoms: torch.Tensor, b: int) -> torch.Tensor:
+    """x [BH, R, C, Dc] against atoms [G, C, N, Dc] -> x·Dᵀ [BH, R, C, N] (one GEMM per chunk for G = 1)."""
+    bh, r, c, dc = x.shape
+    a = atoms.to(torch.float32)
+    if a.shape[0] == 1:
+        return torch.stack([F.linear(x[:, :, i].reshape(bh * r, dc), a[0, i]) for i in range(c)], 1).view(bh, c, r, -1).transpose(1, 2)
+    return torch.einsum("xrcd,xcnd->xrcn", x, a.repeat(b, 1, 1, 1))
+
+
+def _scores_post(qr: torch.Tensor, keys: Codes, b: int) -> tuple[Callable[[Codes, int], torch.Tensor], torch.Tensor | None]:
+    """Post-RoPE key codes: (block -> scores [R, BH, Tb], q·mean [R, BH] or None, a shift of every coded score).
+
+    Scores gather from the table q·Dᵀ [BH·C·N, R] (head scale folded in), weighted by the coefficients."""
+    bh, r, d = qr.shape
+    g, c, n, dc = keys.atoms.shape
+    qd = _per_chunk_products(qr.view(bh, r, c, dc), keys.atoms, b)  # [BH, R, C, N]
+    tab = torch.empty(bh, c, n, r, device=qr.device)
+    hf = _head_factor(keys, _fp8_factor(keys), bh, qr.device)
+    torch.mul(qd.permute(0, 2, 3, 1), 1.0 if hf is None else hf.view(bh, 1, 1, 1), out=tab)
+    tab = tab.view(bh * c * n, r)
+    off = _offsets(keys, True, torch.int32)
+    mean = _mean_of(keys, qr.device)
+    shift = None if mean is None else torch.einsum("xrd,xd->rx", qr, mean.expand(b, -1, -1).reshape(bh, d) if mean.shape[0] > 1 else mean.expand(bh, d))
+
+    def scores(kc: Codes, t0: int) -> torch.Tensor:
+        tb = kc.tokens
+        idx = torch.add(kc.idx, off).view(bh * tb, -1)  # int32 rows of the table
+        cf, _ = _coef_f32(kc.coef)
+        s = F.embedding_bag(idx, tab, per_sample_weights=cf.reshape(idx.shape), mode="sum")  # [BH·Tb, R]
+        out = torch.empty(r, bh, tb, device=qr.device)
+        torch.mul(s.view(bh, tb, r).permute(2, 0, 1), 1.0, out=out)  # transpose into [R, BH, Tb]
+        ts = _token_scale(kc)
+        return out if ts is None else out.mul_(ts)
+
+    return scores, shift
+
+
+def _scores_pre(qr: torch.Tensor, keys: Codes, b: int, rp: Rope, pos0: torch.Tensor) -> Callable[[Codes, int], torch.Tensor]:
+    """Pre-RoPE key codes: decode a block (scales and mean applied), rotate it to its positions
+    with the cached cos/sin table, then one q·kᵀ product per head -> scores [R, BH, Tb]."""
+    bh, r, d = qr.shape
+    g, c, n, dc = keys.atoms.shape
+    h = bh // b
+    atoms = keys.atoms.to(torch.float32).reshape(g * c * n, dc)
+    off = _offsets(keys, False, torch.int32)
+    mean = _mean_of(keys, qr.device)
+    mean = None if mean is None else (mean.expand(h, d).repeat(b, 1) if mean.shape[0] > 1 else mean.expand(bh, d)).reshape(bh, 1, d)
+    hf = _head_factor(keys, _fp8_factor(keys), bh, qr.device)
+    qr_rot = -_rope.rotate_half(qr)
+    starts = [int(p) for p in pos0.reshape(-1).tolist()]
+    starts = starts * b if len(starts) == 1 else starts
+
+    def scores(kc: Codes, t0: int) -> torch.Tensor:
+        tb = kc.tokens
+        idx = torch.add(kc.idx, off).view(-1, kc.idx.shape[-1])  # int32 [BH·Tb·C, S] rows of the atoms
+        cf, _ = _coef_f32(kc.coef)
+        ts = _token_scale(kc)
+        if ts is not None:
+            cf = cf * ts.view(b, h, tb, 1, 1)
+        if hf is not None:
+            cf = cf.view(bh, -1).mul_(hf[:, None])
+        k = F.embedding_bag(idx, atoms, per_sample_weights=cf.reshape(idx.shape), mode="sum").view(b, h, tb, d)
+        if mean is not None:
+            k.add_(mean.view(b, h, 1, d))
+        # q·R(p)k = q·(k·cos) + q'·(k·sin) with q' = -rotate_half(q): two products per head
+        x = torch.empty(2, b, h, tb, d, device=qr.device)
+        for i, p0 in enumerate(starts):
+            torch.mul(k[i], rp.table(p0 + t0, tb, qr.device)[:, None], out=x[:, i])
+        x = x.view(2, bh, tb, d)
+        s = torch.baddbmm(torch.bmm(qr, x[0].transpose(1, 2)), qr_rot, x[1].transpose(1, 2))  # [BH, R, Tb]
+        return s.transpose(0, 1).contiguous()
+
+    return scores
+
+
+class _AtomMass:
+    """Values in atom space: A[r, (b, h, c, n)] = Σ_t,s p[r, t]·coef[t, c, s] over the tokens with idx = n.
+
+    Indices and coefficients are laid out [C·S, BH·Tb] so that the weight x coefficient
+    product runs along the tokens (contiguous), then one scatter_add for all of them."""
+
+    def __init__(self, values: Codes, r: int):
+        b, h, _, c, _ = values.idx.shape
+        self.values, self.r, self.b = values, r, b
+        self.off = _offsets(values, True, torch.int64).permute(3, 4, 0, 1, 2)  # [C, 1, B, H, 1]
+        self.mass = torch.zeros(r, b * h * c * values.atoms.shape[2], device=values.idx.device)
+
+    def add(self, vc: Codes, p: torch.Tensor) -> None:
+        """Accumulate the weights p [R, BH, Tb] of the tokens of vc."""
+        r = self.r
+        b, h, tb, c, s = vc.idx.shape
+        kk, m = c * s, b * h * tb
+        idx = torch.empty(c, s, b, h, tb, dtype=torch.int64, device=p.device)
+        torch.add(vc.idx.permute(3, 4, 0, 1, 2), self.off, out=idx)
+        cf, _ = _coef_f32(vc.coef.permute(3, 4, 0, 1, 2))  # [C, S, B, H, Tb]
+        ts = _token_scale(vc)
+        if ts is not None:
+            p = p * ts
+        src = p.view(r, 1, m) * cf.view(1, kk, m)  # [R, C·S, BH·Tb]
+        self.mass.scatter_add_(1, idx.view(1, kk * m).expand(r, -1), src.view(r, kk * m))
+
+    def out(self, l: torch.Tensor) -> torch.Tensor:
+        """Σ_t p·v [R, BH, D]: one [N] x [Dc] product per chunk (per head for G = H), plus Σp·mean (l [R, BH])."""
+        b, h, _, c, _ = self.values.idx.shape
+        g, _, n, dc = self.values.atoms.shape
+        bh = b * h
+        am = self.mass.view(self.r, bh, c, n)
+        atoms = self.values.atoms.to(torch.float32)
+        if g == 1:
+            out = torch.stack([am[:, :, i].reshape(self.r * bh, n) @ atoms[0, i] for i in range(c)], 1).view(self.r, bh, c * dc)
+        else:
+            out = torch.einsum("rxcn,xcnd->rxcd", am, atoms.repeat(b, 1, 1, 1)).reshape(self.r, bh, c * dc)
+        hf = _head_factor(self.values, _fp8_factor(self.values), bh, out.device)
+        if hf is not None:
+            out.mul_(hf.view(1, bh, 1))
+        mean = _mean_of(self.values, out.device)
+        if mean is not None:
+            out = out + l[..., None] * (mean.expand(h, -1).repeat(b, 1) if mean.shape[0] > 1 else mean)[None]
+        return out
+
+
+def _mask_rows(s: torch.Tensor, ok: torch.Tensor | None, rep: int, tq: int, b: int) -> torch.Tensor:
+    """Scores s [R, BH, T] with -inf where ok [B, Tq, T] is False (rows are (rep, tq), heads (b, h))."""
+    if ok is None:
+        return s
+    r, bh, t = s.shape
+    return s.view(rep, tq, b, bh // b, t).masked_fill_(~ok.permute(1, 0, 2)[None, :, :, None, :], float("-inf")).view(r, bh, t)
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _dense(qr, dense: Sequence[Segment], valid, q_start, window, rep, tq, b):
+    """The dense tokens as one part: (m, l [R, BH], Σ p·v [R, BH, D])."""
+    bh, r, d = qr.shape
+    segs = [s for s in dense if s.k.shape[2]]
+    k = torch.cat([s.k for s in segs], 2) if len(segs) > 1 else segs[0].k
+    v = torch.cat([s.v for s in segs], 2) if len(segs) > 1 else segs[0].v
+    t = k.shape[2]
+    slots = lambda: torch.cat([torch.arange(s.start, s.start + s.k.shape[2], device=qr.device) for s in segs])  # noqa: E731
+    lo, hi = min(s.start for s in segs), max(s.start + s.k.shape[2] - 1 for s in segs)
+    s = torch.bmm(qr, k.to(torch.float32).reshape(bh, t, d).transpose(1, 2)).transpose(0, 1).contiguous()  # [R, BH, T]
+    s = _mask_rows(s, _allowed(slots, lo, hi, valid, q_start, tq, window, b), rep, tq, b)
+    m = s.amax(-1)
+    p = torch.exp(s - _finite(m)[..., None])
+    out = torch.bmm(p.transpose(0, 1), v.to(torch.float32).reshape(bh, t, d)).transpose(0, 1)  # [R, BH, D]
+    return m, p.sum(-1), out
+
+
+def _coded(qr, keys: Codes, values: Codes, start, rp, pos0, valid, q_start, window, rep, tq, block, b):
+    """The coded tokens in blocks with an online softmax: (m, l [R, BH], Σ p·v [R, BH, D])."""
+    bh, r, d = qr.shape
+    dev = qr.device
+    shift = None
+    if rp is None:
+        scores, shift = _scores_post(qr, keys, b)
     else:
-        heads = torch.arange(h, device=dev) if codes.atoms.shape[0] > 1 else torch.zeros(h, dtype=torch.long, device=dev)
-        off = ((heads[:, None] * c + torch.arange(c, device=dev)[None, :]) * n).reshape(1, h, 1, c, 1)
-    return codes.idx.to(torch.int64) + off
-
-
-def _key_table(qr: torch.Tensor, codes: Codes) -> torch.Tensor:
-    """q·Dᵀ per (b, h, chunk): qr [B, H, R, D] -> [B·H·C·N, R] (the table the key indices gather from)."""
-    b, h, r, d = qr.shape
-    g, c, n, dc = codes.atoms.shape
-    qc = qr.reshape(b, h, r, c, dc)
-    atoms = codes.atoms.to(torch.float32)
-    if g == 1:
-        tab = torch.einsum("bhrcd,cnd->bhcnr", qc, atoms[0])
-    else:
-        tab = torch.einsum("bhrcd,hcnd->bhcnr", qc, atoms)
-    return tab.reshape(b * h * c * n, r)
-
-
-def _mean_dot(qr: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor | None:
-    """q·mean [B, H, R] (mean [1 or H, D])."""
-    if mean is None:
-        return None
-    return torch.einsum("bhrd,hd->bhr", qr, mean.expand(qr.shape[1], -1))
+        scores = _scores_pre(qr, keys, b, rp, pos0)
+    mass = _AtomMass(values, r)
+    m = torch.full((r, bh), float("-inf"), device=dev)
+    l = torch.zeros(r, bh, device=dev)
+    t_all = keys.tokens
+    first = 0 if window is None else max(0, q_start - window + 1 - start)  # tokens before `first` are out of every query's window
+    for t0 in range(first, t_all, block):
+        t1 = min(t_all, t0 + block)
+        s = scores(keys.slice(t0, t1), t0)  # [R, BH, Tb]
+        slots = lambda: torch.arange(start + t0, start + t1, device=dev)  # noqa: E731
+        s = _mask_rows(s, _allowed(slots, start + t0, start + t1 - 1, valid, q_start, tq, window, b), rep, tq, b)
+        m_new = torch.maximum(m, s.amax(-1))
+        safe = _finite(m_new)
+        p = s.sub_(safe[..., None]).exp_()
+        if t0 > first:
+            alpha = torch.exp(m - safe)  # rescales what is accumulated so far
+            l.mul_(alpha)
+            mass.mass.view(r, bh, -1).mul_(alpha[..., None])
+        l += p.sum(-1)
+        mass.add(values.slice(t0, t1), p)
+        m = m_new
+    out = mass.out(l)
+    return (m if shift is None else m + shift), l, out
 
 
 def attend(
@@ -256,122 +477,46 @@ def attend(
     q_start: int = 0,
     window: int | None = None,
     scale: float | None = None,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over a coded history plus dense segments, without rebuilding the history.
 
     q [B, Hq, Tq, D]: post-RoPE queries (Hq = rep·H); query i sits at slot q_start + i.
     keys, values: Codes of the same T coded tokens at slots coded_start..coded_start+T-1
         (or both None). Keys are post-RoPE codes, or pre-RoPE when `rope` is given: then
-        coded token t of sequence b is rotated at position key_pos0[b] + t (key_pos0 [B] int).
+        coded token t of sequence b is rotated at position key_pos0[b] + t (key_pos0 [B]
+        or [1] int; positions < 0 only for padding).
     dense: Segments of dense tokens (sink, window, the new tokens), post-RoPE keys.
     valid: None or bool [B, ≥ last slot + 1], False for padding. Causal: a key is seen
         by a query iff key slot <= query slot (and > query slot - window when `window`).
-    scale: softmax scale (default D^-0.5). block: coded tokens per step of the online softmax.
+    scale: softmax scale (default D^-0.5). block: coded tokens per step of the online
+        softmax (default from POST_BLOCK_ELEMS / PRE_BLOCK_ELEMS and the batch, heads, rows).
     Returns [B, Hq, Tq, D] in q's dtype; a query that sees no key gets zeros.
     """
     b, hq, tq, d = q.shape
-    dev = q.device
     heads = keys.idx.shape[1] if keys is not None else dense[0].k.shape[1]
     rep = _check(q, heads)
     r = rep * tq
     sc = d**-0.5 if scale is None else scale
-    # query rows of one KV head: [B, H, R, D], row = (rep_i, tq_i); pre-scaled by the softmax scale
-    qr = q.to(torch.float32).reshape(b, heads, rep, tq, d).reshape(b, heads, r, d) * sc
-    neg = torch.full((b, heads, r), float("-inf"), device=dev)
-    parts = []  # (m [B, H, R], l [B, H, R], unnormalised out [B, H, R, D])
+    # the query rows of each KV head: [BH, R, D], row = (rep_i, tq_i), pre-scaled by the softmax scale
+    qr = (q.to(torch.float32) * sc).reshape(b * heads, r, d)
+    if block is None:
+        per_token = b * heads * (r if rope is None else 1)
+        block = max(256, (POST_BLOCK_ELEMS if rope is None else PRE_BLOCK_ELEMS) // per_token)
+    parts = []  # (m [R, BH], l [R, BH], unnormalised output [R, BH, D])
     if keys is not None and keys.tokens:
-        parts.append(_coded(qr, keys, values, coded_start, rope, key_pos0, valid, q_start, window, rep, tq, block))
-    for seg in dense:
-        if seg.k.shape[2]:
-            parts.append(_dense(qr, seg, valid, q_start, window, rep, tq))
-    m = neg
-    for pm, _, _ in parts:
-        m = torch.maximum(m, pm)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    l = torch.zeros_like(m)
-    acc = torch.zeros(b, heads, r, d, device=dev)
-    for pm, pl, po in parts:
-        w = torch.exp(pm - m_safe)  # 0 for a part with no allowed key
-        l = l + w * pl
-        acc = acc + w[..., None] * po
-    out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
-    return out.reshape(b, heads, rep, tq, d).reshape(b, hq, tq, d).to(q.dtype)
-
-
-def _softmax_part(s: torch.Tensor, ok: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores s [B, H, T, rep, Tq] -> (m [B, H, rep, Tq] max over T, p = exp(s - m), masked to 0)."""
-    if ok is not None:
-        s = s.masked_fill(~ok.transpose(1, 2)[:, None, :, None, :], float("-inf"))
-    m = s.amax(2)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m, torch.exp(s - m_safe[:, :, None])
-
-
-def _dense(qr, seg: Segment, valid, q_start, window, rep, tq):
-    b, h, r, d = qr.shape
-    t = seg.k.shape[2]
-    s = (seg.k.to(torch.float32) @ qr.transpose(-1, -2)).reshape(b, h, t, rep, tq)  # [B, H, T, R]
-    ok = _allowed(torch.arange(seg.start, seg.start + t, device=qr.device), seg.start, seg.start + t - 1, valid, q_start, tq, window, b)
-    m, p = _softmax_part(s, ok)
-    p = p.reshape(b, h, t, r)
-    return m.reshape(b, h, r), p.sum(2), p.transpose(-1, -2) @ seg.v.to(torch.float32)
-
-
-def _coded(qr, keys: Codes, values: Codes, start, rp, pos0, valid, q_start, window, rep, tq, block):
-    b, h, r, d = qr.shape
-    dev = qr.device
-    gv, cv, nv, dcv = values.atoms.shape
-    t_all = keys.tokens
-    kmean = _mean_of(keys, dev)
-    vmean = _mean_of(values, dev)
-    qm = _mean_dot(qr, kmean) if rp is None else None
-    table = _key_table(qr, keys) if rp is None else None
-    m = torch.full((b, h, r), float("-inf"), device=dev)
-    l = torch.zeros(b, h, r, device=dev)
-    amass = torch.zeros(b * h * cv * nv, r, device=dev)  # Σ w·coef per atom: [B·H·C·N, R]
-    for t0 in range(0, t_all, block):
-        t1 = min(t_all, t0 + block)
-        kc, vc = keys.slice(t0, t1), values.slice(t0, t1)
-        tb = t1 - t0
-        ksc = _scale_of(kc)
-        if rp is None:
-            kidx = _flat_index(kc, per_batch=True).reshape(-1, kc.idx.shape[3] * kc.idx.shape[4])
-            s = F.embedding_bag(kidx, table, per_sample_weights=kc.coef.to(torch.float32).reshape(kidx.shape), mode="sum")
-            s = s.reshape(b, h, tb, r)
-            if ksc is not None:
-                s = s * ksc[..., None]
-            if qm is not None:
-                s = s + qm[:, :, None, :]
-        else:
-            k = reconstruct(kc)  # [B, H, Tb, D], scale and mean applied
-            k = _rotate_keys(k, pos0, t0, rp)
-            s = k @ qr.transpose(-1, -2)  # [B, H, Tb, R]
-        ok = _allowed(torch.arange(start + t0, start + t1, device=dev), start + t0, start + t1 - 1, valid, q_start, tq, window, b)
-        bm, p = _softmax_part(s.reshape(b, h, tb, rep, tq), ok)
-        bm = bm.reshape(b, h, r)
-        p = p.reshape(b, h, tb, r)
-        m_new = torch.maximum(m, bm)
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        alpha = torch.exp(m - m_safe)  # rescale what is accumulated so far
-        beta = torch.exp(torch.where(torch.isfinite(bm), bm, m_safe) - m_safe)  # p was taken against bm
-        p = p * beta[:, :, None, :]
-        l = l * alpha + p.sum(2)
-        amass.view(b, h, cv * nv, r).mul_(alpha[:, :, None, :])
-        vsc = _scale_of(vc)
-        pv = p if vsc is None else p * vsc[..., None]  # [B, H, Tb, R]
-        vidx = _flat_index(vc, per_batch=True).reshape(-1)
-        src = (pv[:, :, :, None, None, :] * vc.coef.to(torch.float32)[..., None]).reshape(-1, r)
-        amass.index_add_(0, vidx, src)
+        parts.append(_coded(qr, keys, values, coded_start, rope, key_pos0, valid, q_start, window, rep, tq, block, b))
+    if any(s.k.shape[2] for s in dense):
+        parts.append(_dense(qr, dense, valid, q_start, window, rep, tq, b))
+    if not parts:
+        return torch.zeros_like(q)
+    m, l, acc = parts[0]
+    for pm, pl, po in parts[1:]:
+        m_new = torch.maximum(m, pm)
+        safe = _finite(m_new)
+        alpha, beta = torch.exp(m - safe), torch.exp(pm - safe)
+        l = l * alpha + pl * beta
+        acc = acc * alpha[..., None] + po * beta[..., None]
         m = m_new
-    # one [N] x [Dc] product per head and chunk
-    am = amass.view(b, h, cv, nv, r)
-    atoms = values.atoms.to(torch.float32)
-    if gv == 1:
-        out = torch.einsum("bhcnr,cnd->bhrcd", am, atoms[0])
-    else:
-        out = torch.einsum("bhcnr,hcnd->bhrcd", am, atoms)
-    out = out.reshape(b, h, r, cv * dcv)
-    if vmean is not None:
-        out = out + l[..., None] * vmean.expand(h, -1)[None, :, None, :]
-    return m, l, out
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]  # [R, BH, D]
+    return out.transpose(0, 1).reshape(b, hq, tq, d).to(q.dtype)
