@@ -11,9 +11,11 @@ values split in 2 chunks of 2 atoms). Codes are synthetic (random indices, fp8
 e4m3 coefficients with a float32 scale per head: the .csr's storage), as a cache
 holds them: indices int16.
 
-Rows, at 1k/4k/16k/32k cached tokens (--quick: 1k and 4k), each the median of
-repeats taken in interleaved rounds (every method once per round, so machine
-noise hits all alike), same process and thread count:
+Rows, at 1k/4k/16k/32k cached tokens (--quick: 1k and 4k): per round, every
+method runs one untimed call then a burst of 5 timed back-to-back calls (steady
+state, as in a decode loop); the row is the median over rounds of the burst
+medians. Methods take turns in every round (machine noise hits all alike);
+same process and thread count:
 - codes-post / codes-pre: engine.attention.attend on post-RoPE / pre-RoPE key codes;
 - reconstruct: engine.attention.attend_reference (decode everything, then attend);
 - sdpa-fp16 / sdpa-fp32: torch scaled_dot_product_attention (enable_gqa) over the
@@ -91,15 +93,21 @@ def setup(t: int, plan: str, seed: int = 0) -> dict:
     return {"methods": methods, "parity_max_abs": parity, **sizes}
 
 
-def measure(methods: dict, repeats: int, skip: set[str]) -> dict:
+def measure(methods: dict, rounds: int, skip: set[str], burst: int = 5) -> dict:
+    """Median over rounds of each method's median over a burst of back-to-back calls (after one
+    untimed call): steady state, as in a decode loop where the CPU stays busy. Methods take turns
+    within every round, so slow phases of a shared machine hit all of them."""
     times: dict[str, list[float]] = {m: [] for m in methods if m not in skip}
-    for f in methods.values():  # warm-up
-        f()
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name in times:
-            t0 = time.perf_counter()
-            methods[name]()
-            times[name].append(time.perf_counter() - t0)
+            f = methods[name]
+            f()
+            burst_t = []
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                f()
+                burst_t.append(time.perf_counter() - t0)
+            times[name].append(statistics.median(burst_t))
     return {m: statistics.median(v) * 1e3 for m, v in times.items()}
 
 
@@ -108,17 +116,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="1k and 4k tokens, fewer repeats")
     ap.add_argument("--plan", choices=sorted(PLANS), default="1bit")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 9, --quick 3); each round times a burst of 5 calls per method")
     args = ap.parse_args()
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]
-    repeats = args.repeats or (5 if args.quick else 21)
+    repeats = args.repeats or (3 if args.quick else 9)
     rows = []
     for t in lengths:
         case = setup(t, args.plan)
         skip = {"reconstruct"} if t > 16384 and not args.quick else set()
-        ms = measure(case["methods"], repeats if t < 16384 else max(5, repeats // 2), skip)
+        ms = measure(case["methods"], repeats, skip)
         if "reconstruct" in skip:  # slow: fewer rounds
-            ms["reconstruct"] = measure({"reconstruct": case["methods"]["reconstruct"]}, 3, set())["reconstruct"]
+            ms["reconstruct"] = measure({"reconstruct": case["methods"]["reconstruct"]}, 1, set(), 3)["reconstruct"]
         row = {"tokens": t, "ms": ms, "parity_max_abs": case["parity_max_abs"],
                "cache_bytes": case["cache_bytes"], "cache_bytes_packed": case["cache_bytes_packed"], "fp16_bytes": case["fp16_bytes"],
                "fp16_over_cache": case["fp16_bytes"] / case["cache_bytes"], "fp16_over_cache_packed": case["fp16_bytes"] / case["cache_bytes_packed"]}

@@ -285,6 +285,8 @@ def _per_chunk_products(x: torch.Tensor, atoms: torch.Tensor, b: int) -> torch.T
     """x [BH, R, C, Dc] against atoms [G, C, N, Dc] -> x·Dᵀ [BH, R, C, N] (one GEMM per chunk for G = 1)."""
     bh, r, c, dc = x.shape
     a = atoms.to(torch.float32)
+    if a.shape[0] == 1 and c == 1:
+        return F.linear(x.view(bh * r, dc), a[0, 0]).view(bh, r, 1, -1)
     if a.shape[0] == 1:
         return torch.stack([F.linear(x[:, :, i].reshape(bh * r, dc), a[0, i]) for i in range(c)], 1).view(bh, c, r, -1).transpose(1, 2)
     return torch.einsum("xrcd,xcnd->xrcn", x, a.repeat(b, 1, 1, 1))
@@ -389,7 +391,9 @@ class _AtomMass:
         bh = b * h
         am = self.mass.view(self.r, bh, c, n)
         atoms = self.values.atoms.to(torch.float32)
-        if g == 1:
+        if g == 1 and c == 1:
+            out = (self.mass.view(self.r * bh, n) @ atoms[0, 0]).view(self.r, bh, dc)
+        elif g == 1:
             out = torch.stack([am[:, :, i].reshape(self.r * bh, n) @ atoms[0, i] for i in range(c)], 1).view(self.r, bh, c * dc)
         else:
             out = torch.einsum("rxcn,xcnd->rxcd", am, atoms.repeat(b, 1, 1, 1)).reshape(self.r, bh, c * dc)
@@ -411,7 +415,8 @@ def _mask_rows(s: torch.Tensor, ok: torch.Tensor | None, rep: int, tq: int, b: i
 
 
 def _finite(m: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    """A running max fit to subtract: -inf (nothing seen yet) becomes -1e30, so exp(-inf - it) = 0, never NaN."""
+    return m.clamp_min(-1e30)
 
 
 def _dense(qr, dense: Sequence[Segment], valid, q_start, window, rep, tq, b):
