@@ -1,6 +1,6 @@
 """Decode-step attention latency on the codes vs dense SDPA, for one layer (issue 10).
 
-    PYTHONPATH=$PWD .venv/bin/python bench/attention.py --json bench/attention.json [--quick] [--plan 1bit|paper]
+    PYTHONPATH=$PWD .venv/bin/python bench/attention.py --json bench/attention.json [--quick] [--plan 1bit|paper] [--threads T]
 
 One SmolLM2-135M layer: 3 KV heads, 9 query heads, head_dim 64, batch 1, one query
 token, N = 4096 atoms in one dictionary shared by the layer's heads (as the demo
@@ -116,8 +116,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="1k and 4k tokens, fewer repeats")
     ap.add_argument("--plan", choices=sorted(PLANS), default="1bit")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every method (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 9, --quick 3); each round times a burst of 5 calls per method")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]
     repeats = args.repeats or (3 if args.quick else 9)
     rows = []
