@@ -9,17 +9,14 @@ The dense history is never rebuilt (docs/attention.md):
 - pre-RoPE keys: a block of keys is decoded, rotated to its positions and dotted
   with q; only one block is ever dense;
 - values: the softmax weights times the coefficients are scattered into atom space
-  A [R, C, N] (index_add), then one A·D product per head; the mean adds Σw·mean.
+  A [R, C, N] (scatter_add), then one A·D product per head; the mean adds Σw·mean.
 
 Coded tokens go in blocks with an online softmax (running max and sum), merged with
 the dense part by log-sum-exp, so memory stays O(block + N) at any length.
 
-    Codes(idx, coef, atoms, scale=None, mean=None)       one side (K or V) of a layer
-    Segment(k, v, start)                                 dense tokens at slots start..
-    Rope(inv_freq, scaling=1.0)                          re-rotation of pre-RoPE keys
-    attend(q, keys, values, dense, ...) -> [B, Hq, Tq, D]
-    attend_reference(...)                                 same result, reconstruct-then-attend
-    reconstruct(codes) -> [B, H, T, D] float32             decode one side (mean added)
+    attend(q, keys, values, dense, coded_start, *, rope, key_pos0, valid, q_start, window, scale, block)
+        -> [B, Hq, Tq, D]
+    Codes, Segment, Rope, reconstruct, attend_reference   from engine/history.py (re-exported)
 
 Shapes: B batch, Hq = rep·H query heads, H KV heads, Tq query tokens, T coded
 tokens, C channel chunks, S atoms per chunk, N atoms, D = C·Dc head_dim, G = H
@@ -30,13 +27,24 @@ of the cache), the same for every sequence of the batch; `valid` marks real toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from csrtool.engine import rope as _rope
+from csrtool.engine.history import (  # noqa: F401  (Codes, Segment, Rope, reconstruct, attend_reference: the public API)
+    Codes,
+    Rope,
+    Segment,
+    allowed,
+    attend_reference,
+    coef_f32,
+    mean_of,
+    query_groups,
+    reconstruct,
+    row_offsets,
+)
 
 # Coded tokens per block of the online softmax, from the size of its temporaries:
 # post-RoPE keys ~40 bytes per (token, head, query row); pre-RoPE keys ~1.5 KB per (token, head)
@@ -47,184 +55,6 @@ POST_BLOCK_ELEMS = 9 * 32768  # tokens x heads x query rows
 PRE_BLOCK_ELEMS = 3 * 4096  # tokens x heads
 
 
-@dataclass(frozen=True)
-class Codes:
-    """Sparse codes of T tokens of one layer side (keys or values), as a cache holds them.
-
-    idx   [B, H, T, C, S]  int16 / int32 / int64 (uint8 when N <= 256): atom indices < N.
-    coef  [B, H, T, C, S]  float32 / float16 / bfloat16 / float8_e4m3fn / int8.
-    atoms [G, C, N, Dc]    float, unit rows; G = H or 1.
-    scale None, [B, H] or [B, H, T] float: the coefficient is coef · scale (the .csr's
-          per-(batch, head) float32 scale g; for int8 coefficients pass g·v [B, H, T]).
-    mean  None or [G, C·Dc]: added to every decoded vector (centred dictionaries).
-    """
-
-    idx: torch.Tensor
-    coef: torch.Tensor
-    atoms: torch.Tensor
-    scale: torch.Tensor | None = None
-    mean: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        assert self.idx.dim() == 5 and self.idx.shape == self.coef.shape, (tuple(self.idx.shape), tuple(self.coef.shape))
-        assert self.atoms.dim() == 4 and self.atoms.shape[1] == self.idx.shape[3], (tuple(self.atoms.shape), tuple(self.idx.shape))
-        assert self.atoms.shape[0] in (1, self.idx.shape[1]), (tuple(self.atoms.shape), tuple(self.idx.shape))
-
-    @property
-    def tokens(self) -> int:
-        return self.idx.shape[2]
-
-    def slice(self, t0: int, t1: int) -> "Codes":
-        """Tokens t0..t1-1 (views, no copy)."""
-        s = self.scale
-        if s is not None and s.dim() == 3:
-            s = s[:, :, t0:t1]
-        return Codes(self.idx[:, :, t0:t1], self.coef[:, :, t0:t1], self.atoms, s, self.mean)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Dense tokens k, v [B, H, T, D] (post-RoPE keys, as a transformers cache holds them) at slots start..start+T-1."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    start: int
-
-
-@dataclass(frozen=True)
-class Rope:
-    """Keys coded before RoPE are rotated at their positions: inv_freq [D/2], scaling (yarn's attention factor)."""
-
-    inv_freq: torch.Tensor
-    scaling: float = 1.0
-    _tables: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def table(self, start: int, length: int, device: torch.device) -> torch.Tensor:
-        """[2, length, D] float32: cos and sin of positions start..start+length-1, as rope.cos_sin gives them.
-
-        Positions >= 0 come from a table kept per device and grown by doubling (512 bytes
-        a position at D = 64), so one Rope shared by a model's layers computes each
-        position once; negative positions (padding) are computed on the spot."""
-        if start < 0:
-            return torch.stack(_rope.cos_sin(self.inv_freq, torch.arange(start, start + length, device=device), self.scaling))
-        tab = self._tables.get(device)
-        if tab is None or tab.shape[1] < start + length:
-            size = max(1024, 1 << (start + length - 1).bit_length())
-            tab = self._tables[device] = torch.stack(_rope.cos_sin(self.inv_freq, torch.arange(size, device=device), self.scaling))
-        return tab[:, start : start + length]
-
-
-# ---------------------------------------------------------------- shared pieces
-
-
-def _scale_of(codes: Codes) -> torch.Tensor | None:
-    """The coefficient scale broadcastable to [B, H, T]."""
-    s = codes.scale
-    if s is None:
-        return None
-    s = s.to(torch.float32)
-    return s[:, :, None] if s.dim() == 2 else s
-
-
-def _mean_of(codes: Codes, device) -> torch.Tensor | None:
-    """mean as [1 or H, D] float32."""
-    return None if codes.mean is None else codes.mean.to(device, torch.float32)
-
-
-def reconstruct(codes: Codes) -> torch.Tensor:
-    """Decode one side: [B, H, T, C·Dc] float32 = Σ coef·scale·atom (+ mean)."""
-    b, h, t, c, s = codes.idx.shape
-    g, _, n, dc = codes.atoms.shape
-    cf, fac = _coef_f32(codes.coef)
-    sc = _scale_of(codes)
-    cf = cf * (fac if sc is None else sc[..., None, None] * fac)
-    idx = (codes.idx.to(torch.int64) + _offsets(codes, False, torch.int64)).reshape(-1, s)
-    out = F.embedding_bag(idx, codes.atoms.to(torch.float32).reshape(g * c * n, dc), per_sample_weights=cf.reshape(-1, s), mode="sum")
-    out = out.reshape(b, h, t, c * dc)
-    mean = _mean_of(codes, out.device)
-    return out if mean is None else out + mean[None, :, None, :]
-
-
-def _rotate_keys(k: torch.Tensor, pos0: torch.Tensor, t0: int, rp: Rope) -> torch.Tensor:
-    """RoPE on k [B, H, T, D] (float32): token t of sequence b at position pos0[b] + t0 + t."""
-    b, h, t, d = k.shape
-    pos = pos0.to(k.device, torch.float32)[:, None] + torch.arange(t0, t0 + t, device=k.device, dtype=torch.float32)[None, :]
-    cos, sin = _rope.cos_sin(rp.inv_freq, pos.reshape(-1), rp.scaling)  # [B*T, D]
-    cos, sin = cos.reshape(b, 1, t, d), sin.reshape(b, 1, t, d)
-    return k * cos + _rope.rotate_half(k) * sin
-
-
-def _allowed(slots: Callable[[], torch.Tensor], lo: int, hi: int, valid, q_start: int, tq: int, window: int | None, batch: int) -> torch.Tensor | None:
-    """Bool [B, Tq, T] (True = attend) for keys at slots() [T] (all within lo..hi); None when every key is allowed."""
-    if valid is None and hi <= q_start and (window is None or lo > q_start + tq - 1 - window):
-        return None
-    slots = slots()
-    qs = torch.arange(q_start, q_start + tq, device=slots.device)[:, None]  # [Tq, 1]
-    ok = slots[None, :] <= qs  # [Tq, T]
-    if window is not None:
-        ok = ok & (slots[None, :] > qs - window)
-    ok = ok[None].expand(batch, tq, slots.numel())
-    if valid is not None:
-        ok = ok & valid.to(slots.device, torch.bool)[:, slots][:, None, :]
-    return ok
-
-
-def _check(q: torch.Tensor, heads: int) -> int:
-    b, hq, tq, d = q.shape
-    assert hq % heads == 0, (hq, heads)
-    return hq // heads
-
-
-# ---------------------------------------------------------------- reference
-
-
-def attend_reference(
-    q: torch.Tensor,
-    keys: Codes | None,
-    values: Codes | None,
-    dense: Sequence[Segment] = (),
-    coded_start: int = 0,
-    *,
-    rope: Rope | None = None,
-    key_pos0: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    q_start: int = 0,
-    window: int | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Reconstruct-then-attend: decode every coded token to a dense key/value, then plain softmax attention.
-
-    Same arguments and result as `attend`; kept as the reference (O(T·D) memory)."""
-    b, hq, tq, d = q.shape
-    ks, vs, slots = [], [], []
-    if keys is not None and keys.tokens:
-        k = reconstruct(keys)
-        if rope is not None:
-            k = _rotate_keys(k, key_pos0, 0, rope)
-        ks.append(k)
-        vs.append(reconstruct(values))
-        slots.append(torch.arange(coded_start, coded_start + keys.tokens, device=q.device))
-    for seg in dense:
-        ks.append(seg.k.to(torch.float32))
-        vs.append(seg.v.to(torch.float32))
-        slots.append(torch.arange(seg.start, seg.start + seg.k.shape[2], device=q.device))
-    k_all, v_all, s_all = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(slots)
-    rep = _check(q, k_all.shape[1])
-    k_all = k_all.repeat_interleave(rep, dim=1)
-    v_all = v_all.repeat_interleave(rep, dim=1)
-    sc = d**-0.5 if scale is None else scale
-    scores = (q.to(torch.float32) @ k_all.transpose(-1, -2)) * sc  # [B, Hq, Tq, T]
-    lo, hi = (int(s_all.min()), int(s_all.max())) if s_all.numel() else (0, 0)
-    ok = _allowed(lambda: s_all, lo, hi, valid, q_start, tq, window, b)
-    if ok is not None:
-        scores = scores.masked_fill(~ok[:, None], float("-inf"))
-    m = scores.amax(-1, keepdim=True)
-    p = torch.exp(scores - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    l = p.sum(-1, keepdim=True)
-    out = (p @ v_all) / torch.where(l > 0, l, torch.ones_like(l))
-    return out.to(q.dtype)
-
-
 # ---------------------------------------------------------------- on the codes
 #
 # Layout: the R = rep·Tq query rows of a KV head first, then the B·H heads, then tokens:
@@ -232,36 +62,6 @@ def attend_reference(
 # Per-(batch, head) coefficient scales and the fp8 factor fold into the small tables
 # (q·Dᵀ for post-RoPE keys, q for pre-RoPE keys, the atom mass for values), so the
 # per-token work is: widen the indices, widen the coefficients, gather, exp, scatter.
-
-
-def _coef_f32(c: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Stored coefficients (any view, e.g. permuted) -> (contiguous float32 tensor in c's logical order, factor):
-    the coefficient is tensor · factor.
-
-    fp8 e4m3 goes through its bits (torch's own fp8 cast is ~10x slower on CPU): the
-    sign-extended byte shifted by 7, with bit 14 cleared, is the float16 of value/256,
-    exact for normal and subnormal e4m3 values (a NaN byte, which a valid file never
-    holds, would read as ±480)."""
-    if c.dtype == torch.float8_e4m3fn:
-        b = torch.empty(c.shape, dtype=torch.int16, device=c.device)
-        b.copy_(c.view(torch.int8))
-        b <<= 7
-        b &= -16512  # 0xBF80: sign, then the 7 exponent/mantissa bits
-        return b.view(torch.float16).to(torch.float32), 256.0
-    out = torch.empty(c.shape, dtype=torch.float32, device=c.device)
-    return out.copy_(c), 1.0
-
-
-def _offsets(codes: Codes, per_batch: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Row offsets into a flat table, [B or 1, H, 1, C, 1]: ((b·H + h)·C + c)·N (per_batch) or (g·C + c)·N."""
-    b, h, _, c, _ = codes.idx.shape
-    n = codes.atoms.shape[2]
-    dev = codes.idx.device
-    if per_batch:
-        return (torch.arange(b * h * c, device=dev, dtype=dtype) * n).reshape(b, h, 1, c, 1)
-    g = codes.atoms.shape[0]
-    heads = torch.arange(h, device=dev, dtype=dtype) if g > 1 else torch.zeros(h, device=dev, dtype=dtype)
-    return ((heads[:, None] * c + torch.arange(c, device=dev, dtype=dtype)[None, :]) * n).reshape(1, h, 1, c, 1)
 
 
 def _head_factor(codes: Codes, fac: float, bh: int, device) -> torch.Tensor | None:
@@ -303,14 +103,14 @@ def _scores_post(qr: torch.Tensor, keys: Codes, b: int) -> tuple[Callable[[Codes
     hf = _head_factor(keys, _fp8_factor(keys), bh, qr.device)
     torch.mul(qd.permute(0, 2, 3, 1), 1.0 if hf is None else hf.view(bh, 1, 1, 1), out=tab)
     tab = tab.view(bh * c * n, r)
-    off = _offsets(keys, True, torch.int32)
-    mean = _mean_of(keys, qr.device)
+    off = row_offsets(keys, True, torch.int32)
+    mean = mean_of(keys, qr.device)
     shift = None if mean is None else torch.einsum("xrd,xd->rx", qr, mean.expand(b, -1, -1).reshape(bh, d) if mean.shape[0] > 1 else mean.expand(bh, d))
 
     def scores(kc: Codes, t0: int) -> torch.Tensor:
         tb = kc.tokens
         idx = torch.add(kc.idx, off).view(bh * tb, -1)  # int32 rows of the table
-        cf, _ = _coef_f32(kc.coef)
+        cf, _ = coef_f32(kc.coef)
         s = F.embedding_bag(idx, tab, per_sample_weights=cf.reshape(idx.shape), mode="sum")  # [BH·Tb, R]
         out = torch.empty(r, bh, tb, device=qr.device)
         torch.mul(s.view(bh, tb, r).permute(2, 0, 1), 1.0, out=out)  # transpose into [R, BH, Tb]
@@ -327,8 +127,8 @@ def _scores_pre(qr: torch.Tensor, keys: Codes, b: int, rp: Rope, pos0: torch.Ten
     g, c, n, dc = keys.atoms.shape
     h = bh // b
     atoms = keys.atoms.to(torch.float32).reshape(g * c * n, dc)
-    off = _offsets(keys, False, torch.int32)
-    mean = _mean_of(keys, qr.device)
+    off = row_offsets(keys, False, torch.int32)
+    mean = mean_of(keys, qr.device)
     mean = None if mean is None else (mean.expand(h, d).repeat(b, 1) if mean.shape[0] > 1 else mean.expand(bh, d)).reshape(bh, 1, d)
     hf = _head_factor(keys, _fp8_factor(keys), bh, qr.device)
     qr_rot = -_rope.rotate_half(qr)
@@ -338,7 +138,7 @@ def _scores_pre(qr: torch.Tensor, keys: Codes, b: int, rp: Rope, pos0: torch.Ten
     def scores(kc: Codes, t0: int) -> torch.Tensor:
         tb = kc.tokens
         idx = torch.add(kc.idx, off).view(-1, kc.idx.shape[-1])  # int32 [BH·Tb·C, S] rows of the atoms
-        cf, _ = _coef_f32(kc.coef)
+        cf, _ = coef_f32(kc.coef)
         ts = _token_scale(kc)
         if ts is not None:
             cf = cf * ts.view(b, h, tb, 1, 1)
@@ -367,7 +167,7 @@ class _AtomMass:
     def __init__(self, values: Codes, r: int):
         b, h, _, c, _ = values.idx.shape
         self.values, self.r, self.b = values, r, b
-        self.off = _offsets(values, True, torch.int64).permute(3, 4, 0, 1, 2)  # [C, 1, B, H, 1]
+        self.off = row_offsets(values, True, torch.int64).permute(3, 4, 0, 1, 2)  # [C, 1, B, H, 1]
         self.mass = torch.zeros(r, b * h * c * values.atoms.shape[2], device=values.idx.device)
 
     def add(self, vc: Codes, p: torch.Tensor) -> None:
@@ -377,7 +177,7 @@ class _AtomMass:
         kk, m = c * s, b * h * tb
         idx = torch.empty(c, s, b, h, tb, dtype=torch.int64, device=p.device)
         torch.add(vc.idx.permute(3, 4, 0, 1, 2), self.off, out=idx)
-        cf, _ = _coef_f32(vc.coef.permute(3, 4, 0, 1, 2))  # [C, S, B, H, Tb]
+        cf, _ = coef_f32(vc.coef.permute(3, 4, 0, 1, 2))  # [C, S, B, H, Tb]
         ts = _token_scale(vc)
         if ts is not None:
             p = p * ts
@@ -400,7 +200,7 @@ class _AtomMass:
         hf = _head_factor(self.values, _fp8_factor(self.values), bh, out.device)
         if hf is not None:
             out.mul_(hf.view(1, bh, 1))
-        mean = _mean_of(self.values, out.device)
+        mean = mean_of(self.values, out.device)
         if mean is not None:
             out = out + l[..., None] * (mean.expand(h, -1).repeat(b, 1) if mean.shape[0] > 1 else mean)[None]
         return out
@@ -429,7 +229,7 @@ def _dense(qr, dense: Sequence[Segment], valid, q_start, window, rep, tq, b):
     slots = lambda: torch.cat([torch.arange(s.start, s.start + s.k.shape[2], device=qr.device) for s in segs])  # noqa: E731
     lo, hi = min(s.start for s in segs), max(s.start + s.k.shape[2] - 1 for s in segs)
     s = torch.bmm(qr, k.to(torch.float32).reshape(bh, t, d).transpose(1, 2)).transpose(0, 1).contiguous()  # [R, BH, T]
-    s = _mask_rows(s, _allowed(slots, lo, hi, valid, q_start, tq, window, b), rep, tq, b)
+    s = _mask_rows(s, allowed(slots, lo, hi, valid, q_start, tq, window, b), rep, tq, b)
     m = s.amax(-1)
     p = torch.exp(s - _finite(m)[..., None])
     out = torch.bmm(p.transpose(0, 1), v.to(torch.float32).reshape(bh, t, d)).transpose(0, 1)  # [R, BH, D]
@@ -454,7 +254,7 @@ def _coded(qr, keys: Codes, values: Codes, start, rp, pos0, valid, q_start, wind
         t1 = min(t_all, t0 + block)
         s = scores(keys.slice(t0, t1), t0)  # [R, BH, Tb]
         slots = lambda: torch.arange(start + t0, start + t1, device=dev)  # noqa: E731
-        s = _mask_rows(s, _allowed(slots, start + t0, start + t1 - 1, valid, q_start, tq, window, b), rep, tq, b)
+        s = _mask_rows(s, allowed(slots, start + t0, start + t1 - 1, valid, q_start, tq, window, b), rep, tq, b)
         m_new = torch.maximum(m, s.amax(-1))
         safe = _finite(m_new)
         p = s.sub_(safe[..., None]).exp_()
@@ -500,7 +300,7 @@ def attend(
     """
     b, hq, tq, d = q.shape
     heads = keys.idx.shape[1] if keys is not None else dense[0].k.shape[1]
-    rep = _check(q, heads)
+    rep = query_groups(q, heads)
     r = rep * tq
     sc = d**-0.5 if scale is None else scale
     # the query rows of each KV head: [BH, R, D], row = (rep_i, tq_i), pre-scaled by the softmax scale
