@@ -135,3 +135,29 @@ def test_cuda_matches_cpu():
     out = attend(q.cuda(), cu(keys), cu(values), [Segment(s.k.cuda(), s.v.cuda(), s.start) for s in dense], block=16, **kw)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_codes_held_in_capacity_buffers(pre_rope):
+    """A cache grows codes in preallocated [B, H, capacity, C, S] buffers and passes views of the filled part."""
+    q, keys, values, dense, kw = _problem(pre_rope=pre_rope, fmt="int8", tq=2)
+
+    def in_buffer(c: Codes) -> Codes:
+        t = c.tokens
+        grow = lambda x: torch.cat([x, torch.zeros_like(x)], 2)[:, :, :t]  # noqa: E731
+        return Codes(grow(c.idx), grow(c.coef), c.atoms, grow(c.scale), c.mean)
+
+    kb, vb = in_buffer(keys), in_buffer(values)
+    assert not kb.idx.is_contiguous() and not kb.scale.is_contiguous()
+    want = attend_reference(q, keys, values, dense, **kw)
+    torch.testing.assert_close(attend(q, kb, vb, dense, block=16, **kw), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(attend(q, kb, vb, dense, **kw), want, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_queries_and_dense_tokens():
+    q, keys, values, dense, kw = _problem(fmt="fp8")
+    dense16 = [Segment(s.k.to(torch.bfloat16), s.v.to(torch.bfloat16), s.start) for s in dense]
+    out = attend(q.to(torch.bfloat16), keys, values, dense16, **kw)
+    assert out.dtype == torch.bfloat16
+    want = attend_reference(q.to(torch.bfloat16).float(), keys, values, [Segment(s.k.float(), s.v.float(), s.start) for s in dense16], **kw)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
