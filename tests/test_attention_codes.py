@@ -34,11 +34,11 @@ def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None):
 
 
 def _problem(*, b=2, h=2, rep=3, tq=1, tc=50, sink=2, win=5, kc=1, vc=2, g=2, centred=True, fmt=None, pad=(0, 7),
-             pre_rope=False, window=None, seed=0, n=64, pos_shift=0):
+             pre_rope=False, window=None, seed=0, n=64, pos_shift=0, kidx=torch.int16, vidx=torch.int32):
     gen = torch.Generator().manual_seed(seed)
     g = h if g == "h" else g
-    keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, fmt=fmt)
-    values = _codes(b, h, tc, vc, 2, n, g, gen, centred, idx_dtype=torch.int32, fmt=fmt)
+    keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, idx_dtype=kidx, fmt=fmt)
+    values = _codes(b, h, tc, vc, 2, n, g, gen, centred, idx_dtype=vidx, fmt=fmt)
     total = sink + tc + win
     dense = [Segment(torch.randn(b, h, sink, D, generator=gen), torch.randn(b, h, sink, D, generator=gen), 0),
              Segment(torch.randn(b, h, win, D, generator=gen), torch.randn(b, h, win, D, generator=gen), sink + tc)]
@@ -68,6 +68,8 @@ CASES = {
     "chunked-prefill": dict(tq=4, pre_rope=True),
     "no-gqa-batch1": dict(b=1, rep=1, pad=(3,)),
     "key-chunks": dict(kc=2),
+    "uint8-int64-indices": dict(kidx=torch.uint8, vidx=torch.int64, pre_rope=True),
+    "uint8-indices-post": dict(kidx=torch.uint8, vidx=torch.uint8),
 }
 
 
