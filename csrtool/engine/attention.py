@@ -60,8 +60,9 @@ PRE_BLOCK_ELEMS = 3 * 4096  # tokens x heads
 # Layout: the R = rep·Tq query rows of a KV head first, then the B·H heads, then tokens:
 # scores [R, BH, T] so that every reduction over tokens runs along contiguous memory.
 # Per-(batch, head) coefficient scales and the fp8 factor fold into the small tables
-# (q·Dᵀ for post-RoPE keys, q for pre-RoPE keys, the atom mass for values), so the
-# per-token work is: widen the indices, widen the coefficients, gather, exp, scatter.
+# (q·Dᵀ for post-RoPE keys, the atom mass for values; pre-RoPE keys take them on their
+# coefficients, before the mean is added), so the per-token work is: widen the
+# indices, widen the coefficients, gather, exp, scatter.
 
 
 def _head_factor(codes: Codes, fac: float, bh: int, device) -> torch.Tensor | None:
@@ -89,7 +90,7 @@ def _per_chunk_products(x: torch.Tensor, atoms: torch.Tensor, b: int) -> torch.T
         return F.linear(x.view(bh * r, dc), a[0, 0]).view(bh, r, 1, -1)
     if a.shape[0] == 1:
         return torch.stack([F.linear(x[:, :, i].reshape(bh * r, dc), a[0, i]) for i in range(c)], 1).view(bh, c, r, -1).transpose(1, 2)
-    return torch.einsum("xrcd,xcnd->xrcn", x, a.repeat(b, 1, 1, 1))
+    return torch.einsum("bhrcd,hcnd->bhrcn", x.view(b, bh // b, r, c, dc), a).reshape(bh, r, c, -1)
 
 
 def _scores_post(qr: torch.Tensor, keys: Codes, b: int) -> tuple[Callable[[Codes, int], torch.Tensor], torch.Tensor | None]:
@@ -196,7 +197,7 @@ class _AtomMass:
         elif g == 1:
             out = torch.stack([am[:, :, i].reshape(self.r * bh, n) @ atoms[0, i] for i in range(c)], 1).view(self.r, bh, c * dc)
         else:
-            out = torch.einsum("rxcn,xcnd->rxcd", am, atoms.repeat(b, 1, 1, 1)).reshape(self.r, bh, c * dc)
+            out = torch.einsum("rbhcn,hcnd->rbhcd", am.view(self.r, b, h, c, n), atoms).reshape(self.r, bh, c * dc)
         hf = _head_factor(self.values, _fp8_factor(self.values), bh, out.device)
         if hf is not None:
             out.mul_(hf.view(1, bh, 1))
