@@ -1,4 +1,4 @@
-"""The numeric engine: pursuit, dictionary learning, packing. Imports only torch.
+"""The numeric engine: pursuit, dictionary learning, packing, attention on codes. Imports only torch.
 
 Device-agnostic: every function allocates on its input's device and dtype and
 never prints. Dimension letters used in shape comments throughout:
