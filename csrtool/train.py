@@ -19,9 +19,9 @@ so a resumed run writes the same atoms and metadata as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,7 +40,6 @@ from csrtool.formats.stwrite import save_safetensors
 Progress = Callable[[str, dict], None]
 
 STATE = "state.json"
-MARKER = "csrtool train-dict"  # in STATE: the side directory is ours to resume from and delete
 
 
 def partial_dir(out: Path) -> Path:
@@ -77,49 +76,26 @@ def group_vectors(x: torch.Tensor, scope: str, group: int, chunk: int, chunks: i
 
 
 class _Partial:
-    """The side directory of finished dictionaries.
-
-    It carries our marker (`state.json` with `"made_by": MARKER`); a directory of that
-    name without it is the user's and is never touched. Only files of our own naming
-    (state.json, `layer.*.safetensors`, our hidden temporaries) are ever removed."""
+    """The side directory of finished dictionaries."""
 
     def __init__(self, out: Path, cfg: TrainConfig, fp: str):
         self.dir = partial_dir(out)
         self.key = {"config": cfg.to_dict(), "acts_fingerprint": fp}
         self.done: dict[str, dict] = {}
-        if not self.dir.exists():
-            return
-        saved = self._state()
-        if saved is None:
-            raise CsrError(
-                f"{self.dir} exists but was not made by csrtool train-dict (no {STATE} with our marker): "
-                "move it away or choose another -o; csrtool never deletes what it did not create"
-            )
-        if {k: saved.get(k) for k in self.key} == self.key:
-            done = saved.get("done")
-            self.done = {n: st for n, st in (done if isinstance(done, dict) else {}).items()
-                         if isinstance(n, str) and isinstance(st, dict) and (self.dir / f"{n}.safetensors").is_file()}
-        if not self.done:
-            self.remove()  # our own stale state: another config or other activations
+        state = self.dir / STATE
+        if state.is_file():
+            try:
+                saved = json.loads(state.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                saved = {}
+            if {k: saved.get(k) for k in self.key} == self.key:
+                self.done = {n: s for n, s in saved.get("done", {}).items() if (self.dir / f"{n}.safetensors").is_file()}
+        if not self.done and self.dir.exists():
+            shutil.rmtree(self.dir)  # stale: another config or other activations
 
-    def _state(self) -> dict | None:
-        """Our state.json's content, or None when the directory is not ours."""
-        try:
-            saved = json.loads((self.dir / STATE).read_text())
-        except (OSError, ValueError):
-            return None
-        return saved if isinstance(saved, dict) and saved.get("made_by") == MARKER else None
-
-    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A finished dictionary's (atoms, mean), or None when its file is unreadable (it is then retrained)."""
-        try:
-            t = load_file(str(self.dir / f"{name}.safetensors"))
-            atoms, mean = t["atoms"], t["mean"]
-        except Exception:  # truncated or corrupted by a crash: safetensors raises its own error types
-            return None
-        if atoms.dim() != 2 or mean.dim() != 1 or not (torch.isfinite(atoms).all() and torch.isfinite(mean).all()):
-            return None
-        return atoms, mean
+    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = load_file(str(self.dir / f"{name}.safetensors"))
+        return t["atoms"], t["mean"]
 
     def add(self, name: str, atoms: torch.Tensor, mean: torch.Tensor, stats: dict) -> None:
         self.dir.mkdir(exist_ok=True)
@@ -127,20 +103,11 @@ class _Partial:
             save_safetensors(tmp, {"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),
                                    "mean": mean.detach().to("cpu", torch.float32).contiguous()}, {})
         self.done[name] = stats
-        state = {**self.key, "made_by": MARKER, "done": self.done}
+        state = {**self.key, "done": self.done}
         atomic_write_bytes(self.dir / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
     def remove(self) -> None:
-        """Delete our own files, then the directory if nothing else is left in it."""
-        if not self.dir.is_dir():
-            return
-        for f in self.dir.iterdir():
-            ours = f.name == STATE or (f.name.startswith("layer.") and f.name.endswith(".safetensors")) or (
-                f.name.startswith(".layer.") and f.name.endswith(".tmp")) or (f.name.startswith(f".{STATE}.") and f.name.endswith(".tmp"))
-            if ours and f.is_file():
-                f.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _source(reader: ActsReader, fp: str) -> dict:
@@ -203,9 +170,8 @@ def train_dicts(
                 row, mrow, srow = [], [], []
                 for c in range(c_n):
                     name = unit_name(layer, kind, g, c)
-                    saved = part.load(name) if name in part.done else None
-                    if saved is not None:
-                        (a, mu), stats = saved, part.done[name]
+                    if name in part.done:
+                        (a, mu), stats = part.load(name), part.done[name]
                         resumed += 1
                         emit("done", {"name": name, "stats": stats, "resumed": True})
                     else:

@@ -29,9 +29,7 @@ progress goes to an optional callback.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -177,21 +175,6 @@ def _split(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[tor
     return x[perm[n_val:]], x[perm[:n_val]]
 
 
-@contextlib.contextmanager
-def deterministic():
-    """Deterministic kernels for the block (restored after): the gradient of the atom gather
-    (an accumulating index_put) otherwise adds in thread order, so runs with 2 CPU threads
-    gave different atoms (issue 14.7); the deterministic kernel is also faster on CPU."""
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: CUDA ops without a deterministic kernel still run
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*deterministic.*")
-            yield
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
-
-
 def train_dictionary(
     x: torch.Tensor,
     cfg: TrainConfig,
@@ -204,13 +187,7 @@ def train_dictionary(
     `seed` (int or torch.Generator on x's device) fixes the split, init and batches;
     default cfg.seed. `val` overrides the held-out split (then all of x trains).
     stats: train_rel_err, val_rel_err, init_val_rel_err, epochs, best_epoch, reseeded.
-    The same inputs give the same atoms bit for bit, whatever the thread count (deterministic kernels).
     """
-    with deterministic():
-        return _train(x, cfg, seed, progress, val)
-
-
-def _train(x: torch.Tensor, cfg: TrainConfig, seed, progress: Optional[Progress], val: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
     if x.dim() != 2 or x.shape[0] < 2:
         raise CsrError(f"need at least 2 training vectors of shape [B, D], got {list(x.shape)}")
     if isinstance(seed, torch.Generator):
