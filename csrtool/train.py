@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,7 +32,7 @@ from safetensors.torch import load_file
 
 from csrtool.formats.acts import MANIFEST, ActsReader
 from csrtool.formats.dicts import KINDS, dict_name, save_dicts
-from csrtool.engine.neuraldict import TrainConfig, train_dictionary
+from csrtool.engine.neuraldict import TrainConfig, train_dictionary, training_bytes
 from csrtool.errors import CsrError
 from csrtool.formats.io import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from csrtool.formats.stwrite import save_safetensors
@@ -179,6 +180,10 @@ def train_dicts(
         raise CsrError(f"value_split {cfg.value_split} does not divide head_dim {d}: pick a divisor of {d}")
     if reader.tokens < 2:
         raise CsrError(f"{reader.dir} holds {reader.tokens} tokens: collect at least a few hundred")
+    if cfg.sparsity > d // cfg.value_split:
+        raise CsrError(f"sparsity {cfg.sparsity} is more atoms per vector than the {d // cfg.value_split} channels of a "
+                       f"{'value chunk' if cfg.value_split > 1 else 'vector'}: pass --sparsity {max(1, d // cfg.value_split // 8)} or so")
+    _check_memory(cfg, d, device)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}
 
@@ -254,6 +259,22 @@ def train_dicts(
         "resumed": resumed,
         "sensitivity": {k: v for k, v in sensitivity.items() if k != "curves"},
     }
+
+
+def _check_memory(cfg: TrainConfig, d: int, device: str | torch.device) -> None:
+    """Refuse a configuration that cannot fit, before any work (e.g. --atoms 1000000000)."""
+    need = training_bytes(cfg, d)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        have, what = torch.cuda.mem_get_info(dev)[1], f"{dev} has"
+    else:
+        try:
+            have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > have:
+        raise CsrError(f"--atoms {cfg.atoms} needs about {need / 2**30:.1f} GiB to train but {what} "
+                       f"{have / 2**30:.1f} GiB: use fewer atoms (e.g. --atoms 4096)")
 
 
 def _mean(values: list[float]) -> float:

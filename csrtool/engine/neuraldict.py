@@ -93,6 +93,16 @@ class TrainConfig:
         return asdict(self)
 
 
+def training_bytes(cfg: TrainConfig, dim: int) -> int:
+    """Rough peak memory (bytes) of train_dictionary for vectors of `dim` channels.
+
+    Dominated by the atoms' pairwise coherence [N, N] (duplicate re-seeding, epochs > 0),
+    the correlations of a chunk of vectors [8192, N] (k-means, pursuit) and about ten
+    copies of the atoms [N, D] (weight, gradient, Adam moments, best, Gram form)."""
+    n = cfg.atoms
+    return 4 * ((n * n if cfg.epochs > 0 else 0) + 8192 * n + 10 * n * dim + 4 * cfg.max_vectors * dim)
+
+
 def rel_err(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Σ‖x − x̂‖² / Σ‖x‖² over the set."""
     den = x.double().pow(2).sum()
