@@ -22,11 +22,10 @@ from csrtool.engine.neuraldict import TrainConfig, train_dictionary
 from csrtool.errors import CsrError
 from csrtool.formats import io
 from csrtool.formats.dicts import load_dicts
-from csrtool.formats.kvcache import save_cache
 from csrtool.train import MARKER, partial_dir, train_dicts
 
-from test_csrfile import make_cache, make_dicts
-from test_train_dict import FAST, make_acts
+from test_compress_cli import files  # noqa: F401 (fixture)
+from test_train_dict import FAST, acts  # noqa: F401 (fixture)
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +43,19 @@ def one_line(res, code: int = 1) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def acts(tmp_path_factory) -> Path:
-    return make_acts(tmp_path_factory.mktemp("acts") / "acts")
+def interrupted(acts: Path, out: Path, cfg: TrainConfig, after: int) -> list[str]:
+    """Run train_dicts until `after` dictionaries are done, then Ctrl-C; the names done."""
+    names: list[str] = []
 
+    def crash(event, info):
+        if event == "done":
+            names.append(info["name"])
+            if len(names) == after:
+                raise KeyboardInterrupt
 
-@pytest.fixture()
-def files(tmp_path):
-    dicts = make_dicts(tmp_path / "dicts.safetensors")
-    cache_path = tmp_path / "cache.pt"
-    save_cache(cache_path, make_cache())
-    return tmp_path, dicts, cache_path
+    with pytest.raises(KeyboardInterrupt):
+        train_dicts(acts, out, cfg, layers=[0], progress=crash)
+    return names
 
 
 def leftovers(folder: Path, keep: set[str]) -> list[str]:
@@ -88,15 +89,9 @@ def test_1_empty_directory_is_adopted_and_our_own_is_removed(acts, tmp_path):
 
 def test_1_interrupted_run_leaves_a_marked_directory_that_resumes(acts, tmp_path):
     out = tmp_path / "d.safetensors"
-
-    def crash(event, info):
-        if event == "done":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_dicts(acts, out, TrainConfig(**FAST), progress=crash)
+    interrupted(acts, out, TrainConfig(**FAST), after=1)
     assert (partial_dir(out) / MARKER).is_file()
-    report = train_dicts(acts, out, TrainConfig(**FAST))
+    report = train_dicts(acts, out, TrainConfig(**FAST), layers=[0])
     assert report["resumed"] == 1 and not partial_dir(out).exists()
 
 
@@ -105,16 +100,7 @@ def test_14_truncated_partial_entry_is_retrained(acts, tmp_path):
     straight = tmp_path / "straight.safetensors"
     train_dicts(acts, straight, cfg, layers=[0])
     out = tmp_path / "d.safetensors"
-    names = []
-
-    def crash_after_two(event, info):
-        if event == "done":
-            names.append(info["name"])
-            if len(names) == 2:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_dicts(acts, out, cfg, layers=[0], progress=crash_after_two)
+    names = interrupted(acts, out, cfg, after=2)
     unit = partial_dir(out) / f"{names[0]}.safetensors"
     unit.write_bytes(unit.read_bytes()[:50])  # truncated, as by a full disk or a crash
     report = train_dicts(acts, out, cfg, layers=[0])

@@ -89,7 +89,9 @@ def check_json_output(path: Path | None) -> None:
     path = Path(path)
     if path.is_dir():
         raise CsrError(f"--json {path} is a directory: give a file name, e.g. --json {path / 'report.json'}")
-    _writable_dir(path.parent if str(path.parent) else Path("."), f"--json {path}: directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    _writable_dir(parent, f"--json {path}: directory")
+    remove_stale_temporaries(parent, path.name)
 
 
 def check_input(path: Path, what: str, hint: str = "") -> Path:
