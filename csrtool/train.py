@@ -120,8 +120,8 @@ class _Partial:
         return a, mu
 
     def add(self, name: str, atoms: torch.Tensor, mean: torch.Tensor, stats: dict) -> None:
-        if not self.dir.is_dir():
-            self.dir.mkdir()
+        if not (self.dir / MARKER).is_file():  # the constructor made sure the directory is absent or ours
+            self.dir.mkdir(exist_ok=True)
             atomic_write_bytes(self.dir / MARKER, b"csrtool train-dict resume state; removed when the output is written\n")
         with atomic_path(self.dir / f"{name}.safetensors") as tmp:
             save_safetensors(tmp, {"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),
