@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from csrtool.errors import CsrError
+from csrtool.formats.io import check_input
 
 PARTS = ("calibration", "heldout")
 BUILTIN_NAME = "builtin:pydoc_data.topics"
@@ -30,9 +31,7 @@ def builtin_text(part: str = "calibration") -> str:
 
 
 def read_text_file(path: Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise CsrError(f"text file {path} not found")
+    path = check_input(path, "text file", "pass a UTF-8 text file with --text")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from csrtool.errors import CsrError
+from csrtool.formats.io import check_input
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ def resolve_source(spec: str) -> tuple[str, dict]:
         return str(convert_gguf(builtin_gguf(spec))), {}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise CsrError(f"GGUF file {path} not found")
+        check_input(path, "GGUF file", "pass the path of a .gguf model file")
         return str(convert_gguf(path)), {}
     if path.exists():
         if not (path / "config.json").is_file():

@@ -11,7 +11,8 @@ the default; the means are stored as `layer.{l}.{k|v}.mean` [G, D]); they are as
 
 Resume: finished dictionaries go to a side directory `OUT.partial/` (one small
 safetensors file per dictionary plus `state.json` with the config and the
-activation fingerprint they were trained with). A re-run with the same config
+activation fingerprint they were trained with, and the marker file MARKER that
+makes it ours: a directory of that name without it is refused, never removed). A re-run with the same config
 and activations loads them instead of retraining; the side directory is removed
 once the output is written. Per-dictionary seeds derive from (cfg.seed, name),
 so a resumed run writes the same atoms and metadata as an uninterrupted one.
@@ -19,9 +20,10 @@ so a resumed run writes the same atoms and metadata as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,9 +32,9 @@ from safetensors.torch import load_file
 
 from csrtool.formats.acts import MANIFEST, ActsReader
 from csrtool.formats.dicts import KINDS, dict_name, save_dicts
-from csrtool.engine.neuraldict import TrainConfig, train_dictionary
+from csrtool.engine.neuraldict import TrainConfig, train_dictionary, training_bytes
 from csrtool.errors import CsrError
-from csrtool.formats.io import atomic_path, atomic_write_bytes
+from csrtool.formats.io import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from csrtool.formats.stwrite import save_safetensors
 
 # progress(event, info): "start" {total, resumed}, "dict" {name, epochs},
@@ -40,6 +42,7 @@ from csrtool.formats.stwrite import save_safetensors
 Progress = Callable[[str, dict], None]
 
 STATE = "state.json"
+MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove
 
 
 def partial_dir(out: Path) -> Path:
@@ -76,29 +79,50 @@ def group_vectors(x: torch.Tensor, scope: str, group: int, chunk: int, chunks: i
 
 
 class _Partial:
-    """The side directory of finished dictionaries."""
+    """The side directory of finished dictionaries, marked as ours by MARKER.
+
+    A directory under that name without the marker is someone else's: it is never
+    removed or written into (issue 14.1); an empty one is adopted. A unit file that
+    does not load (truncated, corrupted, wrong shape) is retrained, not fatal.
+    """
 
     def __init__(self, out: Path, cfg: TrainConfig, fp: str):
         self.dir = partial_dir(out)
         self.key = {"config": cfg.to_dict(), "acts_fingerprint": fp}
         self.done: dict[str, dict] = {}
-        state = self.dir / STATE
-        if state.is_file():
+        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            raise CsrError(f"{self.dir} exists and is not a directory: train-dict keeps its resume state there; move it away or pick another --output")
+        if self.dir.is_dir() and not (self.dir / MARKER).is_file():
+            if any(self.dir.iterdir()):
+                raise CsrError(f"{self.dir} exists but was not created by csrtool train-dict (no {MARKER} in it), so it is "
+                               f"left alone: move or delete it yourself, or pick another --output")
+            self.dir.rmdir()  # empty: nothing to lose
+        if (self.dir / MARKER).is_file():
+            remove_stale_temporaries(self.dir)
             try:
-                saved = json.loads(state.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                saved = json.loads((self.dir / STATE).read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 saved = {}
-            if {k: saved.get(k) for k in self.key} == self.key:
-                self.done = {n: s for n, s in saved.get("done", {}).items() if (self.dir / f"{n}.safetensors").is_file()}
-        if not self.done and self.dir.exists():
-            shutil.rmtree(self.dir)  # stale: another config or other activations
+            if isinstance(saved, dict) and {k: saved.get(k) for k in self.key} == self.key and isinstance(saved.get("done"), dict):
+                self.done = {n: s for n, s in saved["done"].items() if (self.dir / f"{n}.safetensors").is_file()}
+            if not self.done:
+                self.remove()  # ours and stale: another config or other activations
 
-    def load(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        t = load_file(str(self.dir / f"{name}.safetensors"))
-        return t["atoms"], t["mean"]
+    def load(self, name: str, shape: tuple[int, int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(atoms [N, Dc], mean [Dc]) of a finished unit, or None if its file is unusable."""
+        try:
+            t = load_file(str(self.dir / f"{name}.safetensors"))
+            a, mu = t["atoms"], t["mean"]
+        except Exception:  # truncated or corrupted by whatever interrupted the run: train it again
+            return None
+        if tuple(a.shape) != shape or tuple(mu.shape) != shape[1:] or not (a.isfinite().all() and mu.isfinite().all()):
+            return None
+        return a, mu
 
     def add(self, name: str, atoms: torch.Tensor, mean: torch.Tensor, stats: dict) -> None:
-        self.dir.mkdir(exist_ok=True)
+        if not (self.dir / MARKER).is_file():  # the constructor made sure the directory is absent or ours
+            self.dir.mkdir(exist_ok=True)
+            atomic_write_bytes(self.dir / MARKER, b"csrtool train-dict resume state; removed when the output is written\n")
         with atomic_path(self.dir / f"{name}.safetensors") as tmp:
             save_safetensors(tmp, {"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),
                                    "mean": mean.detach().to("cpu", torch.float32).contiguous()}, {})
@@ -107,7 +131,16 @@ class _Partial:
         atomic_write_bytes(self.dir / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the files we write (units, state, marker, our temporaries), then the directory if empty."""
+        if not (self.dir / MARKER).is_file():
+            return
+        remove_stale_temporaries(self.dir)
+        for f in self.dir.iterdir():
+            if f.name == STATE or (f.name.startswith("layer.") and f.name.endswith(".safetensors")):
+                f.unlink(missing_ok=True)
+        (self.dir / MARKER).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # something else was put there: leave it
+            self.dir.rmdir()
 
 
 def _source(reader: ActsReader, fp: str) -> dict:
@@ -147,6 +180,10 @@ def train_dicts(
         raise CsrError(f"value_split {cfg.value_split} does not divide head_dim {d}: pick a divisor of {d}")
     if reader.tokens < 2:
         raise CsrError(f"{reader.dir} holds {reader.tokens} tokens: collect at least a few hundred")
+    if cfg.sparsity > d // cfg.value_split:
+        raise CsrError(f"sparsity {cfg.sparsity} is more atoms per vector than the {d // cfg.value_split} channels of a "
+                       f"{'value chunk' if cfg.value_split > 1 else 'vector'}: pass --sparsity {max(1, d // cfg.value_split // 8)} or so")
+    _check_memory(cfg, d, device)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}
 
@@ -170,8 +207,9 @@ def train_dicts(
                 row, mrow, srow = [], [], []
                 for c in range(c_n):
                     name = unit_name(layer, kind, g, c)
-                    if name in part.done:
-                        (a, mu), stats = part.load(name), part.done[name]
+                    loaded = part.load(name, (cfg.atoms, d // c_n)) if name in part.done else None
+                    if loaded is not None:
+                        (a, mu), stats = loaded, part.done[name]
                         resumed += 1
                         emit("done", {"name": name, "stats": stats, "resumed": True})
                     else:
@@ -221,6 +259,22 @@ def train_dicts(
         "resumed": resumed,
         "sensitivity": {k: v for k, v in sensitivity.items() if k != "curves"},
     }
+
+
+def _check_memory(cfg: TrainConfig, d: int, device: str | torch.device) -> None:
+    """Refuse a configuration that cannot fit, before any work (e.g. --atoms 1000000000)."""
+    need = training_bytes(cfg, d)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        have, what = torch.cuda.mem_get_info(dev)[1], f"{dev} has"
+    else:
+        try:
+            have, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > have:
+        raise CsrError(f"--atoms {cfg.atoms} needs about {need / 2**30:.1f} GiB to train but {what} "
+                       f"{have / 2**30:.1f} GiB: use fewer atoms (e.g. --atoms 4096)")
 
 
 def _mean(values: list[float]) -> float:

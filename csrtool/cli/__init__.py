@@ -13,10 +13,11 @@ from typing import Annotated, Optional
 import typer
 
 from csrtool import __version__
-from csrtool.cli.common import STATE
+from csrtool.cli.common import STATE, OneLineErrors, handle_sigterm
 
 app = typer.Typer(
     name="csrtool",
+    cls=OneLineErrors,
     help="Compress LLM KV caches ~16x with sparse codes over learned dictionaries (CSR).",
     no_args_is_help=True,
     add_completion=False,
@@ -44,6 +45,7 @@ def _root(
     Typical chain: collect -> train-dict -> cache -> compress -> inspect -> eval.
     """
     STATE.debug = debug
+    handle_sigterm()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

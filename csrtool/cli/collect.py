@@ -15,7 +15,7 @@ from csrtool.cli.common import (
     AllowDownloadOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayersOpt, ModelOpt, TextOpt, err, guarded, out, write_json,
 )
 from csrtool.errors import CsrError
-from csrtool.formats.io import check_output, parse_layers
+from csrtool.formats.io import check_json_output, check_output, parse_layers
 
 
 def _peak_rss_mib() -> float:
@@ -59,6 +59,7 @@ def collect(
     from csrtool.models import kv_shape, load_model
 
     check_output(output, force=force, is_dir=True)
+    check_json_output(json_out)
     body = load_text(text, "calibration", dataset)
     loaded = load_model(model, device, dtype, allow_download)
     n_layers = kv_shape(loaded.config)[0]

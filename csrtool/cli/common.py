@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,12 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer >= 0.24 vendors click as typer._click; older typer uses click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from csrtool.errors import CsrError
 
@@ -28,8 +36,47 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (temporaries removed, nothing half-written)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Treat SIGTERM like SIGINT (only possible from the main thread)."""
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (`--bits abc`, an unknown option) as one line on stderr, exit 2 (click's usage code),
+    instead of the usage box; user errors in the commands themselves exit 1 (see `guarded`)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        with self._one_line(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with self._one_line(ctx):
+            return super().invoke(ctx)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _one_line(ctx: typer.Context) -> Any:
+        try:
+            yield
+        except UsageError as exc:
+            if isinstance(exc, NoArgsIsHelpError):
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            typer.echo(f"error: {exc.format_message()} (see {where} --help)", err=True)
+            raise typer.Exit(2) from None
+
+
 def guarded(fn: Callable) -> Callable:
-    """Turn CsrError (and Ctrl-C) into a one-line message on stderr and exit 1."""
+    """Turn CsrError (and Ctrl-C, SIGTERM) into a one-line message on stderr and exit 1 (130, 143)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,9 +87,10 @@ def guarded(fn: Callable) -> Callable:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: nothing was written under the output name", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            typer.echo(f"{what}: nothing was written under the output name", err=True)
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
     return wrapper
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from csrtool.cli import app
 from csrtool.cli.common import ForceOpt, JsonOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
-from csrtool.formats.io import check_output
+from csrtool.formats.io import check_input, check_json_output, check_output
 from csrtool.formats.kvcache import open_cache
 
 DictsOpt = Annotated[Path, typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict.")]
@@ -33,6 +33,14 @@ def _parse_sparsity(spec: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise CsrError(f"--sparsity {spec!r} is not valid: pass S (keys and values) or SK,SV, positive integers")
     return (parts[0], parts[-1])
+
+
+def _check_sparsity(s_k: int, s_v: int, n_atoms: int, d_k: int, d_v: int) -> None:
+    """S atoms per vector can be at most the atoms N and the channels per (chunk) vector."""
+    for kind, s, d in (("keys", s_k, d_k), ("values", s_v, d_v)):
+        if s > min(n_atoms, d):
+            raise CsrError(f"--sparsity {s} for {kind} is more than the {min(n_atoms, d)} atoms a vector can use "
+                           f"({n_atoms} atoms, {d} channels per vector): pass --sparsity {min(n_atoms, d) // 2} or less")
 
 
 @app.command()
@@ -63,14 +71,16 @@ def compress(
     from csrtool.formats.dicts import load_dicts
 
     check_output(output, force=force)
+    check_json_output(json_out)
     if bits is not None and sparsity is not None:
         raise CsrError("pass either --bits or --sparsity, not both")
-    ds = load_dicts(dicts)
-    kv = open_cache(cache)
+    ds = load_dicts(check_input(dicts, "dictionary file", "train one with csrtool train-dict"))
+    kv = open_cache(check_input(cache, "cache file", "save one with csrtool cache"))
     _, _, v_split = csrfile.check_fit(kv, ds)
     per_layer = None
     if sparsity is not None:
         s_k, s_v = _parse_sparsity(sparsity)
+        _check_sparsity(s_k, s_v, ds.n_atoms, kv.keys[0].shape[-1], kv.values[0].shape[-1] // v_split)
     else:
         target = 1.0 if bits is None else bits
         s_k, s_v = codec.choose_sparsity(target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
@@ -110,8 +120,8 @@ def decompress(
     from csrtool.formats.dicts import load_dicts
 
     check_output(output, force=force)
-    reader = csrfile.open_csr(file)
-    ds = load_dicts(dicts)
+    reader = csrfile.open_csr(check_input(file, ".csr file", "pass a file written by csrtool compress"))
+    ds = load_dicts(check_input(dicts, "dictionary file", "pass the one the file was compressed with"))
     reader.check_dicts(ds)
     hd = reader.header
     with csrfile.scratch_layers(output, hd) as (keys, values):
@@ -138,13 +148,11 @@ def inspect(
 
     from csrtool.formats import csrfile
 
-    reader = csrfile.open_csr(file)
+    reader = csrfile.open_csr(check_input(file, ".csr file", "pass a file written by csrtool compress"))
     hd = reader.header
     dict_bytes = None
     if dicts is not None:
-        if not Path(dicts).is_file():
-            raise CsrError(f"dictionary file {dicts} not found")
-        dict_bytes = Path(dicts).stat().st_size
+        dict_bytes = check_input(dicts, "dictionary file").stat().st_size
     report = {"file": str(file), "header": hd.to_json(), **csrfile.size_report(hd, reader.size, dict_bytes)}
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))

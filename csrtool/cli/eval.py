@@ -67,12 +67,12 @@ def eval_cmd(
     from csrtool.formats.dicts import load_dicts
     from csrtool.eval import report
     from csrtool.eval.suite import EvalConfig, run_eval
-    from csrtool.formats.io import check_output
+    from csrtool.formats.io import check_json_output, check_output
     from csrtool.models import load_model
 
-    for path in (json_out, plot):
-        if path is not None and str(path) != "-":
-            check_output(path, force=True)
+    check_json_output(json_out)
+    if plot is not None:
+        check_output(plot, force=True)
     cfg = EvalConfig(
         bits=_csv(bits, "--bits", float), baselines=_csv(baselines, "--baselines"), solvers=_csv(methods, "--methods"),
         tokens=tokens, chunk=chunk, window=window, sink=sink, coef=coef, calib_tokens=calib_tokens,

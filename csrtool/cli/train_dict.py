@@ -13,7 +13,7 @@ from csrtool.cli import app
 from csrtool.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayersOpt, err, guarded, out, write_json
 from csrtool.engine.neuraldict import TrainConfig
 from csrtool.errors import CsrError
-from csrtool.formats.io import check_output, parse_layers
+from csrtool.formats.io import check_json_output, check_output, parse_layers
 
 _DEF = TrainConfig()
 
@@ -51,6 +51,7 @@ def train_dict(
     from csrtool.train import partial_dir, train_dicts
 
     check_output(output, force=force)
+    check_json_output(json_out)
     cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
                       batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center)
     reader = ActsReader(acts_dir)

@@ -93,15 +93,36 @@ class TrainConfig:
         return asdict(self)
 
 
+def training_bytes(cfg: TrainConfig, dim: int) -> int:
+    """Rough peak memory (bytes) of train_dictionary for vectors of `dim` channels.
+
+    Dominated by the atoms' pairwise coherence [N, N] (duplicate re-seeding, epochs > 0),
+    the correlations of a chunk of vectors [8192, N] (k-means, pursuit) and about ten
+    copies of the atoms [N, D] (weight, gradient, Adam moments, best, Gram form)."""
+    n = cfg.atoms
+    return 4 * ((n * n if cfg.epochs > 0 else 0) + 8192 * n + 10 * n * dim + 4 * cfg.max_vectors * dim)
+
+
 def rel_err(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Σ‖x − x̂‖² / Σ‖x‖² over the set."""
     den = x.double().pow(2).sum()
     return float((x.double() - x_hat.double()).pow(2).sum() / den.clamp_min(1e-30))
 
 
+def support_rows(atoms: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """atoms[idx] [B, S, D] for idx [B, S], with a reproducible gradient.
+
+    The backward of advanced indexing (`atoms[idx]`, index_put_ with accumulate) is
+    parallel and order-dependent on CPU with more than one thread: the same run gave
+    different atoms each time (issue 14.7). index_select's backward is index_add_,
+    which adds the rows in index order on CPU.
+    """
+    return atoms.index_select(0, idx.reshape(-1)).reshape(*idx.shape, atoms.shape[1])
+
+
 def coefficients(x: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, method: str, ridge: float = 1e-6) -> torch.Tensor:
     """Coefficients [B, S] for x [B, D] on the support idx [B, S], differentiable in atoms."""
-    a = atoms[idx]  # [B, S, D]
+    a = support_rows(atoms, idx)  # [B, S, D]
     if method == "omp":
         gram = a @ a.transpose(1, 2)  # [B, S, S]
         eye = torch.eye(idx.shape[1], dtype=gram.dtype, device=gram.device)
@@ -229,7 +250,7 @@ def train_dictionary(
             with torch.no_grad():
                 idx, _ = pursuit.encode(xb, w.detach(), s, cfg.encoder)  # [b, S]
             coef = coefficients(xb, w, idx, cfg.encoder)
-            x_hat = torch.einsum("bs,bsd->bd", coef, w[idx])
+            x_hat = torch.einsum("bs,bsd->bd", coef, support_rows(w, idx))
             sq = (xb - x_hat).pow(2)
             mse = sq.mean()
             l_div = diversity_loss(w)

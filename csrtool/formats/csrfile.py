@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,7 +29,7 @@ from csrtool import codec
 from csrtool.formats.dicts import DictSet
 from csrtool.engine import packing
 from csrtool.errors import CsrError
-from csrtool.formats.io import atomic_path
+from csrtool.formats.io import atomic_path, scratch_path
 from csrtool.formats.kvcache import KVCache
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
@@ -437,19 +436,14 @@ def scratch_layers(output: Path, hd: CsrHeader):
     dtype = hd.torch_dtype
     shapes = [s for i in range(len(hd.layers)) for s in hd.shapes(i)]
     total = sum(int(torch.Size(s).numel()) for s in shapes)
-    fd, scratch = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".scratch", dir=output.parent or ".")
-    os.close(fd)
-    try:
-        storage = torch.from_file(scratch, shared=True, size=max(total, 1), dtype=dtype)
+    with scratch_path(output) as scratch:  # unnamed on Linux: cannot outlive the process
+        storage = torch.from_file(str(scratch), shared=True, size=max(total, 1), dtype=dtype)
         tensors, pos = [], 0
         for s in shapes:
             n = int(torch.Size(s).numel())
             tensors.append(storage[pos : pos + n].view(s))
             pos += n
         yield tensors[0::2], tensors[1::2]
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
 
 
 def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = None) -> dict:
