@@ -20,6 +20,7 @@ default 1800) on collectives.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Dist:
         if not td.is_initialized():
             timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
             td.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+            atexit.register(td.destroy_process_group)
         return cls(rank, world, local, dev)
 
     @property
@@ -117,9 +119,3 @@ class Dist:
             raise CsrError(f"{what} failed on rank {r} of {self.world}{more}: {f}")
         return result
 
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            if td.is_initialized():
-                td.destroy_process_group()
