@@ -51,7 +51,9 @@ class Dist:
         """Join the torchrun process group (gloo on CPU, nccl on CUDA) or return the one-process Dist.
 
         device 'auto'/'cuda' under torchrun becomes this rank's local GPU cuda:LOCAL_RANK."""
-        dev = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else ("cpu" if str(device) == "auto" else device))
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
         if not launched():
             return cls(device=dev)
         import torch.distributed as td
