@@ -81,8 +81,13 @@ def collect(
         dist.settle(lambda: None, "clearing --output")  # wait for rank 0 before writing shards
     with tqdm(total=cfg.max_tokens, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None if dist.root else True) as bar:
         manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update, dist=dist)
-    if not dist.root:
-        return
+    if dist.root:
+        _show(manifest, loaded, output, json_out)
+    dist.barrier()  # ranks leave together, after rank 0 reported
+
+
+def _show(manifest: dict, loaded, output: Path, json_out: Optional[Path]) -> None:
+    """The result table and the --json manifest (rank 0 only under torchrun)."""
     manifest["tokens_per_s"] = manifest["tokens"] / max(manifest["seconds"], 1e-9)
     manifest["load_seconds"] = loaded.load_seconds
     manifest["peak_rss_mib"] = _peak_rss_mib()

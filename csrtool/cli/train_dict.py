@@ -107,9 +107,13 @@ def train_dict(
             why = "--layers picks a subset" if picked is not None else f"{acts_dir} has no probe window (collected by an older csrtool or with too little text)"
             err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
         report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode)
-    if not dist.root:
-        return
+    if dist.root:
+        _show(report, cfg, output, json_out)
+    dist.barrier()  # ranks leave together, after rank 0 reported
 
+
+def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:
+    """The result table and the --json report (rank 0 only under torchrun)."""
     centred = " (x: vectors minus their dictionary's mean)" if cfg.center else ""
     table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder}){centred}")
     table.add_column("layer", justify="right")
