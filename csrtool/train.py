@@ -216,7 +216,7 @@ def train_dicts(
     ranked: dict[str, tuple] = {}  # trained by the ranks of a torchrun job
     if dist.world > 1:
         mode = dist_mode if dist_mode != "auto" else ("shard" if len(units) >= dist.world else "data")
-        emit("start", {"total": len(units), "resumed": 0})
+        emit("start", {"total": len(dist.share(units)) if mode == "shard" else len(units), "resumed": 0})  # this rank's bar
         ranked = _train_ranks(reader, units, cfg, chunks, device, dist, mode, emit)
     else:
         part = _Partial(out, cfg, fp)

@@ -79,7 +79,8 @@ def collect(
         dist.settle(lambda: _clear_acts_dir(output), "clearing --output")
     elif dist.world > 1:
         dist.settle(lambda: None, "clearing --output")  # wait for rank 0 before writing shards
-    with tqdm(total=cfg.max_tokens, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None if dist.root else True) as bar:
+    mine = sum(min(cfg.seq_len, cfg.max_tokens - s) for s in dist.share(range(0, cfg.max_tokens, cfg.seq_len)))  # rank 0's bar
+    with tqdm(total=mine, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None if dist.root else True) as bar:
         manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update, dist=dist)
     if dist.root:
         _show(manifest, loaded, output, json_out)
