@@ -3,7 +3,9 @@
 `capture_kv` runs one window through the model with a fresh full-length
 DynamicCache (no sliding-window truncation, so Gemma-style sliding layers keep
 every token) and returns each layer's keys and values, optionally rotated back
-to before RoPE. `collect` streams windows into safetensors shards; `save_prompt_cache`
+to before RoPE. `collect` streams windows into safetensors shards (under torchrun,
+each rank runs every world-th window into its own shards `shard-r{rank}-*`, and
+rank 0 writes the manifest listing all of them once every rank finished); `save_prompt_cache`
 writes the cache of one prompt in the format `csrtool compress` reads.
 """
 
@@ -16,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from csrtool.distributed import Dist
 from csrtool.formats.acts import ActsWriter
 from csrtool.engine import rope
 from csrtool.errors import CsrError
@@ -85,8 +88,9 @@ def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rop
 
 
 def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_source: str,
-            progress: Callable[[int], None] | None = None) -> dict:
-    """Collect K/V activations into shards under out_dir; returns the manifest."""
+            progress: Callable[[int], None] | None = None, dist: Dist | None = None) -> dict:
+    """Collect K/V activations into shards under out_dir; returns the manifest (every rank's shards with `dist`)."""
+    dist = dist or Dist()
     n_layers, n_kv, head_dim = kv_shape(loaded.config)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
     rope_params = key_rope(loaded.model, cfg.key_space)
@@ -106,25 +110,32 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
         "head_dim": head_dim,
         "rope": rope_params,
     }
-    writer = ActsWriter(out_dir, meta, shard_tokens=cfg.shard_tokens)
+    writer = ActsWriter(out_dir, meta, shard_tokens=cfg.shard_tokens, prefix=f"shard-r{dist.rank}-" if dist.world > 1 else "shard-")
     t0 = time.perf_counter()
-    done = 0
-    while done < cfg.max_tokens:
-        n = min(cfg.seq_len, cfg.max_tokens - done)
-        window = ids[done : done + n][None].to(loaded.device)
-        _, keys, values = capture_kv(loaded.model, window, cfg.key_space, rope_params)
-        blocks = {}
-        for layer in layers:
-            blocks[(layer, "k")] = keys[layer][0].transpose(0, 1)  # [H, T, D] -> [T, H, D]
-            blocks[(layer, "v")] = values[layer][0].transpose(0, 1)
-        writer.add(blocks)
-        done += n
-        if progress:
-            progress(n)
+
+    def run_windows() -> tuple[list[str], int]:
+        for done in dist.share(range(0, cfg.max_tokens, cfg.seq_len)):
+            n = min(cfg.seq_len, cfg.max_tokens - done)
+            window = ids[done : done + n][None].to(loaded.device)
+            _, keys, values = capture_kv(loaded.model, window, cfg.key_space, rope_params)
+            blocks = {}
+            for layer in layers:
+                blocks[(layer, "k")] = keys[layer][0].transpose(0, 1)  # [H, T, D] -> [T, H, D]
+                blocks[(layer, "v")] = values[layer][0].transpose(0, 1)
+            writer.add(blocks)
+            if progress:
+                progress(n)
+        writer.flush()
+        return writer.shards, writer.tokens
+
+    parts = dist.gather(dist.settle(run_windows, "collecting activations"))
+    writer.shards = [name for shards, _ in parts for name in shards]
+    writer.tokens = sum(tokens for _, tokens in parts)
     probe = ids[cfg.max_tokens : cfg.max_tokens + min(cfg.seq_len, PROBE_TOKENS)]
     if probe.numel() >= 2:  # held-out tokens for train-dict's sensitivity calibration (csrtool.calibration.sensitivity)
         writer.meta["probe_ids"] = [int(i) for i in probe]
-    manifest = writer.close()
+    manifest = dist.settle(lambda: writer.close() if dist.root else None, "writing the manifest")
+    manifest = dist.gather(manifest)[0]
     manifest["seconds"] = time.perf_counter() - t0
     return manifest
 

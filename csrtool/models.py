@@ -137,8 +137,12 @@ def resolve_source(spec: str) -> tuple[str, dict]:
     return spec, {"hub": True}
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", allow_download: bool = False) -> Loaded:
-    """Load model and tokenizer ready for inference (eval mode, no grad needed)."""
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", allow_download: bool = False,
+               device_map: str | None = None) -> Loaded:
+    """Load model and tokenizer ready for inference (eval mode, no grad needed).
+
+    device_map ('auto', ...) is passed to transformers/accelerate to spread a model larger than one
+    device; `device` then only picks the dtype, and inputs go to the device of the first layer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -150,12 +154,17 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
         hf_logging.disable_progress_bar()  # loading takes seconds; csrtool shows its own progress
     kwargs = {"local_files_only": not allow_download} if extra.get("hub") else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+        mapped = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs, **mapped)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as exc:
         hint = "pass --allow-download to fetch it" if extra.get("hub") and not allow_download else "check the name or path"
         raise CsrError(f"could not load model {spec!r} ({str(exc).splitlines()[0][:200]}): {hint}") from None
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = model.get_input_embeddings().weight.device
+    model.eval()
     return Loaded(model, tokenizer, spec, model.config, dev, dt, time.perf_counter() - t0)
 
 

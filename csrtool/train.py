@@ -16,6 +16,14 @@ makes it ours: a directory of that name without it is refused, never removed). A
 and activations loads them instead of retraining; the side directory is removed
 once the output is written. Per-dictionary seeds derive from (cfg.seed, name),
 so a resumed run writes the same atoms and metadata as an uninterrupted one.
+
+Under torchrun (`dist`, csrtool.distributed.Dist with world > 1), mode 'shard'
+gives each rank every world-th dictionary; each one depends only on its own seed
+and rows, so the gathered file is byte-identical to a one-process run. Mode 'data'
+trains every dictionary on all ranks together, each rank reading its own slice of
+the activation shards (csrtool.engine.comm). 'auto' is 'shard' unless there are
+fewer dictionaries than ranks. Rank 0 writes the file after every rank succeeded;
+there is no OUT.partial/ resume under torchrun.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file
 
+from csrtool.distributed import Dist
+from csrtool.engine.comm import LOCAL, Comm, count
 from csrtool.formats.acts import MANIFEST, ActsReader
 from csrtool.formats.dicts import KINDS, dict_name, save_dicts
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary, training_bytes
@@ -43,6 +53,7 @@ Progress = Callable[[str, dict], None]
 
 STATE = "state.json"
 MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove
+DIST_MODES = ("auto", "shard", "data")
 
 
 def partial_dir(out: Path) -> Path:
@@ -143,6 +154,50 @@ class _Partial:
             self.dir.rmdir()
 
 
+def _fit(xv: torch.Tensor, cfg: TrainConfig, name: str, emit: Progress, comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Train one dictionary on rows xv [B, Dc] (this rank's rows with a data-parallel comm): (atoms, mean, stats) on CPU."""
+    if not cfg.center:
+        mu = torch.zeros_like(xv[0])
+    else:
+        mu = xv.mean(0) if comm.world == 1 else comm.sum(xv.sum(0)) / count(comm, xv.shape[0])
+    emit("dict", {"name": name, "epochs": cfg.epochs})
+
+    def on_epoch(epoch: int, epochs: int, val: float) -> None:
+        emit("epoch", {"name": name, "epoch": epoch, "epochs": epochs, "val_rel_err": val})
+
+    a, stats = train_dictionary(xv - mu, cfg, seed=unit_seed(cfg.seed, name), progress=on_epoch, comm=comm)
+    return a.cpu(), mu.cpu(), stats
+
+
+def _train_ranks(reader: ActsReader, units: list, cfg: TrainConfig, chunks: dict, device, dist: Dist, mode: str,
+                 emit: Progress) -> dict[str, tuple]:
+    """Every unit's (atoms, mean, stats), trained by all ranks of `dist` in `mode`; the same dict on every rank."""
+    if mode == "shard":
+        def work() -> dict[str, tuple]:
+            got, x, loaded = {}, None, None
+            for layer, kind, g, c in dist.share(units):
+                if loaded != (layer, kind):
+                    x, loaded = reader.load(layer, kind).to(device), (layer, kind)
+                name = unit_name(layer, kind, g, c)
+                got[name] = _fit(group_vectors(x, cfg.scope, g, c, chunks[kind]), cfg, name, emit)
+                emit("done", {"name": name, "stats": got[name][2], "resumed": False})
+            return got
+
+        return {n: r for part in dist.gather(dist.settle(work, "training")) for n, r in part.items()}
+    shards = dist.share(reader.manifest["shards"])
+    if not shards:
+        raise CsrError(f"{reader.dir} has {len(reader.manifest['shards'])} shards, fewer than the {dist.world} ranks of --dist data: "
+                       "collect more tokens or use --dist shard")
+    got = {}
+    for layer, kind in dict.fromkeys((u[0], u[1]) for u in units):
+        x = dist.settle(lambda: reader.load(layer, kind, shards=shards).to(device), "reading activations")  # noqa: B023
+        for _, _, g, c in (u for u in units if u[:2] == (layer, kind)):
+            name = unit_name(layer, kind, g, c)
+            got[name] = _fit(group_vectors(x, cfg.scope, g, c, chunks[kind]), cfg, name, emit, comm=dist)
+            emit("done", {"name": name, "stats": got[name][2], "resumed": False})
+    return got
+
+
 def _source(reader: ActsReader, fp: str) -> dict:
     m = reader.manifest
     src = {k: m.get(k) for k in ("model", "model_type", "key_space", "num_kv_heads", "head_dim", "tokens", "seq_len", "text_source", "dtype")}
@@ -160,6 +215,8 @@ def train_dicts(
     device: str | torch.device = "cpu",
     progress: Optional[Progress] = None,
     calibrate: Optional[Callable[[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]], dict]] = None,
+    dist: Optional[Dist] = None,
+    dist_mode: str = "auto",
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
@@ -167,7 +224,11 @@ def train_dicts(
     before the file is written and its result is stored in it.
     Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
     with errors["layer.{l}.{k}"] = {"train_rel_err": [G][C], "val_rel_err": [G][C], ...}.
+    `dist`/`dist_mode`: see the module doc; only rank 0 writes `out`, every rank returns the report.
     """
+    dist = dist or Dist()
+    if dist_mode not in DIST_MODES:
+        raise CsrError(f"--dist {dist_mode!r} is not one of {', '.join(DIST_MODES)}")
     emit = progress or (lambda event, info: None)
     reader = ActsReader(acts_dir)
     have = reader.layers
@@ -188,9 +249,15 @@ def train_dicts(
     chunks = {"k": 1, "v": cfg.value_split}
 
     fp = acts_fingerprint(reader)
-    part = _Partial(out, cfg, fp)
     units = [(layer, kind, g, c) for layer in layers for kind in KINDS for g in range(n_groups) for c in range(chunks[kind])]
-    emit("start", {"total": len(units), "resumed": sum(unit_name(*u) in part.done for u in units)})
+    ranked: dict[str, tuple] = {}  # trained by the ranks of a torchrun job
+    if dist.world > 1:
+        mode = dist_mode if dist_mode != "auto" else ("shard" if len(units) >= dist.world else "data")
+        emit("start", {"total": len(dist.share(units)) if mode == "shard" else len(units), "resumed": 0})  # this rank's bar
+        ranked = _train_ranks(reader, units, cfg, chunks, device, dist, mode, emit)
+    else:
+        part = _Partial(out, cfg, fp)
+        emit("start", {"total": len(units), "resumed": sum(unit_name(*u) in part.done for u in units)})
 
     atoms: dict[str, torch.Tensor] = {}
     means: dict[str, torch.Tensor] = {}
@@ -207,24 +274,18 @@ def train_dicts(
                 row, mrow, srow = [], [], []
                 for c in range(c_n):
                     name = unit_name(layer, kind, g, c)
-                    loaded = part.load(name, (cfg.atoms, d // c_n)) if name in part.done else None
-                    if loaded is not None:
+                    loaded = part.load(name, (cfg.atoms, d // c_n)) if not ranked and name in part.done else None
+                    if name in ranked:
+                        a, mu, stats = ranked[name]
+                        trained += 1
+                    elif loaded is not None:
                         (a, mu), stats = loaded, part.done[name]
                         resumed += 1
                         emit("done", {"name": name, "stats": stats, "resumed": True})
                     else:
                         if x is None:
                             x = reader.load(layer, kind).to(device)  # [T, H, D]
-                        xv = group_vectors(x, cfg.scope, g, c, c_n)
-                        mu = xv.mean(0) if cfg.center else torch.zeros_like(xv[0])
-                        xv = xv - mu
-                        emit("dict", {"name": name, "epochs": cfg.epochs})
-
-                        def on_epoch(epoch: int, epochs: int, val: float, _name: str = name) -> None:
-                            emit("epoch", {"name": _name, "epoch": epoch, "epochs": epochs, "val_rel_err": val})
-
-                        a, stats = train_dictionary(xv, cfg, seed=unit_seed(cfg.seed, name), progress=on_epoch)
-                        a, mu = a.cpu(), mu.cpu()
+                        a, mu, stats = _fit(group_vectors(x, cfg.scope, g, c, c_n), cfg, name, emit)
                         part.add(name, a, mu, stats)
                         trained += 1
                         emit("done", {"name": name, "stats": stats, "resumed": False})
@@ -247,8 +308,13 @@ def train_dicts(
     config = cfg.to_dict()
     source = _source(reader, fp)
     sensitivity = calibrate(atoms, source, means) if calibrate is not None else {}
-    fingerprint = save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means)
-    part.remove()
+
+    def write() -> Optional[str]:
+        return save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means) if dist.root else None
+
+    fingerprint = dist.gather(dist.settle(write, "writing the dictionary file"))[0]
+    if dist.world == 1:
+        part.remove()
     return {
         "out": str(out),
         "fingerprint": fingerprint,

@@ -34,7 +34,9 @@ REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this bud
 def calibrate(
     loaded: Loaded, atoms: dict[str, torch.Tensor], source: dict, probe_ids: list[int],
     progress: Callable[[int, int], None] | None = None, means: dict[str, torch.Tensor] | None = None,
+    layers: list[int] | None = None,
 ) -> dict:
+    """Sensitivities of `layers` (default all; a torchrun rank passes its share, `merge` joins the parts)."""
     n_layers, heads, head_dim = kv_shape(loaded.config)
     ds = DictSet(atoms=atoms, source=source, means=means or {})
     if len(ds.layers) != n_layers:
@@ -48,7 +50,8 @@ def calibrate(
         s_ref = (1, 1)
     method = CSR(ds, n_layers, heads, head_dim, method="omp", rope_info=rope_info(loaded.model), sparsity=s_ref)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
-    total = 2 * n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    total = 2 * len(layers)
     done = [0]
 
     def tick(layer: int, kind: str) -> None:
@@ -56,14 +59,23 @@ def calibrate(
         if progress:
             progress(done[0], total)
 
-    kl = layer_sensitivity(loaded.model, ids, method, recent=RECENT, sink=SINK, progress=tick)
+    kl = layer_sensitivity(loaded.model, ids, method, recent=RECENT, sink=SINK, progress=tick, layers=layers)
     _, keys, values = capture_kv(loaded.model, ids, key_space, key_rope(loaded.model, key_space))
     s_max = {"k": min(n_atoms, head_dim // 2), "v": min(n_atoms, head_dim // value_split // 2)}
     s_at = {"k": s_ref[0], "v": s_ref[1]}
     curves, kls = {}, {}
-    for layer in range(n_layers):
+    for layer in layers:
         for kind, x in (("k", keys[layer]), ("v", values[layer])):
             errs = error_curve(x[:, :, SINK:].float().cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]), ds.mean(layer, kind))
             curves[dict_name(layer, kind)] = loss_curve(kl[(layer, kind)], errs, s_at[kind])
             kls[dict_name(layer, kind)] = kl[(layer, kind)]
     return {"s_ref": list(s_ref), "recent": RECENT, "sink": SINK, "tokens": len(probe_ids), "kl": kls, "curves": curves}
+
+
+def merge(parts: list[dict]) -> dict:
+    """One sensitivity dict from the per-rank results of `calibrate` over disjoint layer lists."""
+    merged = {**parts[0], "kl": {}, "curves": {}}
+    for part in parts:
+        merged["kl"].update(part["kl"])
+        merged["curves"].update(part["curves"])
+    return merged

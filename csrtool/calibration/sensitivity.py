@@ -96,11 +96,12 @@ class _Replay:
 @torch.no_grad()
 def layer_sensitivity(
     model, input_ids: torch.Tensor, method, recent: int = 64, sink: int = 4, progress: Callable[[int, str], None] | None = None,
-    replay: bool = True,
+    replay: bool = True, layers: list[int] | None = None,
 ) -> dict[tuple[int, str], float]:
-    """Mean KL(exact ‖ coded) of the next-token distributions of ids [1, T], per (layer, kind).
+    """Mean KL(exact ‖ coded) of the next-token distributions of ids [1, T], per (layer, kind) of `layers` (default all).
 
-    replay=False runs every pass through the whole model (the reference for _Replay)."""
+    replay=False runs every pass through the whole model (the reference for _Replay). Each layer's
+    KL depends only on that layer, so a torchrun job can split `layers` across ranks."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -117,7 +118,7 @@ def layer_sensitivity(
         rerun = _Replay(model, input_ids)
         fast = replay and rerun.usable
         ref = torch.log_softmax(rerun.logits, dim=-1)
-        for layer in range(n_layers):
+        for layer in range(n_layers) if layers is None else layers:
             for kind in ("k", "v"):
                 state.update(layer=layer, kind=kind)
                 logits = rerun.run(layer) if fast else model(input_ids=input_ids, use_cache=False).logits[0].float()

@@ -47,28 +47,49 @@ def collect(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_download: AllowDownloadOpt = False,
+    device_map: Annotated[Optional[str], typer.Option("--device-map", help="'auto': spread a model larger than one device over all visible GPUs (and CPU), through accelerate; one process, not under torchrun.")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Run the model over text and save keys/values per layer and KV head as safetensors shards.
 
     Uses the calibration part of the built-in corpus unless --text or --dataset is given.
+    Several processes or GPUs: torchrun --nproc-per-node P -m csrtool collect ... (each rank
+    runs its share of the text windows into its own shards; docs/scaling.md).
     """
     from csrtool.collect import CollectConfig, collect as run_collect
     from csrtool.corpus import load_text, text_source
-    from csrtool.models import kv_shape, load_model
+    from csrtool.distributed import Dist, launched
+    from csrtool.models import kv_shape, load_model, resolve_device
 
-    check_output(output, force=force, is_dir=True)
-    check_json_output(json_out)
-    body = load_text(text, "calibration", dataset)
-    loaded = load_model(model, device, dtype, allow_download)
-    n_layers = kv_shape(loaded.config)[0]
-    cfg = CollectConfig(max_tokens=max_tokens, seq_len=seq_len, key_space=keys,
-                        layers=tuple(parse_layers(layers, n_layers)))
-    if output.exists():
-        _clear_acts_dir(output)
-    with tqdm(total=cfg.max_tokens, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None) as bar:
-        manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update)
+    if device_map is not None and launched():
+        raise CsrError("--device-map spreads one model over all visible devices: run it as one process, without torchrun")
+    dist = Dist.from_env(resolve_device(device) if device_map is None else "cpu")
+
+    def setup():
+        check_output(output, force=force, is_dir=True)
+        check_json_output(json_out)
+        body = load_text(text, "calibration", dataset)
+        loaded = load_model(model, str(dist.device) if device_map is None else device, dtype, allow_download, device_map=device_map)
+        n_layers = kv_shape(loaded.config)[0]
+        cfg = CollectConfig(max_tokens=max_tokens, seq_len=seq_len, key_space=keys, layers=tuple(parse_layers(layers, n_layers)))
+        return body, loaded, cfg
+
+    body, loaded, cfg = dist.settle(setup, "loading")
+    if dist.root and output.exists():
+        dist.settle(lambda: _clear_acts_dir(output), "clearing --output")
+    elif dist.world > 1:
+        dist.settle(lambda: None, "clearing --output")  # wait for rank 0 before writing shards
+    mine = sum(min(cfg.seq_len, cfg.max_tokens - s) for s in dist.share(range(0, cfg.max_tokens, cfg.seq_len)))  # rank 0's bar
+    with tqdm(total=mine, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None if dist.root else True) as bar:
+        manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update, dist=dist)
+    if dist.root:
+        _show(manifest, loaded, output, json_out)
+    dist.barrier()  # ranks leave together, after rank 0 reported
+
+
+def _show(manifest: dict, loaded, output: Path, json_out: Optional[Path]) -> None:
+    """The result table and the --json manifest (rank 0 only under torchrun)."""
     manifest["tokens_per_s"] = manifest["tokens"] / max(manifest["seconds"], 1e-9)
     manifest["load_seconds"] = loaded.load_seconds
     manifest["peak_rss_mib"] = _peak_rss_mib()

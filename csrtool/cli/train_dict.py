@@ -37,6 +37,7 @@ def train_dict(
     center: Annotated[bool, typer.Option("--center/--no-center", help="Code each vector minus its dictionary's training mean (stored in the file; keys before RoPE carry most of their energy in it).")] = _DEF.center,
     device: DeviceOpt = "cpu",
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
+    dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
     json_out: JsonOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -44,22 +45,30 @@ def train_dict(
 
     Each dictionary starts from k-means centroids and is refined by NeuralDict
     (Adam through sparse codes, with an atom-diversity penalty). An interrupted
-    run resumes from OUTPUT.partial/ when re-run with the same options.
+    run resumes from OUTPUT.partial/ when re-run with the same options (one process only).
+
+    Several processes or GPUs: torchrun --nproc-per-node P -m csrtool train-dict ... (see --dist, docs/scaling.md).
     """
+    from csrtool.distributed import Dist
     from csrtool.formats.acts import ActsReader
     from csrtool.models import resolve_device
     from csrtool.train import partial_dir, train_dicts
 
-    check_output(output, force=force)
-    check_json_output(json_out)
-    cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
-                      batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center)
-    reader = ActsReader(acts_dir)
-    picked = parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
-    dev = resolve_device(device)
+    dist = Dist.from_env(resolve_device(device))
+
+    def setup():
+        check_output(output, force=force)
+        check_json_output(json_out)
+        cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
+                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center)
+        reader = ActsReader(acts_dir)
+        return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
+
+    cfg, reader, picked = dist.settle(setup, "checking the options")
+    dev = dist.device
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with Progress(*columns, console=err, transient=True, disable=not dist.root) as bar:
         overall = bar.add_task("dictionaries", total=None)
         current = bar.add_task("", total=cfg.epochs, visible=False)
 
@@ -78,22 +87,34 @@ def train_dict(
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
             def calib(atoms, source, means):
-                from csrtool.calibration.calibrate import calibrate as run_calibration
+                from csrtool.calibration.calibrate import calibrate as run_calibration, merge
                 from csrtool.models import load_model
 
                 task = bar.add_task("sensitivity", total=None)
-                try:
-                    loaded = load_model(reader.manifest["model"], device=str(dev))
-                except CsrError as exc:
-                    raise CsrError(f"cannot load {reader.manifest['model']} to calibrate layer sensitivities ({exc}); the trained "
-                                   f"dictionaries are kept in {partial_dir(output)}: re-run with --no-calibrate to write them") from None
-                return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"],
-                                       progress=lambda done, total: bar.update(task, completed=done, total=total), means=means)
-        elif calibrate:
+
+                def mine() -> dict:  # this rank's share of the layers
+                    try:
+                        loaded = load_model(reader.manifest["model"], device=str(dev))
+                    except CsrError as exc:
+                        kept = f"the trained dictionaries are kept in {partial_dir(output)}" if dist.world == 1 else "nothing was written"
+                        raise CsrError(f"cannot load {reader.manifest['model']} to calibrate layer sensitivities ({exc}); {kept}: "
+                                       "re-run with --no-calibrate to write them") from None
+                    return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"], means=means,
+                                           progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                           layers=dist.share(sorted({int(n.split(".")[1]) for n in atoms})))
+
+                return merge(dist.gather(dist.settle(mine, "sensitivity calibration")))
+        elif calibrate and dist.root:
             why = "--layers picks a subset" if picked is not None else f"{acts_dir} has no probe window (collected by an older csrtool or with too little text)"
             err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
-        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib)
+        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode)
+    if dist.root:
+        _show(report, cfg, output, json_out)
+    dist.barrier()  # ranks leave together, after rank 0 reported
 
+
+def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:
+    """The result table and the --json report (rank 0 only under torchrun)."""
     centred = " (x: vectors minus their dictionary's mean)" if cfg.center else ""
     table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder}){centred}")
     table.add_column("layer", justify="right")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from csrtool.engine.comm import LOCAL, Comm, bcast
+
 
 def _normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
@@ -83,12 +85,15 @@ def kmeans(
     iters: int = 5,
     generator: torch.Generator | None = None,
     normalize: bool = True,
+    comm: Comm = LOCAL,
 ) -> torch.Tensor:
     """Centroids [k, D] of x [B, D]: k-means++ seeds, then `iters` Lloyd steps.
 
     normalize=True: spherical, sign-invariant k-means on unit rows; centroids are
     returned with unit norm. Empty clusters are re-seeded with the rows farthest
     from their centroid, so all k centroids stay distinct and useful.
+    Data parallel (`comm`, csrtool.engine.comm): each process holds a slice of the
+    rows; the root's seeds and re-seeds are broadcast, cluster sums and counts summed.
     """
     assert x.dim() == 2 and k >= 1
     xf = x.float()
@@ -100,18 +105,21 @@ def kmeans(
         xf_pool = torch.cat([xf, xf[reps]])
     else:
         xf_pool = xf
-    c = xf_pool[kmeans_pp(xf_pool, k, generator, signed=normalize)].clone()  # [k, D]
+    c = xf_pool[kmeans_pp(xf_pool, k, generator, signed=normalize)].clone() if comm.root else xf.new_zeros(k, xf.shape[1])
+    c = bcast(comm, c)  # [k, D]
     for _ in range(iters):
         labels, sign = assign(xf, c, signed=normalize)
-        sums = torch.zeros_like(c).index_add_(0, labels, xf * sign[:, None])  # [k, D]
-        counts = torch.bincount(labels, minlength=k).to(xf.dtype)  # [k]
+        sums = comm.sum(torch.zeros_like(c).index_add_(0, labels, xf * sign[:, None]))  # [k, D]
+        counts = comm.sum(torch.bincount(labels, minlength=k).to(xf.dtype))  # [k]
         empty = counts == 0
         new = sums / counts.clamp_min(1)[:, None]
         if empty.any():
-            # farthest rows from their own centroid take over the empty clusters
-            err = (xf - sign[:, None] * new[labels]).pow(2).sum(1)
-            far = err.topk(int(empty.sum()), largest=True).indices
-            new[empty] = xf[far]
+            # farthest rows from their own centroid (the root's) take over the empty clusters
+            fill = xf.new_zeros(int(empty.sum()), xf.shape[1])
+            if comm.root:
+                err = (xf - sign[:, None] * new[labels]).pow(2).sum(1)
+                fill = xf[err.topk(int(empty.sum()), largest=True).indices]
+            new[empty] = bcast(comm, fill)
         c = new
         if normalize:
             c = _normalize_rows(c)

@@ -18,6 +18,12 @@ atoms after every optimiser step. Per mini-batch:
    L_div is evaluated without forming the [N, N] Gram, by the exact identity
    ‖I − A Aᵀ‖²_F = N − 2‖A‖²_F + ‖Aᵀ A‖²_F (cost N·D² instead of N²·D).
 
+Data parallel (`comm`, csrtool.engine.comm): every process passes its own disjoint
+rows; the global batch of `batch_size` rows is split across processes in
+proportion to their row counts, the loss is the global batch's, gradients, atom
+usage and error sums are summed, and the root's k-means seeds and re-seeded atoms
+are broadcast, so every process holds the same atoms after every step.
+
 Adam with a cosine schedule; early stopping on a held-out split (the best
 atoms by validation error are returned). After every epoch, unused atoms and
 near-duplicates (|cos| > `dup_cos`) are re-seeded with the normalised residuals
@@ -36,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from csrtool.engine import pursuit
+from csrtool.engine.comm import LOCAL, Comm, bcast, count
 from csrtool.engine.kmeans import kmeans
 from csrtool.errors import CsrError
 
@@ -103,10 +110,10 @@ def training_bytes(cfg: TrainConfig, dim: int) -> int:
     return 4 * ((n * n if cfg.epochs > 0 else 0) + 8192 * n + 10 * n * dim + 4 * cfg.max_vectors * dim)
 
 
-def rel_err(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Σ‖x − x̂‖² / Σ‖x‖² over the set."""
-    den = x.double().pow(2).sum()
-    return float((x.double() - x_hat.double()).pow(2).sum() / den.clamp_min(1e-30))
+def rel_err(x: torch.Tensor, x_hat: torch.Tensor, comm: Comm = LOCAL) -> float:
+    """Σ‖x − x̂‖² / Σ‖x‖² over the set (over every process's rows with `comm`)."""
+    den = comm.sum(x.double().pow(2).sum())
+    return float(comm.sum((x.double() - x_hat.double()).pow(2).sum()) / den.clamp_min(1e-30))
 
 
 def support_rows(atoms: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -159,39 +166,45 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Initial unit atoms [N, D]: k-means centroids or random training vectors."""
+def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, comm: Comm = LOCAL) -> torch.Tensor:
+    """Initial unit atoms [N, D]: k-means centroids or random training vectors (the root's)."""
     if cfg.init == "kmeans":
-        return kmeans(x, cfg.atoms, cfg.kmeans_iters, gen, normalize=True)
+        return kmeans(x, cfg.atoms, cfg.kmeans_iters, gen, normalize=True, comm=comm)
+    if not comm.root:
+        return bcast(comm, x.new_zeros(cfg.atoms, x.shape[1]))
     pick = torch.randint(x.shape[0], (cfg.atoms,), generator=gen, device=x.device) if cfg.atoms > x.shape[0] else torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.atoms]
-    return _unit_rows(x[pick])
+    return bcast(comm, _unit_rows(x[pick]))
 
 
-def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer) -> None:
-    """Replace atoms `rows` by normalised residuals of the worst-reconstructed rows of x."""
-    k = min(int(rows.numel()), x.shape[0])
+def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer,
+            comm: Comm = LOCAL) -> None:
+    """Replace atoms `rows` by normalised residuals of the worst-reconstructed rows of x (the root's)."""
+    k = int(bcast(comm, torch.tensor(min(int(rows.numel()), x.shape[0]))))
     if k == 0:
         return
     rows = rows[:k]
-    worst = err.topk(k).indices
-    xw = x[worst]
-    resid = xw - reconstruct(xw, w.detach(), cfg.sparsity, cfg.encoder)
-    small = resid.norm(dim=1) < 1e-6 * xw.norm(dim=1).clamp_min(1e-30)
-    resid[small] = xw[small]  # perfectly coded rows: use the vector itself
+    new = w.new_zeros(k, w.shape[1])
+    if comm.root:
+        worst = err.topk(k).indices
+        xw = x[worst]
+        resid = xw - reconstruct(xw, w.detach(), cfg.sparsity, cfg.encoder)
+        small = resid.norm(dim=1) < 1e-6 * xw.norm(dim=1).clamp_min(1e-30)
+        resid[small] = xw[small]  # perfectly coded rows: use the vector itself
+        new = _unit_rows(resid)
+        err[worst] = 0  # do not pick the same rows again this epoch
     with torch.no_grad():
-        w[rows] = _unit_rows(resid)
+        w[rows] = bcast(comm, new)
     state = opt.state.get(w, {})
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
             state[key][rows] = 0
-    err[worst] = 0  # do not pick the same rows again this epoch
 
 
-def _split(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
     n_val = int(round(cfg.val_fraction * x.shape[0])) if cfg.val_fraction > 0 else 0
     n_val = min(n_val, x.shape[0] - 1)
-    n_total = min(x.shape[0], cfg.max_vectors + n_val)
+    n_total = min(x.shape[0], -(-cfg.max_vectors // world) + n_val)  # max_vectors is the budget of all processes
     perm = perm[:n_total]
     return x[perm[n_val:]], x[perm[:n_val]]
 
@@ -202,11 +215,13 @@ def train_dictionary(
     seed: int | torch.Generator | None = None,
     progress: Optional[Progress] = None,
     val: torch.Tensor | None = None,
+    comm: Comm = LOCAL,
 ) -> tuple[torch.Tensor, dict]:
     """Learn N unit atoms [N, D] for the rows of x [B, D]. Returns (atoms, stats).
 
     `seed` (int or torch.Generator on x's device) fixes the split, init and batches;
     default cfg.seed. `val` overrides the held-out split (then all of x trains).
+    `comm`: data-parallel training over every process's rows of x (see the module doc).
     stats: train_rel_err, val_rel_err, init_val_rel_err, epochs, best_epoch, reseeded.
     """
     if x.dim() != 2 or x.shape[0] < 2:
@@ -218,24 +233,26 @@ def train_dictionary(
         gen.manual_seed(cfg.seed if seed is None else int(seed))
     x = x.float()
     if val is None:
-        x_tr, x_val = _split(x, cfg, gen)
+        x_tr, x_val = _split(x, cfg, gen, comm.world)
     else:
         x_tr, x_val = x[torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.max_vectors]], val.float()
     n, s = cfg.atoms, cfg.sparsity
 
     lin = torch.nn.Linear(x.shape[1], n, bias=False, device=x.device, dtype=torch.float32)
     with torch.no_grad():
-        lin.weight.copy_(init_atoms(x_tr, cfg, gen))
+        lin.weight.copy_(init_atoms(x_tr, cfg, gen, comm))
     w = lin.weight  # [N, D]
     opt = torch.optim.Adam([w], lr=cfg.lr)
-    steps_per_epoch = math.ceil(x_tr.shape[0] / cfg.batch_size)
+    n_tr, n_val = count(comm, x_tr.shape[0]), count(comm, x_val.shape[0])  # over all processes
+    steps_per_epoch = math.ceil(n_tr / cfg.batch_size)
+    local_batch = math.ceil(cfg.batch_size * x_tr.shape[0] / n_tr)  # this process's part of each global batch
     total = max(1, cfg.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
 
     def val_err(atoms: torch.Tensor) -> float:
-        if x_val.shape[0] == 0:
+        if n_val == 0:
             return float("nan")
-        return rel_err(x_val, reconstruct(x_val, atoms, s, cfg.encoder))
+        return rel_err(x_val, reconstruct(x_val, atoms, s, cfg.encoder), comm)
 
     best_atoms, best_val = w.detach().clone(), val_err(w.detach())
     init_val, best_epoch, stale, reseeded, ran = best_val, 0, 0, 0, 0
@@ -244,19 +261,21 @@ def train_dictionary(
         perm = torch.randperm(x_tr.shape[0], generator=gen, device=x.device)
         usage = torch.zeros(n, dtype=torch.long, device=x.device)
         err = torch.zeros(x_tr.shape[0], device=x.device)  # per-vector squared error, this epoch
-        for start in range(0, x_tr.shape[0], cfg.batch_size):
-            rows = perm[start : start + cfg.batch_size]
+        for step in range(steps_per_epoch):
+            rows = perm[step * local_batch : (step + 1) * local_batch]
             xb = x_tr[rows]
             with torch.no_grad():
-                idx, _ = pursuit.encode(xb, w.detach(), s, cfg.encoder)  # [b, S]
+                idx, _ = pursuit.encode(xb, w.detach(), s, cfg.encoder) if rows.numel() else (rows.new_zeros(0, s), None)  # [b, S]
             coef = coefficients(xb, w, idx, cfg.encoder)
             x_hat = torch.einsum("bs,bsd->bd", coef, support_rows(w, idx))
             sq = (xb - x_hat).pow(2)
-            mse = sq.mean()
+            mse = sq.sum() / (count(comm, rows.numel()) * x.shape[1])  # this process's share of the global batch's MSE
             l_div = diversity_loss(w)
-            loss = mse + diversity_beta(mse, l_div) * l_div
+            loss = mse + diversity_beta(comm.sum(mse.detach()), l_div) * l_div / comm.world
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if comm.world > 1:
+                w.grad = comm.sum(w.grad)
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -265,12 +284,12 @@ def train_dictionary(
                 err[rows] = sq.sum(1).detach()
         # re-seed dead and duplicate atoms
         with torch.no_grad():
-            dead = usage == 0
+            dead = comm.sum(usage) == 0
             cos = (w @ w.T).abs().triu(1)  # [N, N]
             dup = (cos > cfg.dup_cos).any(0)
             bad = (dead | dup).nonzero()[:, 0]
         if bad.numel():
-            _reseed(w, bad, x_tr, err, cfg, opt)
+            _reseed(w, bad, x_tr, err, cfg, opt, comm)
             reseeded += int(bad.numel())
         v = val_err(w.detach())
         if not v >= best_val - 1e-6 * abs(best_val):  # improved (always, without a val split: nan)
@@ -281,7 +300,7 @@ def train_dictionary(
             progress(epoch, cfg.epochs, v)
         if stale >= cfg.patience:
             break
-    train = rel_err(x_tr, reconstruct(x_tr, best_atoms, s, cfg.encoder))
+    train = rel_err(x_tr, reconstruct(x_tr, best_atoms, s, cfg.encoder), comm)
     stats = {
         "train_rel_err": train,
         "val_rel_err": best_val,
@@ -289,7 +308,7 @@ def train_dictionary(
         "epochs": ran,
         "best_epoch": best_epoch,
         "reseeded": reseeded,
-        "train_vectors": int(x_tr.shape[0]),
-        "val_vectors": int(x_val.shape[0]),
+        "train_vectors": n_tr,
+        "val_vectors": n_val,
     }
     return best_atoms, stats

@@ -36,7 +36,8 @@ def tensor_name(layer: int, kind: str) -> str:
 class ActsWriter:
     """Accumulate [T, H, D] blocks per layer and kind; flush a shard every `shard_tokens`."""
 
-    def __init__(self, out_dir: Path, meta: dict, shard_tokens: int = 8192, store_dtype: torch.dtype = torch.float16):
+    def __init__(self, out_dir: Path, meta: dict, shard_tokens: int = 8192, store_dtype: torch.dtype = torch.float16,
+                 prefix: str = "shard-"):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = dict(meta)
@@ -46,6 +47,7 @@ class ActsWriter:
         self.pending_tokens = 0
         self.tokens = 0
         self.shards: list[str] = []
+        self.prefix = prefix  # shard names: {prefix}00000.safetensors, ...
 
     def add(self, blocks: dict[tuple[int, str], torch.Tensor]) -> None:
         """blocks[(layer, kind)] = [T, H, D] for one window (same T for all)."""
@@ -61,7 +63,7 @@ class ActsWriter:
     def flush(self) -> None:
         if not self.pending_tokens:
             return
-        name = f"shard-{len(self.shards):05d}.safetensors"
+        name = f"{self.prefix}{len(self.shards):05d}.safetensors"
         tensors = {k: torch.cat(v).contiguous() for k, v in sorted(self.pending.items())}
         save_safetensors(self.dir / name, tensors, {"format": FORMAT})
         self.shards.append(name)
@@ -115,11 +117,11 @@ class ActsReader:
     def tokens(self) -> int:
         return int(self.manifest["tokens"])
 
-    def load(self, layer: int, kind: str, max_tokens: int | None = None) -> torch.Tensor:
-        """All stored tokens of one layer and kind as float32 [T, H, D]."""
+    def load(self, layer: int, kind: str, max_tokens: int | None = None, shards: list[str] | None = None) -> torch.Tensor:
+        """All stored tokens of one layer and kind as float32 [T, H, D] (of `shards` only, if given)."""
         name = tensor_name(layer, kind)
         parts, have = [], 0
-        for shard in self.manifest["shards"]:
+        for shard in self.manifest["shards"] if shards is None else shards:
             try:
                 with safe_open(str(self.dir / shard), framework="pt") as fh:
                     if name not in fh.keys():
