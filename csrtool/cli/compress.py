@@ -74,6 +74,10 @@ def compress(
     else:
         target = 1.0 if bits is None else bits
         s_k, s_v = codec.choose_sparsity(target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
+        d = kv.keys[0].shape[-1]
+        if codec.bits_per_channel(ds.n_atoms, d, s_k + 1, s_v + 1, v_split, coef) <= target:  # capped (codec.max_sparsity)
+            err.print(f"note: --bits {target:g} is more than sparse codes can use: at most S_k={s_k}, S_v={s_v} atoms "
+                      f"(half the channels) at {codec.bits_per_channel(ds.n_atoms, d, s_k, s_v, v_split, coef):.4f} bits per channel")
         if not uniform and len(kv.keys) == len(ds.layers):
             per_layer = allocate.plan(ds.sensitivity, len(kv.keys), target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
         if per_layer is not None:
