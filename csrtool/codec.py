@@ -26,7 +26,7 @@ import torch
 
 from csrtool.engine import packing, pursuit
 from csrtool.errors import CsrError
-from csrtool.keyspace import RopeParams, from_code_space, rope_params, to_code_space  # noqa: F401 (re-exported)
+from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
 
 COEF_FORMATS = packing.COEF_FORMATS
 METHODS = ("omp", "mp")

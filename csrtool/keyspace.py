@@ -79,7 +79,8 @@ class RopeParams:
                 "save the cache with csrtool cache, or use a dictionary trained on post-RoPE keys"
             )
         try:
-            return cls.from_json({**info, "position_offset": meta.get("position_offset") or 0}, "cache meta.rope")
+            offset = _offset(meta.get("position_offset") or 0, "cache meta.position_offset")
+            return cls.from_json({**info, "position_offset": offset}, "cache meta.rope")
         except CsrError as exc:
             raise CsrError(f"{exc}: save the cache again with csrtool cache") from None
 
@@ -103,11 +104,6 @@ def _offset(val: object, what: str) -> int:
     if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val <= MAX_POSITION:
         raise CsrError(f"{what} must be an integer in [0, {MAX_POSITION}], got {val!r:.40}")
     return val
-
-
-def rope_params(meta: dict, n_tokens: int = 0) -> RopeParams:
-    """RoPE parameters from a cache's meta, or CsrError (RopeParams.from_meta)."""
-    return RopeParams.from_meta(meta)
 
 
 def to_code_space(k: torch.Tensor, key_space: str, cache_key_space: str, rope_p: RopeParams | None) -> torch.Tensor:

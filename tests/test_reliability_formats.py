@@ -283,7 +283,7 @@ MALFORMED = {
                      "cache meta.rope.inv_freq[0] must be a number, got 'a'"),
     "rope_not_list": (_cache_obj(meta={"key_space": "post-rope", "rope": {"inv_freq": 5}}), "cache meta.rope.inv_freq must be a list"),
     "offset_abc": (_cache_obj(meta={"key_space": "post-rope", "rope": {"inv_freq": INV_FREQ, "scaling": 1.0}, "position_offset": "abc"}),
-                   "cache meta.rope.position_offset must be an integer in [0, 2147483647], got 'abc'"),
+                   "cache meta.position_offset must be an integer in [0, 2147483647], got 'abc'"),
     "keys_int": (_cache_obj(keys=5), "'keys' must be a list of tensors [B, H, T, D], got int"),
     "float8": (_cache_obj(keys=[k.to(torch.float8_e4m3fn) for k in make_cache().keys]), "csrtool reads float16, bfloat16 and float32 caches"),
 }
