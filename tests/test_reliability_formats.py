@@ -285,6 +285,9 @@ MALFORMED = {
     "offset_abc": (_cache_obj(meta={"key_space": "post-rope", "rope": {"inv_freq": INV_FREQ, "scaling": 1.0}, "position_offset": "abc"}),
                    "cache meta.position_offset must be an integer in [0, 2147483647], got 'abc'"),
     "keys_int": (_cache_obj(keys=5), "'keys' must be a list of tensors [B, H, T, D], got int"),
+    "keys_list_of_ints": (_cache_obj(keys=[1, 2]), "layer 0 does not hold tensors"),
+    "keys_int_tensors": (_cache_obj(keys=[torch.ones(1, 2, 24, D, dtype=torch.int64)] * 2), "csrtool reads float16, bfloat16 and float32 caches"),
+    "keys_nan": (_cache_obj(keys=[torch.full((1, 2, 24, D), float("nan"))] * 2), "contains NaN or Inf values"),
     "float8": (_cache_obj(keys=[k.to(torch.float8_e4m3fn) for k in make_cache().keys]), "csrtool reads float16, bfloat16 and float32 caches"),
 }
 
@@ -318,6 +321,32 @@ def test_fuzz_cache_meta(tmp_path, meta, rope):
         return
     assert header.encode()
     assert header.rope is None or all(math.isfinite(f) for f in header.rope.inv_freq)
+
+
+@FUZZ
+@given(scales=st.lists(st.sampled_from([1.0, 1e10, 1e30, 1e36, 3e38, -3e38, 65504.0]), min_size=4, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), coef=st.sampled_from(["fp8", "fp16", "int8"]))
+def test_fuzz_cache_values_write_only_what_reads_back(tmp_path, scales, dtype, coef):
+    """Hypothesis over cache magnitudes: compress either refuses with one CsrError and writes nothing,
+    or writes a file that decodes to finite values of the cache's dtype."""
+    dicts_path = tmp_path / "d.safetensors"
+    if not dicts_path.exists():
+        make_dicts(dicts_path)
+    c = make_cache()
+    keys = [(k * s).to(dtype) for k, s in zip(c.keys, scales[:2])]
+    values = [(v * s).to(dtype) for v, s in zip(c.values, scales[2:])]
+    cache = KVCache(keys, values, c.meta)
+    out = tmp_path / "f.csr"
+    out.unlink(missing_ok=True)
+    ds = load_dicts(dicts_path)
+    try:
+        cache.validate()
+        write(out, cache, dicts_path, codec.CodecConfig(3, 2, coef, "omp", window=2, sink=1))
+    except CsrError as exc:
+        assert "\n" not in str(exc) and not out.exists()
+        return
+    dec = csrfile.read_csr(out, ds)
+    assert all(t.dtype == dtype and bool(torch.isfinite(t).all()) for t in dec.keys + dec.values)
 
 
 # ---------------------------------------------------------------- 14.11: dictionary metadata

@@ -12,6 +12,10 @@ Layout (docs/format.md §4 says how compress uses it):
   (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
   train-dict calibrated them, `sensitivity` (csrtool.calibration.calibrate: per-layer KL and
   loss curves that compress/eval use to spread a bit budget over layers).
+
+The fingerprint covers the tensors only; load_dicts checks the metadata compress
+reads (version, source.key_space, the sensitivity curves) and that every atom and
+mean is finite, so an edited file is a CsrError, not a wrong result.
 """
 
 from __future__ import annotations
@@ -108,8 +112,7 @@ def save_dicts(
     return fp
 
 
-_NAME = re.compile(r"layer\.(0|[1-9][0-9]{0,5})\.[kv]")
-_CURVE_NAME = re.compile(r"layer\.(0|[1-9][0-9]{0,5})\.[kv]")
+_NAME = re.compile(r"layer\.(0|[1-9][0-9]{0,5})\.[kv]")  # dict_name(layer, kind); also the sensitivity curves' keys
 
 
 def _json_object(path: Path, meta: dict, key: str) -> dict:
@@ -145,7 +148,7 @@ def _check_sensitivity(path: Path, sens: dict) -> None:
     if not isinstance(curves, dict):
         raise CsrError(f"{path} has corrupted sensitivity metadata (curves must be an object): {fix}")
     for name, curve in curves.items():
-        if _CURVE_NAME.fullmatch(name) is None:
+        if _NAME.fullmatch(name) is None:
             raise CsrError(f"{path} has corrupted sensitivity metadata (curve name {name[:40]!r}): {fix}")
         if not isinstance(curve, list) or not 1 <= len(curve) <= 1 << 16:
             raise CsrError(f"{path} has corrupted sensitivity metadata ({name} must be a non-empty list of numbers): {fix}")
