@@ -108,24 +108,21 @@ def _offset(val: object, what: str) -> int:
 
 def to_code_space(k: torch.Tensor, key_space: str, cache_key_space: str, rope_p: RopeParams | None) -> torch.Tensor:
     """Keys [B, H, T, D] from the cache's key space to the dictionary's (float32)."""
+    return _move(k, key_space != "pre-rope", key_space, cache_key_space, rope_p)
+
+
+def from_code_space(k: torch.Tensor, key_space: str, cache_key_space: str, rope_p: RopeParams | None) -> torch.Tensor:
+    """Inverse of to_code_space (float32)."""
+    return _move(k, key_space == "pre-rope", key_space, cache_key_space, rope_p)
+
+
+def _move(k: torch.Tensor, forward: bool, key_space: str, cache_key_space: str, rope_p: RopeParams | None) -> torch.Tensor:
+    """k [B, H, T, D] as float32, rotated to its positions (forward) or back, unless the two spaces agree."""
     kf = k.to(torch.float32)
     if key_space == cache_key_space:
         return kf
     assert rope_p is not None
     if len(rope_p.inv_freq) * 2 != k.shape[-1]:
         raise CsrError(f"RoPE parameters cover {len(rope_p.inv_freq) * 2} channels but keys have {k.shape[-1]}: the cache meta is inconsistent")
-    fn = rope.unrotate if key_space == "pre-rope" else rope.rotate
+    fn = rope.rotate if forward else rope.unrotate
     return fn(kf, rope_p.positions(k.shape[2], k.device), rope_p.inv_freq_tensor(k.device), rope_p.scaling)
-
-
-def from_code_space(k: torch.Tensor, key_space: str, cache_key_space: str, rope_p: RopeParams | None) -> torch.Tensor:
-    """Inverse of to_code_space (float32)."""
-    if key_space == cache_key_space:
-        return k
-    assert rope_p is not None
-    if len(rope_p.inv_freq) * 2 != k.shape[-1]:
-        raise CsrError(f"RoPE parameters cover {len(rope_p.inv_freq) * 2} channels but keys have {k.shape[-1]}: the file is inconsistent")
-    fn = rope.rotate if key_space == "pre-rope" else rope.unrotate
-    return fn(k.to(torch.float32), rope_p.positions(k.shape[2], k.device), rope_p.inv_freq_tensor(k.device), rope_p.scaling)
-
-
