@@ -186,12 +186,10 @@ def header_from_json(obj: object) -> CsrHeader:
         raise CsrError(f"the header must be a JSON object, got {type(obj).__name__}")
     if obj.get("format") != FORMAT:
         raise CsrError(f"format must be {FORMAT!r}, got {_show(obj.get('format'))}")
-    version = obj.get("version")
-    if version not in (1, 2) or isinstance(version, bool):
-        raise CsrError(f"version must be 1 or 2, got {_show(version)}")
+    version = _int(obj, "version", 1, VERSION)
     cd, dd = _obj(obj, "codec"), _obj(obj, "dicts")
     n_atoms = _int(cd, "n_atoms", 2, 1 << 24, "codec.")
-    if cd.get("index_bits") != packing.index_bits(n_atoms):
+    if _int(cd, "index_bits", 1, 24, "codec.") != packing.index_bits(n_atoms):
         raise CsrError(f"codec.index_bits must be {packing.index_bits(n_atoms)} for {n_atoms} atoms, got {_show(cd.get('index_bits'))}")
     value_split = _int(cd, "value_split", 1, MAX_SPLIT, "codec.")
     rows = obj.get("layers")
