@@ -352,6 +352,11 @@ def encode_layer(
         raise CsrError(f"key dictionaries must have 1 channel chunk, got {atoms_k.shape[1]}: use a dictionary from csrtool train-dict")
     s, tc, _ = spans(k.shape[2], cfg.window, cfg.sink)
     kc = to_code_space(k[:, :, s : s + tc], key_space, cache_key_space, None if rope_p is None else rope_p.shifted(s))
+    if not bool(torch.isfinite(kc).all()):
+        raise CsrError(
+            f"keys too large to rotate into the dictionary's key space (max |k| = {float(k.abs().max()):.3g}; "
+            "RoPE overflows float32): the cache looks broken, check it"
+        )
     ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0])
     cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1])
     return ck, cv

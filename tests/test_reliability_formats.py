@@ -191,6 +191,12 @@ def test_huge_cache_values_are_refused_before_writing(tmp_path):
     line = one_line_error(run("compress", tmp_path / "big.pt", "--dicts", dicts, "-o", tmp_path / "c.csr", "--sparsity", "2"))
     assert line.startswith("error: cache layer 1: values too large to code (max |x| = 3e+38")
     assert sorted(os.listdir(tmp_path)) == ["big.pt", "d.safetensors"]  # nothing written, no temporary left
+    cache = make_cache()  # keys: a pre-RoPE dictionary rotates them first, and that overflows
+    cache.keys[0][0, 0, 10] = 3e38
+    save_cache(tmp_path / "bigk.pt", cache)
+    line = one_line_error(run("compress", tmp_path / "bigk.pt", "--dicts", make_dicts(tmp_path / "pre.safetensors"), "-o", tmp_path / "c.csr", "--sparsity", "2"))
+    assert line.startswith("error: cache layer 0: keys too large to rotate into the dictionary's key space (max |k| = 3e+38")
+    assert not (tmp_path / "c.csr").exists()
 
 
 @pytest.mark.parametrize("what", ["nan_atom", "inf_mean"])
