@@ -101,8 +101,7 @@ def max_sparsity(dim: int) -> int:
 
     Beyond it the codes cost more bits than storing the vector in 8 bits, and OMP's
     least-squares fit on a nearly full-rank support turns ill-conditioned: huge
-    cancelling coefficients (SmolLM2 keys: max |c| 12,000 at S=56 of 64, 200,000
-    at S=63) that fp8 and int8 cannot hold (relative error 0.8 to 88)."""
+    cancelling coefficients that fp8 and int8 cannot hold (docs/quality.md, "Sparsity cap")."""
     return max(1, dim // 2)
 
 
