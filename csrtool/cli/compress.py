@@ -35,6 +35,18 @@ def _parse_sparsity(spec: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def _note_capped(bits: float, header) -> None:
+    """Say so when --bits asks for more than codes can use (codec.max_sparsity caps every layer)."""
+    from csrtool import codec
+
+    n, c, (_, _, _, d, _) = header.n_atoms, header.value_split, header.layers[0]
+    cfg = header.config
+    if header.config.layer_sparsity is None and codec.bits_per_channel(n, d, cfg.sparsity_k + 1, cfg.sparsity_v + 1, c, cfg.coef) <= bits:
+        used = codec.bits_per_channel(n, d, cfg.sparsity_k, cfg.sparsity_v, c, cfg.coef)
+        err.print(f"note: --bits {bits:g} is more than sparse codes can use: at most S_k={cfg.sparsity_k}, S_v={cfg.sparsity_v} atoms "
+                  f"(half the channels) at {used:.4f} bits per channel")
+
+
 @app.command()
 @guarded
 def compress(
@@ -74,10 +86,6 @@ def compress(
     else:
         target = 1.0 if bits is None else bits
         s_k, s_v = codec.choose_sparsity(target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
-        d = kv.keys[0].shape[-1]
-        if codec.bits_per_channel(ds.n_atoms, d, s_k + 1, s_v + 1, v_split, coef) <= target:  # capped (codec.max_sparsity)
-            err.print(f"note: --bits {target:g} is more than sparse codes can use: at most S_k={s_k}, S_v={s_v} atoms "
-                      f"(half the channels) at {codec.bits_per_channel(ds.n_atoms, d, s_k, s_v, v_split, coef):.4f} bits per channel")
         if not uniform and len(kv.keys) == len(ds.layers):
             per_layer = allocate.plan(ds.sensitivity, len(kv.keys), target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
         if per_layer is not None:
@@ -87,6 +95,8 @@ def compress(
         layer_sparsity=per_layer,
     )
     header = csrfile.make_header(kv, ds, cfg)
+    if sparsity is None:
+        _note_capped(1.0 if bits is None else bits, header)
     with _bar(len(header.layers), "compress") as bar:
         size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
     report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method,
