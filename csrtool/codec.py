@@ -105,8 +105,10 @@ def max_sparsity(dim: int) -> int:
     return max(1, dim // 2)
 
 
-def check_sparsity(sparsity: int, dim: int, what: str) -> None:
-    """CsrError when `sparsity` atoms exceed max_sparsity(dim) for `what` (e.g. "layer 3 keys")."""
+def check_sparsity(sparsity: int, dim: int, what: str, n_atoms: int) -> None:
+    """CsrError when `sparsity` atoms exceed the atoms or max_sparsity(dim) for `what` (e.g. "layer 3 keys")."""
+    if sparsity > n_atoms:
+        raise CsrError(f"sparsity {sparsity} for {what} is more than the dictionary's {n_atoms} atoms: use at most {min(n_atoms, max_sparsity(dim))} (--sparsity)")
     if sparsity > max_sparsity(dim):
         raise CsrError(
             f"sparsity {sparsity} for {what} is more than half its {dim} channels: such codes cost more than "

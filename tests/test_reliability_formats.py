@@ -242,6 +242,8 @@ def test_full_rank_fit_needs_cancelling_coefficients():
         return float((codec.roundtrip(x, atoms, s, coef) - x).pow(2).sum() / x.pow(2).sum())
     assert err(D, "fp8") > 10 * err(D, "fp16")
     assert err(D // 2, "fp8") < 0.1
+    with pytest.raises(CsrError, match="sparsity 5 for layer 0 keys is more than the dictionary's 4 atoms: use at most 4"):
+        codec.check_sparsity(5, 64, "layer 0 keys", 4)
     assert codec.choose_sparsity(100.0, 4096, 64, 2, "fp8") == (32, 16)
 
 

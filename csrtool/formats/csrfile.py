@@ -77,8 +77,8 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
         raise CsrError(f"the per-layer sparsity plan has {len(cfg.layer_sparsity)} layers but the cache has {len(layers)}: plan for this cache")
     for i, (_, _, _, dk, dv) in enumerate(layers):
         c = cfg.for_layer(i)
-        codec.check_sparsity(c.sparsity_k, dk, f"layer {i} keys")
-        codec.check_sparsity(c.sparsity_v, dv // value_split, f"layer {i} values (chunks of {dv // value_split})")
+        codec.check_sparsity(c.sparsity_k, dk, f"layer {i} keys", n_atoms)
+        codec.check_sparsity(c.sparsity_v, dv // value_split, f"layer {i} values (chunks of {dv // value_split})", n_atoms)
     scope = "head" if g == layers[0][1] and g > 1 else "layer"
     key_space = dicts.source.get("key_space", "post-rope")
     cache_key_space = cache.meta.get("key_space", "post-rope")
