@@ -221,8 +221,9 @@ def test_non_finite_dictionary_is_refused(tmp_path, what):
 def test_sparsity_beyond_half_the_channels_is_refused(tmp_path):
     dicts = make_dicts(tmp_path / "d.safetensors")
     save_cache(tmp_path / "c.pt", make_cache())
-    line = one_line_error(run("compress", tmp_path / "c.pt", "--dicts", dicts, "-o", tmp_path / "c.csr", "--sparsity", str(D)))
-    assert line == (f"error: sparsity {D} for layer 0 keys is more than half its {D} channels: such codes cost more than 8-bit "
+    s_k = 3 * D // 4  # fewer than the channels and the atoms, more than half the channels
+    line = one_line_error(run("compress", tmp_path / "c.pt", "--dicts", dicts, "-o", tmp_path / "c.csr", "--sparsity", f"{s_k},{D // 4}"))
+    assert line == (f"error: sparsity {s_k} for layer 0 keys is more than half its {D} channels: such codes cost more than 8-bit "
                     f"storage and their coefficients cannot be quantised (a near full-rank fit): use at most {D // 2} (--sparsity) or a lower --bits")
     assert not (tmp_path / "c.csr").exists()
     # --bits far above what codes can use picks the cap, and says so
