@@ -1,6 +1,6 @@
 """The CSR codec: sparse-code one layer's keys or values, quantise, pack to bytes.
 
-No file I/O here: `csrfile` frames the bytes this module makes (docs/format.md §3).
+No bytes here: formats/csrsection.py turns SectionCodes into the bytes of docs/format.md §3.
 
     CodecConfig(sparsity_k, sparsity_v, coef, method, window, sink) frozen, validated
     spans(T, window, sink) -> (s, Tc, w)                            sink / coded / tail tokens
@@ -8,8 +8,9 @@ No file I/O here: `csrfile` frames the bytes this module makes (docs/format.md �
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)              fits a bit budget
     roundtrip(x [B, H, T, D], atoms [G, C, N, Dc], S, coef, method) -> x_hat [B, H, T, D]
     roundtrip_keys(k, atoms, S, coef, method, positions, rope, key_space, cache_key_space)
-    section_bytes(x_code, x_tail, atoms, S, coef, method) -> bytes   one K or V section
-    parse_section(buf, shape, N, C, S, coef, window, dtype, sink) -> idx, coef, verbatim
+    RopeParams(inv_freq, scaling, position_offset) frozen, validated; .from_meta(cache meta), .from_json(header)
+    encode_layer(k, v, atoms_k, atoms_v, cfg, ...) -> (SectionCodes, SectionCodes)   tensors, not bytes
+    decode_layer(codes_k, codes_v, atoms_k, atoms_v, cfg, ...) -> k, v [B, H, T, D]
     decode_codes(idx, coef, atoms) -> x_hat (code space, float32)
 
 `roundtrip` applies exactly the quantisation of the file, so evaluation code can
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from csrtool.engine import packing, pursuit, rope
+from csrtool.engine import packing, pursuit
 from csrtool.errors import CsrError
+from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
 
 COEF_FORMATS = packing.COEF_FORMATS
 METHODS = ("omp", "mp")
@@ -94,6 +96,27 @@ def bits_per_channel(n_atoms: int, head_dim: int, sparsity_k: int, sparsity_v: i
     return (k + v) / (2 * head_dim)
 
 
+def max_sparsity(dim: int) -> int:
+    """Most atoms worth spending on a vector (chunk) of `dim` channels: dim / 2.
+
+    Beyond it the codes cost more bits than storing the vector in 8 bits, and OMP's
+    least-squares fit on a nearly full-rank support turns ill-conditioned: huge
+    cancelling coefficients that fp8 and int8 cannot hold (docs/quality.md, "Sparsity cap")."""
+    return max(1, dim // 2)
+
+
+def check_sparsity(sparsity: int, dim: int, what: str, n_atoms: int) -> None:
+    """CsrError when `sparsity` atoms exceed the atoms or max_sparsity(dim) for `what` (e.g. "layer 3 keys")."""
+    if sparsity > n_atoms:
+        raise CsrError(f"sparsity {sparsity} for {what} is more than the dictionary's {n_atoms} atoms: use at most {min(n_atoms, max_sparsity(dim))} (--sparsity)")
+    if sparsity > max_sparsity(dim):
+        raise CsrError(
+            f"sparsity {sparsity} for {what} is more than half its {dim} channels: such codes cost more than "
+            f"8-bit storage and their coefficients cannot be quantised (a near full-rank fit): use at most "
+            f"{max_sparsity(dim)} (--sparsity) or a lower --bits"
+        )
+
+
 def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, coef: str) -> tuple[int, int]:
     """Largest (s_k, s_v) whose average code bits per channel fit `bits`.
 
@@ -110,11 +133,10 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     if not (bits > 0 and math.isfinite(bits)):
         raise CsrError(f"--bits must be a positive number, got {bits}")
     budget = bits * 2 * head_dim
-    kmax = max(1, min(n_atoms, head_dim))
     best = None
-    for s_k in range(1, kmax + 1):
+    for s_k in range(1, min(n_atoms, max_sparsity(head_dim)) + 1):
         ck = vector_bits(n_atoms, s_k, 1, coef)
-        for s_v in range(1, max(1, min(n_atoms, head_dim // value_split)) + 1):
+        for s_v in range(1, min(n_atoms, max_sparsity(head_dim // value_split)) + 1):
             cv = vector_bits(n_atoms, s_v, value_split, coef)
             if ck + cv > budget + 1e-9:
                 break
@@ -128,20 +150,6 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
             f"at {n_atoms} atoms, {coef}): raise --bits or use --sparsity"
         )
     return best[1], best[2]
-
-
-def section_nbytes(
-    shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype, sink: int = 0
-) -> int:
-    """Bytes of one section (docs/format.md §3) for a tensor of shape [B, H, T, D]."""
-    b, h, t, d = shape
-    s, tc, w = spans(t, window, sink)
-    m = b * h * tc
-    n = m * chunks * sparsity
-    coef_bytes = n * packing.COEF_BITS[coef] // 8
-    vscale = 2 * m if coef == "int8" else 0
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 4 * b * h + vscale + packing.packed_nbytes(n, packing.index_bits(n_atoms)) + coef_bytes + b * h * (s + w) * d * elem
 
 
 # ---------------------------------------------------------------- coding
@@ -235,51 +243,10 @@ def roundtrip(
     idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method)
     q, g, v = quantize_codes(c, coef)
     c_hat = dequantize_codes(q, g, v, coef, tuple(c.shape))
-    return shift(decode_codes(idx, c_hat, atoms), mean, 1.0).to(x.dtype)
+    return to_dtype(shift(decode_codes(idx, c_hat, atoms), mean, 1.0), x.dtype)
 
 
 # ---------------------------------------------------------------- key space
-
-
-def rope_params(meta: dict, n_tokens: int) -> dict:
-    """{'inv_freq', 'scaling', 'position_offset'} from a cache's meta, or CsrError."""
-    info = meta.get("rope") if isinstance(meta, dict) else None
-    if not isinstance(info, dict) or not isinstance(info.get("inv_freq"), list):
-        raise CsrError(
-            "the dictionary codes keys before RoPE but the cache carries no RoPE parameters (meta.rope): "
-            "save the cache with csrtool cache, or use a dictionary trained on post-RoPE keys"
-        )
-    offset = meta.get("position_offset", 0) or 0
-    return {"inv_freq": [float(f) for f in info["inv_freq"]], "scaling": float(info.get("scaling", 1.0)), "position_offset": int(offset)}
-
-
-def _positions(rope_p: dict, t: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(t, device=device, dtype=torch.float32) + rope_p["position_offset"]
-
-
-def to_code_space(k: torch.Tensor, key_space: str, cache_key_space: str, rope_p: dict | None) -> torch.Tensor:
-    """Keys [B, H, T, D] from the cache's key space to the dictionary's (float32)."""
-    kf = k.to(torch.float32)
-    if key_space == cache_key_space:
-        return kf
-    assert rope_p is not None
-    inv = torch.tensor(rope_p["inv_freq"], dtype=torch.float32, device=k.device)
-    if inv.numel() * 2 != k.shape[-1]:
-        raise CsrError(f"RoPE parameters cover {inv.numel() * 2} channels but keys have {k.shape[-1]}: the cache meta is inconsistent")
-    pos = _positions(rope_p, k.shape[2], k.device)
-    fn = rope.unrotate if key_space == "pre-rope" else rope.rotate
-    return fn(kf, pos, inv, rope_p["scaling"])
-
-
-def from_code_space(k: torch.Tensor, key_space: str, cache_key_space: str, rope_p: dict | None) -> torch.Tensor:
-    """Inverse of to_code_space (float32)."""
-    if key_space == cache_key_space:
-        return k
-    assert rope_p is not None
-    inv = torch.tensor(rope_p["inv_freq"], dtype=torch.float32, device=k.device)
-    pos = _positions(rope_p, k.shape[2], k.device)
-    fn = rope.rotate if key_space == "pre-rope" else rope.unrotate
-    return fn(k.to(torch.float32), pos, inv, rope_p["scaling"])
 
 
 def roundtrip_keys(
@@ -301,74 +268,68 @@ def roundtrip_keys(
     """
     rope_p = None
     if key_space != cache_key_space:
-        rope_p = rope_params({"rope": rope_info, "position_offset": positions_offset}, k.shape[2])
+        rope_p = RopeParams.from_meta({"rope": rope_info, "position_offset": positions_offset})
     kc = to_code_space(k, key_space, cache_key_space, rope_p)
-    return from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean), key_space, cache_key_space, rope_p).to(k.dtype)
+    return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean), key_space, cache_key_space, rope_p), k.dtype)
 
 
-# ---------------------------------------------------------------- bytes
+# ---------------------------------------------------------------- sections (tensors; formats/csrsection.py makes the bytes)
 
 
-def section_bytes(
+@dataclass(frozen=True)
+class SectionCodes:
+    """One key or value section of a layer as tensors (docs/format.md §3)."""
+
+    idx: torch.Tensor  # [B, H, Tc, C, S] int64 atom indices
+    q: torch.Tensor  # [B*H, Tc, C*S] stored coefficients (float16, float8_e4m3fn or int8)
+    g: torch.Tensor  # [B*H] float32 group scales
+    v: torch.Tensor | None  # [B*H, Tc] float16 vector scales (int8 only)
+    verbatim: torch.Tensor  # [B, H, s + w, D] the sink then the tail tokens, in the cache's dtype
+
+
+def encode_section(
     x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str, method: str, mean: torch.Tensor | None = None,
-) -> bytes:
-    """Section bytes from the coded tokens x_code [B, H, Tc, D] (code space, float; `mean` subtracted
-    here) and the verbatim tokens x_tail [B, H, s + w, D] (sink then tail, original dtype)."""
-    g_dicts, c, n, dc = atoms.shape
-    b, h, tc, d = x_code.shape
-    bits = packing.index_bits(n)
-    parts: list[bytes] = []
+) -> SectionCodes:
+    """Codes of the coded tokens x_code [B, H, Tc, D] (code space, float; `mean` subtracted here) and the
+    verbatim tokens x_tail [B, H, s + w, D]. CsrError when the values are too large to code."""
+    _, c, _, _ = atoms.shape
+    b, h, tc, _ = x_code.shape
     if tc:
         idx, cf = encode_codes(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method)
         q, g, v = quantize_codes(cf, coef)
     else:
-        idx = torch.zeros(0, dtype=torch.int64)
+        idx = torch.zeros(b, h, 0, c, sparsity, dtype=torch.int64)
         q, g, v = packing.quantize(torch.zeros(b * h, 0, c * sparsity), coef)
-    parts.append(g.to(torch.float32).cpu().numpy().tobytes())
-    if coef == "int8":
-        parts.append(v.cpu().numpy().tobytes())
-    parts.append(packing.pack_indices(idx.reshape(-1).cpu(), bits).numpy().tobytes())
-    parts.append(packing.to_bytes_view(q.cpu()).numpy().tobytes())
-    parts.append(x_tail.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return b"".join(parts)
+    codes = SectionCodes(idx.cpu(), q.cpu(), g.to(torch.float32).cpu(), None if v is None else v.cpu(), x_tail.contiguous().cpu())
+    if not _finite_coefficients(codes, coef):
+        big = float(x_code.abs().max()) if x_code.numel() else 0.0
+        raise CsrError(
+            f"values too large to code (max |x| = {big:.3g}; the coefficients overflow float32): "
+            "the cache looks broken, check it or keep such layers out of the cache"
+        )
+    return codes
 
 
-def parse_section(
-    buf: bytes, shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype,
-    sink: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Section bytes -> (idx [B, H, Tc, C, S], coef float32 [B, H, Tc, C, S], verbatim [B, H, s + w, D]).
+def _finite_coefficients(codes: SectionCodes, coef: str) -> bool:
+    cf = packing.dequantize(codes.q, codes.g, codes.v, coef)
+    return bool(torch.isfinite(codes.g).all() and torch.isfinite(cf).all())
 
-    The verbatim tokens are the s sink tokens then the w tail tokens.
-    Raises CsrError on values a valid writer never produces (index >= N, NaN...)."""
-    b, h, t, d = shape
-    s, tc, w = spans(t, window, sink)
-    m = b * h * tc
-    n = m * chunks * sparsity
-    raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
-    pos = 0
 
-    def take(nbytes: int) -> torch.Tensor:
-        nonlocal pos
-        out = raw[pos : pos + nbytes]
-        pos += nbytes
-        return out
-
-    g = packing.from_bytes_view(take(4 * b * h), torch.float32, (b * h,))
-    v = packing.from_bytes_view(take(2 * m), torch.float16, (b * h, tc)) if coef == "int8" else None
-    bits = packing.index_bits(n_atoms)
-    idx, pad_ok = packing.unpack_indices(take(packing.packed_nbytes(n, bits)), n, bits)
-    q = packing.from_bytes_view(take(n * packing.COEF_BITS[coef] // 8), coef, (b * h, tc, chunks * sparsity))
-    tail = packing.from_bytes_view(take(b * h * (s + w) * d * torch.empty((), dtype=dtype).element_size()), dtype, (b, h, s + w, d))
-    assert pos == len(buf), (pos, len(buf))
-    if not pad_ok or (n and int(idx.max()) >= n_atoms):
-        raise CsrError("corrupted codes (atom index out of range)")
-    if coef == "int8" and bool((q == -128).any()):
-        raise CsrError("corrupted codes (int8 coefficient -128)")
-    cf = packing.dequantize(q, g, v, coef)
-    if not (torch.isfinite(g).all() and torch.isfinite(cf).all()):
+def decode_section(codes: SectionCodes, atoms: torch.Tensor, coef: str, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Coded tokens float32 [B, H, Tc, D] in code space. CsrError on non-finite scales or coefficients."""
+    b, h, tc, c, s = codes.idx.shape
+    cf = packing.dequantize(codes.q, codes.g, codes.v, coef)
+    if not (torch.isfinite(codes.g).all() and torch.isfinite(cf).all()):
         raise CsrError("corrupted codes (non-finite coefficient or scale)")
-    return idx.reshape(b, h, tc, chunks, sparsity), cf.reshape(b, h, tc, chunks, sparsity), tail
+    return shift(decode_codes(codes.idx, cf.reshape(b, h, tc, c, s), atoms), mean, 1.0)
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to `dtype`, clamped to its finite range: a float16 cache near ±65504 decodes to ±65504, never Inf."""
+    if x.dtype == dtype:
+        return x
+    lim = torch.finfo(dtype).max
+    return x.clamp(-lim, lim).to(dtype)
 
 
 # ---------------------------------------------------------------- one layer
@@ -382,19 +343,24 @@ def encode_layer(
     cfg: CodecConfig,
     key_space: str,
     cache_key_space: str,
-    rope_p: dict | None,
+    rope_p: RopeParams | None,
     means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-) -> tuple[bytes, bytes]:
-    """Key and value section bytes of one layer: k, v [B, H, T, D] as in the cache; `means` the dictionaries' (K, V)."""
+) -> tuple[SectionCodes, SectionCodes]:
+    """Key and value section codes of one layer: k, v [B, H, T, D] as in the cache; `means` the dictionaries' (K, V)."""
     _check_atoms(tuple(k.shape), atoms_k, "cache's keys")
     _check_atoms(tuple(v.shape), atoms_v, "cache's values")
     if atoms_k.shape[1] != 1:
         raise CsrError(f"key dictionaries must have 1 channel chunk, got {atoms_k.shape[1]}: use a dictionary from csrtool train-dict")
     s, tc, _ = spans(k.shape[2], cfg.window, cfg.sink)
-    kc = to_code_space(k[:, :, s : s + tc], key_space, cache_key_space, _shifted(rope_p, s))
-    kb = section_bytes(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0])
-    vb = section_bytes(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1])
-    return kb, vb
+    kc = to_code_space(k[:, :, s : s + tc], key_space, cache_key_space, None if rope_p is None else rope_p.shifted(s))
+    if not bool(torch.isfinite(kc).all()):
+        raise CsrError(
+            f"keys too large to rotate into the dictionary's key space (max |k| = {float(k.abs().max()):.3g}; "
+            "RoPE overflows float32): the cache looks broken, check it"
+        )
+    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0])
+    cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1])
+    return ck, cv
 
 
 def _verbatim(x: torch.Tensor, s: int, tc: int) -> torch.Tensor:
@@ -402,40 +368,23 @@ def _verbatim(x: torch.Tensor, s: int, tc: int) -> torch.Tensor:
     return torch.cat([x[:, :, :s], x[:, :, s + tc :]], dim=2)
 
 
-def _shifted(rope_p: dict | None, s: int) -> dict | None:
-    """RoPE parameters for the coded tokens, which start at token s of the cache."""
-    return None if rope_p is None else {**rope_p, "position_offset": rope_p["position_offset"] + s}
-
-
-def decode_section(
-    buf: bytes, shape: tuple[int, ...], atoms: torch.Tensor, sparsity: int, coef: str, window: int, dtype: torch.dtype,
-    sink: int = 0, mean: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Section bytes -> (coded tokens float32 [B, H, Tc, D] in code space, verbatim [B, H, s + w, D])."""
-    g, c, n, dc = atoms.shape
-    idx, cf, tail = parse_section(buf, shape, n, c, sparsity, coef, window, dtype, sink)
-    return shift(decode_codes(idx, cf, atoms), mean, 1.0), tail
-
-
 def decode_layer(
-    kb: bytes,
-    vb: bytes,
-    shape_k: tuple[int, ...],
-    shape_v: tuple[int, ...],
+    ck: SectionCodes,
+    cv: SectionCodes,
     atoms_k: torch.Tensor,
     atoms_v: torch.Tensor,
     cfg: CodecConfig,
     key_space: str,
     cache_key_space: str,
-    rope_p: dict | None,
+    rope_p: RopeParams | None,
     dtype: torch.dtype,
     means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of encode_layer: k, v [B, H, T, D] in `dtype`."""
-    s, _, _ = spans(shape_k[2], cfg.window, cfg.sink)
-    kc, kverb = decode_section(kb, shape_k, atoms_k, cfg.sparsity_k, cfg.coef, cfg.window, dtype, cfg.sink, means[0])
-    vc, vverb = decode_section(vb, shape_v, atoms_v, cfg.sparsity_v, cfg.coef, cfg.window, dtype, cfg.sink, means[1])
-    kc = from_code_space(kc, key_space, cache_key_space, _shifted(rope_p, s))
-    k = torch.cat([kverb[:, :, :s], kc.to(dtype), kverb[:, :, s:]], dim=2)
-    v = torch.cat([vverb[:, :, :s], vc.to(dtype), vverb[:, :, s:]], dim=2)
+    """Inverse of encode_layer: k, v [B, H, T, D] in `dtype` (clamped to its finite range)."""
+    s, _, _ = spans(ck.idx.shape[2] + ck.verbatim.shape[2], cfg.window, cfg.sink)
+    kc = decode_section(ck, atoms_k, cfg.coef, means[0])
+    vc = decode_section(cv, atoms_v, cfg.coef, means[1])
+    kc = from_code_space(kc, key_space, cache_key_space, None if rope_p is None else rope_p.shifted(s))
+    k = torch.cat([ck.verbatim[:, :, :s], to_dtype(kc, dtype), ck.verbatim[:, :, s:]], dim=2)
+    v = torch.cat([cv.verbatim[:, :, :s], to_dtype(vc, dtype), cv.verbatim[:, :, s:]], dim=2)
     return k, v

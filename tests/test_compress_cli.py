@@ -184,7 +184,7 @@ def test_decompressed_cache_drives_generate(tmp_path):
     atoms = {f"layer.{i}.{k}": torch.nn.functional.normalize(torch.randn(2, c, 64, 8 // c, generator=g), dim=-1)
              for i in range(2) for k, c in (("k", 1), ("v", 2))}
     save_dicts(tmp_path / "d.safetensors", atoms, {}, {"key_space": "pre-rope"}, {})
-    r = run("compress", tmp_path / "cache.pt", "--dicts", tmp_path / "d.safetensors", "-o", tmp_path / "c.csr", "--sparsity", "4", "--window", "4")
+    r = run("compress", tmp_path / "cache.pt", "--dicts", tmp_path / "d.safetensors", "-o", tmp_path / "c.csr", "--sparsity", "4,2", "--window", "4")
     assert r.exit_code == 0, r.output
     r = run("decompress", tmp_path / "c.csr", "--dicts", tmp_path / "d.safetensors", "-o", tmp_path / "back.pt")
     assert r.exit_code == 0, r.output

@@ -343,13 +343,15 @@ def test_per_layer_sparsity_must_cover_every_layer(env, tmp_path):
     path = tmp_path / "v2.csr"
     write(path, env["cache"], env["dicts_path"], cfg)
     raw = path.read_bytes()
-    bad = raw.replace(b'"layer_sparsity":[[4,1],[1,3]]', b'"layer_sparsity":[[4,1]]        ')
+    bad = raw.replace(b'"layer_sparsity":[[4,1],[1,3]]', b'"layer_sparsity":[[4,1]]      ')  # same length
     hlen = struct.unpack("<I", bad[12:16])[0]
     body = bad[16 : 16 + hlen]
     fixed = bad[:-32] + hashlib.sha256(bad[:-32]).digest()  # a valid checksum: the header itself is what is wrong
     p = corrupt(env, tmp_path, fixed)
     assert b"[[4,1]]" in body
-    assert read_err(p, env["dicts"]) == f"{p} is corrupted (invalid header): compress the cache again"
+    assert read_err(p, env["dicts"]) == (
+        f"{p} is corrupted (invalid header: codec.layer_sparsity must list one [S_k, S_v] per layer (2), got [[4, 1]]): compress the cache again"
+    )
     with pytest.raises(CsrError, match=r"layer_sparsity\[1\] must be a pair of integers >= 1, got \(1, 0\)"):
         codec.CodecConfig(4, 3, layer_sparsity=((4, 1), (1, 0)))
 

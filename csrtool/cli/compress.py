@@ -93,6 +93,8 @@ def compress(
         layer_sparsity=per_layer,
     )
     header = csrfile.make_header(kv, ds, cfg)
+    if sparsity is None:
+        _note_capped(1.0 if bits is None else bits, header)
     with _bar(len(header.layers), "compress") as bar:
         size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
     report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method,
@@ -172,3 +174,15 @@ def inspect(
               f"with dictionary {bpc['with_dict']:.4f} ({report['dict_bytes']:,} bytes over {hd.n_tokens} tokens)")
     out.print(f"  ratio     {report['ratio_vs_fp16']:.2f}x vs fp16, {report['ratio_vs_original']:.2f}x vs {hd.dtype}")
     out.print("  checksum  ok")
+
+
+def _note_capped(bits: float, header) -> None:
+    """Say so when --bits asks for more than codes can use (codec.max_sparsity caps every layer)."""
+    from csrtool import codec
+
+    n, c, (_, _, _, d, _) = header.n_atoms, header.value_split, header.layers[0]
+    cfg = header.config
+    if header.config.layer_sparsity is None and codec.bits_per_channel(n, d, cfg.sparsity_k + 1, cfg.sparsity_v + 1, c, cfg.coef) <= bits:
+        used = codec.bits_per_channel(n, d, cfg.sparsity_k, cfg.sparsity_v, c, cfg.coef)
+        err.print(f"note: --bits {bits:g} is more than sparse codes can use: at most S_k={cfg.sparsity_k}, S_v={cfg.sparsity_v} atoms "
+                  f"(half the channels) at {used:.4f} bits per channel")

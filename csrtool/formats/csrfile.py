@@ -1,5 +1,8 @@
 """The `.csr` file: header, layer sections, SHA-256 trailer (docs/format.md).
 
+The header lives in formats/csrheader.py, the section bytes in formats/csrsection.py;
+this module frames them and reads them back.
+
     check_fit(cache, dicts) -> (shapes, G, C)    the dictionaries fit the cache, or CsrError
     make_header(cache, dicts, cfg) -> CsrHeader
     write_csr(path, header, sections)        sections: iterable of (key bytes, value bytes) per layer
@@ -9,219 +12,30 @@
     scratch_layers(output, header) -> (keys, values)   memory-mapped tensors to decode into
 
 Every problem with a file is a CsrError; no length is trusted before it has been
-checked against the file size and the checksum.
+checked against the file size and the checksum, and the bytes decoded are the bytes
+verified (CsrReader.sections hashes what it hands out and compares with the digest
+open_csr checked).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from csrtool import codec
-from csrtool.formats.dicts import DictSet
-from csrtool.engine import packing
 from csrtool.errors import CsrError
+from csrtool.formats.csrheader import DIGEST, MAGIC, MAX_HEADER, PREAMBLE, VERSION, CsrHeader, parse_header
+from csrtool.formats.csrsection import parse_section, section_bytes
+from csrtool.formats.dicts import DictSet
 from csrtool.formats.io import atomic_path, scratch_path
-from csrtool.formats.kvcache import KVCache
+from csrtool.formats.kvcache import KVCache, plain_meta
 
-MAGIC = b"\x89CSR\r\n\x1a\n"
-VERSION = 2  # version 1 files (one sparsity for all layers) are still read and written
-FORMAT = "csrtool-csr"
-PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len
-DIGEST = 32
-MAX_HEADER = 16 << 20
 _BLOCK = 1 << 20
-_MAX_DIM = 1 << 31
-
-
-@dataclass(frozen=True)
-class CsrHeader:
-    dtype: str
-    layers: tuple[tuple[int, int, int, int, int], ...]  # per layer (B, H, T, Dk, Dv)
-    n_atoms: int
-    config: codec.CodecConfig
-    value_split: int
-    key_space: str
-    cache_key_space: str
-    dict_fingerprint: str
-    dict_scope: str
-    dict_groups: int
-    model: str | None = None
-    rope: dict | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return codec.DTYPES[self.dtype]
-
-    def shapes(self, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        b, h, t, dk, dv = self.layers[layer]
-        return (b, h, t, dk), (b, h, t, dv)
-
-    def section_sizes(self, layer: int) -> tuple[int, int]:
-        sk, sv = self.shapes(layer)
-        cfg = self.config.for_layer(layer)
-        c, n, w, dt, s = cfg.coef, self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
-        return (
-            codec.section_nbytes(sk, n, 1, cfg.sparsity_k, c, w, dt, s),
-            codec.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, c, w, dt, s),
-        )
-
-    @property
-    def version(self) -> int:
-        """1 for one sparsity for all layers, 2 with per-layer sparsities (docs/format.md §2)."""
-        return 1 if self.config.layer_sparsity is None else 2
-
-    @property
-    def payload_nbytes(self) -> int:
-        return sum(sum(self.section_sizes(i)) for i in range(len(self.layers)))
-
-    @property
-    def n_channels(self) -> int:
-        """Channels in the cache: sum over layers of B*H*T*(Dk+Dv)."""
-        return sum(b * h * t * (dk + dv) for b, h, t, dk, dv in self.layers)
-
-    @property
-    def n_tokens(self) -> int:
-        return max(t for _, _, t, _, _ in self.layers)
-
-    def to_json(self) -> dict:
-        obj = {
-            "format": FORMAT,
-            "version": self.version,
-            "model": self.model,
-            "dtype": self.dtype,
-            "layers": [list(x) for x in self.layers],
-            "codec": {
-                "n_atoms": self.n_atoms,
-                "index_bits": packing.index_bits(self.n_atoms),
-                "sparsity_k": self.config.sparsity_k,
-                "sparsity_v": self.config.sparsity_v,
-                "value_split": self.value_split,
-                "coef": self.config.coef,
-                "method": self.config.method,
-                "window": self.config.window,
-                "sink": self.config.sink,
-                "key_space": self.key_space,
-                "cache_key_space": self.cache_key_space,
-            },
-            "dicts": {"fingerprint": self.dict_fingerprint, "scope": self.dict_scope, "n_groups": self.dict_groups},
-            "rope": self.rope,
-            "meta": self.meta,
-        }
-        if self.config.layer_sparsity is not None:
-            obj["codec"]["layer_sparsity"] = [list(p) for p in self.config.layer_sparsity]
-        return obj
-
-    def encode(self) -> bytes:
-        """Preamble and canonical JSON header (docs/format.md §1-2)."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-        body = text.encode("ascii")
-        return PREAMBLE.pack(MAGIC, self.version, 0, len(body)) + body
-
-    @property
-    def file_nbytes(self) -> int:
-        return len(self.encode()) + self.payload_nbytes + DIGEST
-
-
-# ---------------------------------------------------------------- header from JSON
-
-
-def _int(obj: dict, key: str, lo: int, hi: int = _MAX_DIM) -> int:
-    val = obj.get(key)
-    if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
-        raise ValueError(f"{key}={val!r}")
-    return val
-
-
-def _choice(obj: dict, key: str, options: Iterable[str]) -> str:
-    val = obj.get(key)
-    if val not in tuple(options):
-        raise ValueError(f"{key}={val!r}")
-    return val
-
-
-def header_from_json(obj: object) -> CsrHeader:
-    """Validate a parsed header; ValueError/KeyError/TypeError on anything invalid."""
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("version") not in (1, 2):
-        raise ValueError("format/version")
-    cd, dd = obj["codec"], obj["dicts"]
-    if not isinstance(cd, dict) or not isinstance(dd, dict):
-        raise ValueError("codec/dicts")
-    n_atoms = _int(cd, "n_atoms", 2, 1 << 24)
-    if cd.get("index_bits") != packing.index_bits(n_atoms):
-        raise ValueError("index_bits")
-    value_split = _int(cd, "value_split", 1, 1 << 16)
-    per_layer = None
-    if obj["version"] == 2:
-        rows = cd["layer_sparsity"]
-        if not isinstance(rows, list) or not isinstance(obj.get("layers"), list) or len(rows) != len(obj["layers"]):
-            raise ValueError("layer_sparsity")
-        pairs = []
-        for r in rows:
-            if not isinstance(r, list) or len(r) != 2:
-                raise ValueError("layer_sparsity row")
-            pairs.append(tuple(_int({"x": v}, "x", 1, 1 << 16) for v in r))
-        per_layer = tuple(pairs)
-    elif "layer_sparsity" in cd:
-        raise ValueError("layer_sparsity in a version 1 header")
-    cfg = codec.CodecConfig(
-        sparsity_k=_int(cd, "sparsity_k", 1, 1 << 16),
-        sparsity_v=_int(cd, "sparsity_v", 1, 1 << 16),
-        coef=_choice(cd, "coef", codec.COEF_FORMATS),
-        method=_choice(cd, "method", codec.METHODS),
-        window=_int(cd, "window", 0),
-        sink=_int(cd, "sink", 0),
-        layer_sparsity=per_layer,
-    )
-    layers = []
-    if not isinstance(obj["layers"], list) or not obj["layers"]:
-        raise ValueError("layers")
-    for row in obj["layers"]:
-        if not isinstance(row, list) or len(row) != 5:
-            raise ValueError("layer row")
-        vals = _int({"x": row[0]}, "x", 1), *(_int({"x": r}, "x", 1) for r in row[1:])
-        if vals[4] % value_split:
-            raise ValueError("value head_dim not divisible by value_split")
-        layers.append(tuple(vals))
-    rope_p = obj.get("rope")
-    if rope_p is not None:
-        if not isinstance(rope_p, dict) or not isinstance(rope_p.get("inv_freq"), list):
-            raise ValueError("rope")
-        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in rope_p["inv_freq"]):
-            raise ValueError("rope.inv_freq")
-        if not isinstance(rope_p.get("scaling"), (int, float)) or not isinstance(rope_p.get("position_offset"), int):
-            raise ValueError("rope scaling/offset")
-    key_space = _choice(cd, "key_space", codec.KEY_SPACES)
-    cache_key_space = _choice(cd, "cache_key_space", codec.KEY_SPACES)
-    if key_space != cache_key_space and rope_p is None:
-        raise ValueError("rope missing")
-    model, meta, fp = obj.get("model"), obj.get("meta", {}), dd.get("fingerprint")
-    if not (model is None or isinstance(model, str)) or not isinstance(meta, dict) or not isinstance(fp, str):
-        raise ValueError("model/meta/fingerprint")
-    return CsrHeader(
-        dtype=_choice(obj, "dtype", codec.DTYPES),
-        layers=tuple(layers),
-        n_atoms=n_atoms,
-        config=cfg,
-        value_split=value_split,
-        key_space=key_space,
-        cache_key_space=cache_key_space,
-        dict_fingerprint=fp,
-        dict_scope=_choice(dd, "scope", ("head", "layer")),
-        dict_groups=_int(dd, "n_groups", 1),
-        model=model,
-        rope=rope_p,
-        meta=meta,
-    )
 
 
 # ---------------------------------------------------------------- building
@@ -245,6 +59,8 @@ def check_fit(cache: KVCache, dicts: DictSet) -> tuple[list[tuple[int, ...]], in
         groups.update({ak.shape[0], av.shape[0]})
         split.add(av.shape[1])
         b, h, t, dk = k.shape
+        if 0 in (b, h, t, dk, v.shape[3]):
+            raise CsrError(f"cache layer {i} has an empty dimension (keys {list(k.shape)}, values {list(v.shape)}): nothing to compress, save a non-empty cache")
         layers.append((b, h, t, dk, v.shape[3]))
     if len(groups) != 1 or len(split) != 1:
         raise CsrError("the dictionary file mixes head/layer scopes or value splits across layers: re-run csrtool train-dict")
@@ -252,20 +68,27 @@ def check_fit(cache: KVCache, dicts: DictSet) -> tuple[list[tuple[int, ...]], in
 
 
 def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHeader:
-    """Header for compressing `cache` with `dicts`; checks they fit together."""
+    """Header for compressing `cache` with `dicts`; checks they fit together and that the codes can work."""
     layers, g, value_split = check_fit(cache, dicts)
     dtype = cache.keys[0].dtype
     n_atoms = dicts.n_atoms
+    if cfg.layer_sparsity is not None and len(cfg.layer_sparsity) != len(layers):
+        raise CsrError(f"the per-layer sparsity plan has {len(cfg.layer_sparsity)} layers but the cache has {len(layers)}: plan for this cache")
+    for i, (_, _, _, dk, dv) in enumerate(layers):
+        c = cfg.for_layer(i)
+        codec.check_sparsity(c.sparsity_k, dk, f"layer {i} keys", n_atoms)
+        codec.check_sparsity(c.sparsity_v, dv // value_split, f"layer {i} values (chunks of {dv // value_split})", n_atoms)
     scope = "head" if g == layers[0][1] and g > 1 else "layer"
     key_space = dicts.source.get("key_space", "post-rope")
     cache_key_space = cache.meta.get("key_space", "post-rope")
     if key_space not in codec.KEY_SPACES or cache_key_space not in codec.KEY_SPACES:
-        raise CsrError(f"unknown key space {key_space!r}/{cache_key_space!r}: expected 'pre-rope' or 'post-rope'")
+        raise CsrError(f"unknown key space {key_space!r:.40}/{cache_key_space!r:.40}: expected 'pre-rope' or 'post-rope'")
     rope_p = None
     if key_space != cache_key_space:
-        rope_p = codec.rope_params(cache.meta, layers[0][2])
-        if len(rope_p["inv_freq"]) * 2 != layers[0][3]:
-            raise CsrError(f"cache meta rope covers {2 * len(rope_p['inv_freq'])} channels but keys have {layers[0][3]}: the cache meta is inconsistent")
+        rope_p = codec.RopeParams.from_meta(cache.meta)
+        for i, (_, _, _, dk, _) in enumerate(layers):
+            if len(rope_p.inv_freq) * 2 != dk:
+                raise CsrError(f"cache meta rope covers {2 * len(rope_p.inv_freq)} channels but layer {i} keys have {dk}: the cache meta is inconsistent")
     model = cache.meta.get("model")
     return CsrHeader(
         dtype=codec.DTYPE_NAMES[dtype],
@@ -280,18 +103,37 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
         dict_groups=g,
         model=model if isinstance(model, str) else None,
         rope=rope_p,
-        meta=json.loads(json.dumps(cache.meta, default=str, allow_nan=False, sort_keys=True)),
+        meta=plain_meta(cache.meta),
     )
 
 
 def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader) -> Iterator[tuple[bytes, bytes]]:
-    """Per layer (key bytes, value bytes), computed lazily one layer at a time."""
+    """Per layer (key bytes, value bytes), computed lazily one layer at a time.
+
+    Each section is parsed back before it is handed out: nothing is written that
+    decompress would refuse (CsrError naming the layer instead)."""
     for i in range(len(header.layers)):
         k, v = cache.keys[i], cache.values[i]
-        yield codec.encode_layer(
-            k, v, dicts.get(i, "k"), dicts.get(i, "v"), header.config.for_layer(i), header.key_space, header.cache_key_space, header.rope,
-            (dicts.mean(i, "k"), dicts.mean(i, "v")),
-        )
+        cfg = header.config.for_layer(i)
+        try:
+            ck, cv = codec.encode_layer(
+                k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.rope,
+                (dicts.mean(i, "k"), dicts.mean(i, "v")),
+            )
+            kb, vb = section_bytes(ck, header.n_atoms), section_bytes(cv, header.n_atoms)
+            _parse_layer(header, i, kb, vb)
+        except CsrError as exc:
+            raise CsrError(f"cache layer {i}: {exc}") from None
+        yield kb, vb
+
+
+def _parse_layer(hd: CsrHeader, i: int, kb: bytes, vb: bytes) -> tuple[codec.SectionCodes, codec.SectionCodes]:
+    sk, sv = hd.shapes(i)
+    c = hd.config.for_layer(i)
+    return (
+        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, c.coef, c.window, hd.torch_dtype, c.sink),
+        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, c.coef, c.window, hd.torch_dtype, c.sink),
+    )
 
 
 def write_csr(path: Path, header: CsrHeader, sections: Iterable[tuple[bytes, bytes]], on_layer: Callable[[int], None] | None = None) -> int:
@@ -325,8 +167,10 @@ def write_csr(path: Path, header: CsrHeader, sections: Iterable[tuple[bytes, byt
 class CsrReader:
     """An opened, fully verified .csr file; decode layer by layer."""
 
-    def __init__(self, path: Path, header: CsrHeader, header_end: int, size: int) -> None:
-        self.path, self.header, self.header_end, self.size = path, header, header_end, size
+    def __init__(self, path: Path, header: CsrHeader, head: bytes, size: int, digest: bytes) -> None:
+        self.path, self.header, self.size = path, header, size
+        self.header_end = len(head)
+        self._head, self._digest = head, digest  # the verified preamble + header bytes and the file's SHA-256
 
     def check_dicts(self, dicts: DictSet) -> None:
         hd = self.header
@@ -343,24 +187,36 @@ class CsrReader:
                     raise CsrError(f"dictionary/cache shape mismatch in layer {i} ({kind}): dictionary {list(a.shape)}, file needs [{hd.dict_groups}, {chunks}, {hd.n_atoms}, {shape[3] // chunks}]")
 
     def sections(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """(layer, key bytes, value bytes), read once and hashed as they are handed out.
+
+        The file was verified by open_csr, but it may change before this second pass; so
+        the bytes given out are hashed (after the header bytes open_csr parsed), and
+        before the last layer is handed out the hash must equal the verified digest.
+        A consumer keeps nothing until the iteration ends (read_csr and decompress)."""
+        digest = hashlib.sha256(self._head)
+        n = len(self.header.layers)
         with open(self.path, "rb") as fh:
             fh.seek(self.header_end)
-            for i in range(len(self.header.layers)):
+            for i in range(n):
                 nk, nv = self.header.section_sizes(i)
                 kb, vb = fh.read(nk), fh.read(nv)
                 if len(kb) != nk or len(vb) != nv:
                     raise CsrError(f"{self.path} changed while being read (truncated): read it again")
+                digest.update(kb)
+                digest.update(vb)
+                if i == n - 1 and (digest.digest() != self._digest or fh.read(DIGEST + 1) != self._digest):
+                    raise CsrError(f"{self.path} changed while being read (checksum mismatch): read it again")
                 yield i, kb, vb
 
     def layers(self, dicts: DictSet) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(layer, keys, values) in the original dtype, one layer at a time."""
+        """(layer, keys, values) in the original dtype, one layer at a time (see `sections`)."""
         self.check_dicts(dicts)
         hd = self.header
         for i, kb, vb in self.sections():
-            sk, sv = hd.shapes(i)
             try:
+                ck, cv = _parse_layer(hd, i, kb, vb)
                 k, v = codec.decode_layer(
-                    kb, vb, sk, sv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
+                    ck, cv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
                     hd.key_space, hd.cache_key_space, hd.rope, hd.torch_dtype, (dicts.mean(i, "k"), dicts.mean(i, "v")),
                 )
             except CsrError as exc:
@@ -378,7 +234,7 @@ def open_csr(path: Path) -> CsrReader:
         pre = fh.read(PREAMBLE.size)
         if len(pre) >= 8 and pre[:8] != MAGIC:
             raise CsrError(f"{path} is not a .csr file (bad magic): pass a file written by csrtool compress")
-        if size < PREAMBLE.size + DIGEST:
+        if size < PREAMBLE.size + DIGEST or len(pre) < PREAMBLE.size:
             raise CsrError(f"{path} is truncated ({size} bytes, a .csr file has at least {PREAMBLE.size + DIGEST}): compress the cache again")
         _, version, flags, hlen = PREAMBLE.unpack(pre)
         if version > VERSION:
@@ -390,7 +246,7 @@ def open_csr(path: Path) -> CsrReader:
         if PREAMBLE.size + hlen + DIGEST > size:
             raise CsrError(f"{path} is truncated (header of {hlen} bytes but the file has {size}): compress the cache again")
         raw = fh.read(hlen)
-        header = _parse_header(raw)
+        header, problem = _parse_header(raw)
         digest = hashlib.sha256(pre + raw)
         remaining = size - DIGEST - PREAMBLE.size - hlen
         while remaining > 0:
@@ -405,18 +261,21 @@ def open_csr(path: Path) -> CsrReader:
         if expected is not None and size < expected:
             raise CsrError(f"{path} is truncated (expected {expected} bytes, found {size}): compress the cache again")
         raise CsrError(f"{path} is corrupted (checksum mismatch): compress the cache again")
-    if header is None or header.version != version:
-        raise CsrError(f"{path} is corrupted (invalid header): compress the cache again")
+    if header is None:
+        raise CsrError(f"{path} is corrupted (invalid header: {problem}): compress the cache again")
+    if header.version != version:
+        raise CsrError(f"{path} is corrupted (invalid header: version {header.version} but the preamble says {version}): compress the cache again")
     if size != expected:
         raise CsrError(f"{path} is corrupted (size {size} bytes, the header implies {expected}): compress the cache again")
-    return CsrReader(path, header, PREAMBLE.size + hlen, size)
+    return CsrReader(path, header, pre + raw, size, stored)
 
 
-def _parse_header(raw: bytes) -> CsrHeader | None:
+def _parse_header(raw: bytes) -> tuple[CsrHeader | None, str]:
+    """(header, "") or (None, why): the checksum is checked first, so the reason is reported only after it."""
     try:
-        return header_from_json(json.loads(raw.decode("ascii")))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, CsrError, RecursionError):
-        return None
+        return parse_header(raw), ""
+    except CsrError as exc:
+        return None, str(exc)
 
 
 def read_csr(path: Path, dicts: DictSet) -> KVCache:
@@ -480,6 +339,6 @@ def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = N
 
 
 __all__ = [
-    "CsrHeader", "CsrReader", "MAGIC", "VERSION", "make_header", "encode_sections", "write_csr", "open_csr",
+    "CsrHeader", "CsrReader", "MAGIC", "VERSION", "check_fit", "make_header", "encode_sections", "write_csr", "open_csr",
     "read_csr", "scratch_layers", "size_report",
 ]

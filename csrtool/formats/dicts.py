@@ -1,6 +1,6 @@
 """Dictionary files: one safetensors file holding every trained dictionary.
 
-Layout (see docs/architecture.md):
+Layout:
 - tensor `layer.{l}.{k|v}.mean` (optional): float32 [G, D], the mean of the training
   vectors, subtracted before coding and added back after decoding (train-dict --center);
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
@@ -12,12 +12,17 @@ Layout (see docs/architecture.md):
   (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
   train-dict calibrated them, `sensitivity` (csrtool.calibration.calibrate: per-layer KL and
   loss curves that compress/eval use to spread a bit budget over layers).
+
+The fingerprint covers the tensors only; load_dicts checks the metadata compress
+reads (version, source.key_space, the sensitivity curves) and that every atom and
+mean is finite, so an edited file is a CsrError, not a wrong result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +112,51 @@ def save_dicts(
     return fp
 
 
+_NAME = re.compile(r"layer\.(0|[1-9][0-9]{0,5})\.[kv]")  # dict_name(layer, kind); also the sensitivity curves' keys
+
+
+def _json_object(path: Path, meta: dict, key: str) -> dict:
+    """Metadata `key` as a JSON object ({} when absent); CsrError naming the field otherwise."""
+    try:
+        val = json.loads(meta.get(key, "{}"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise CsrError(f"{path} has corrupted metadata ({key} is not JSON): re-run csrtool train-dict") from None
+    if not isinstance(val, dict):
+        raise CsrError(f"{path} has corrupted metadata ({key} must be a JSON object, got {type(val).__name__}): re-run csrtool train-dict")
+    return val
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(name)
+
+
+def _check_source(path: Path, source: dict) -> None:
+    """The fields of `source` that compress reads: key_space, model."""
+    ks = source.get("key_space", "post-rope")
+    if ks not in ("pre-rope", "post-rope"):
+        raise CsrError(f"{path} has corrupted metadata (source.key_space {ks!r:.40}, expected 'pre-rope' or 'post-rope'): re-run csrtool train-dict")
+    if not isinstance(source.get("model", ""), (str, type(None))):
+        raise CsrError(f"{path} has corrupted metadata (source.model must be a string): re-run csrtool train-dict")
+
+
+def _check_sensitivity(path: Path, sens: dict) -> None:
+    """The calibration curves compress --bits spends atoms by: {'curves': {'layer.L.k': [D(1), D(2), ...]}, ...}."""
+    if not sens:
+        return
+    curves = sens.get("curves", {})
+    fix = "re-run csrtool train-dict (or compress with --uniform)"
+    if not isinstance(curves, dict):
+        raise CsrError(f"{path} has corrupted sensitivity metadata (curves must be an object): {fix}")
+    for name, curve in curves.items():
+        if _NAME.fullmatch(name) is None:
+            raise CsrError(f"{path} has corrupted sensitivity metadata (curve name {name[:40]!r}): {fix}")
+        if not isinstance(curve, list) or not 1 <= len(curve) <= 1 << 16:
+            raise CsrError(f"{path} has corrupted sensitivity metadata ({name} must be a non-empty list of numbers): {fix}")
+        for v in curve:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+                raise CsrError(f"{path} has corrupted sensitivity metadata ({name} holds {v!r:.40}; curves are finite numbers >= 0): {fix}")
+
+
 def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
     """Read and verify a dictionary file; every problem is a CsrError naming the fix."""
     path = Path(path)
@@ -120,21 +170,34 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         raise CsrError(f"{path} is not a readable dictionary file ({exc}): re-run csrtool train-dict") from None
     if meta.get("format") != FORMAT:
         raise CsrError(f"{path} is not a csrtool dictionary file (format {meta.get('format')!r}): pass the output of csrtool train-dict")
-    if int(meta.get("version", "0")) > VERSION:
-        raise CsrError(f"{path} has dictionary format version {meta['version']}, newer than this csrtool ({VERSION}): upgrade csrtool")
+    version = meta.get("version", "0")
+    if not (version.isascii() and version.isdigit() and len(version) < 6):
+        raise CsrError(f"{path} has a corrupted version field {version[:20]!r} (an integer is expected): re-run csrtool train-dict")
+    if int(version) > VERSION:
+        raise CsrError(f"{path} has dictionary format version {version}, newer than this csrtool ({VERSION}): upgrade csrtool")
     fp = fingerprint(tensors)
     if fp != meta.get("fingerprint"):
         raise CsrError(f"{path} was modified after training (fingerprint mismatch): re-run csrtool train-dict")
-    try:
-        config, source, errors, sensitivity = (json.loads(meta.get(k, "{}")) for k in ("config", "source", "errors", "sensitivity"))
-    except json.JSONDecodeError:
-        raise CsrError(f"{path} has corrupted metadata: re-run csrtool train-dict") from None
+    config, source, errors, sensitivity = (_json_object(path, meta, k) for k in ("config", "source", "errors", "sensitivity"))
     means = {k.removesuffix(MEAN_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(MEAN_SUFFIX)}
     atoms = {k: v.to(device) for k, v in tensors.items() if not k.endswith(MEAN_SUFFIX)}
+    if not atoms:
+        raise CsrError(f"{path} holds no dictionaries: re-run csrtool train-dict")
     for name, t in atoms.items():
-        if t.dim() != 4:
-            raise CsrError(f"{path}: dictionary {name} has shape {list(t.shape)}, expected [G, C, N, Dc]")
+        if _NAME.fullmatch(name) is None:
+            raise CsrError(f"{path}: unexpected tensor {name[:40]!r} (expected layer.L.k / layer.L.v): re-run csrtool train-dict")
+        if t.dim() != 4 or 0 in t.shape or t.shape[2] < 2:
+            raise CsrError(f"{path}: dictionary {name} has shape {list(t.shape)}, expected [G, C, N >= 2, Dc]")
         m = means.get(name)
         if m is not None and tuple(m.shape) != (t.shape[0], t.shape[1] * t.shape[3]):
             raise CsrError(f"{path}: mean of {name} has shape {list(m.shape)}, expected [{t.shape[0]}, {t.shape[1] * t.shape[3]}]: re-run csrtool train-dict")
+    if set(means) - set(atoms):
+        raise CsrError(f"{path}: mean {sorted(set(means) - set(atoms))[0]} has no dictionary: re-run csrtool train-dict")
+    for name, t in sorted({**atoms, **{k + MEAN_SUFFIX: v for k, v in means.items()}}.items()):
+        if not bool(torch.isfinite(t).all()):
+            raise CsrError(f"{path}: {name} contains NaN or Inf values: re-run csrtool train-dict")
+    if len({t.shape[2] for t in atoms.values()}) != 1:
+        raise CsrError(f"{path}: dictionaries have different atom counts: re-run csrtool train-dict")
+    _check_source(path, source)
+    _check_sensitivity(path, sensitivity)
     return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity, means=means)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ import torch
 
 from csrtool.errors import CsrError
 from csrtool.formats.io import atomic_path
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the codec and the .csr format store
 
 
 @dataclass
@@ -55,27 +59,40 @@ class KVCache:
                 raise CsrError(f"{name}: layer {i} keys {list(k.shape)} and values {list(v.shape)} disagree")
             if k.shape[2] == 0:
                 raise CsrError(f"{name} is empty (0 tokens in layer {i})")
-            if not k.is_floating_point() or not v.is_floating_point():
-                raise CsrError(f"{name}: layer {i} is not floating point ({k.dtype})")
+            if 0 in k.shape or 0 in v.shape:
+                raise CsrError(f"{name}: layer {i} has an empty dimension (keys {list(k.shape)}, values {list(v.shape)}): save a cache with at least one batch row, KV head and channel")
+            if k.dtype not in DTYPES or v.dtype not in DTYPES:
+                raise CsrError(f"{name}: layer {i} has dtype {k.dtype}/{v.dtype}: csrtool reads float16, bfloat16 and float32 caches (convert it first)")
             if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
                 raise CsrError(f"{name}: layer {i} contains NaN or Inf values; refusing to compress a broken cache")
         return self
 
 
 def save_cache(path: Path, cache: KVCache) -> None:
-    """Write a csrtool cache file atomically."""
+    """Write a csrtool cache file atomically; the same cache gives the same bytes."""
     data = {
         "keys": [k.detach().cpu().contiguous() for k in cache.keys],
         "values": [v.detach().cpu().contiguous() for v in cache.values],
-        "meta": _plain(cache.meta),
+        "meta": plain_meta(cache.meta),
     }
     with atomic_path(Path(path)) as tmp:
-        torch.save(data, tmp)
+        # an open file, not a path: torch names the zip's root folder after a path's file name,
+        # which here is a random temporary name; for a file object it is always "archive"
+        with open(tmp, "wb") as fh:
+            torch.save(data, fh)
 
 
-def _plain(meta: dict) -> dict:
-    """Meta restricted to JSON types, so weights_only loading accepts it."""
-    return json.loads(json.dumps(meta, default=str))
+def plain_meta(meta: object, name: str = "cache") -> dict:
+    """Meta as plain JSON (string keys, finite numbers; other objects as strings), or CsrError."""
+    if not isinstance(meta, dict):
+        raise CsrError(f"{name}: meta must be a dict, got {type(meta).__name__}: save the cache with csrtool cache")
+    bad = next((k for k in meta if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CsrError(f"{name}: meta key {bad!r:.40} is not a string: save the cache with csrtool cache")
+    try:
+        return json.loads(json.dumps(meta, default=str, allow_nan=False, sort_keys=True))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CsrError(f"{name}: meta is not plain JSON ({str(exc)[:80]}): save the cache with csrtool cache") from None
 
 
 def load_cache(path: Path, lazy: bool = False) -> KVCache:
@@ -89,14 +106,18 @@ def load_cache(path: Path, lazy: bool = False) -> KVCache:
     if _looks_safetensors(path):
         return _load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch warns about pickle protocols of hostile files; the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it references {found.group(1)})" if found else ""
         raise CsrError(
-            f"{path} needs arbitrary unpickling to load, which csrtool refuses for safety ({str(exc).splitlines()[0][:120]}): "
+            f"{path} needs arbitrary unpickling to load, which csrtool refuses for safety{what}: "
             "save the cache as plain tensors (csrtool cache, or a dict/tuple of tensors)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on garbage input
-        first = (str(exc).splitlines() or [""])[0][:120]
+        first = _clip((str(exc).splitlines() or [""])[0])
         raise CsrError(
             f"{path} is not a readable cache file ({type(exc).__name__}: {first}): pass a csrtool cache .pt, "
             "a tuple of (key, value) tensors saved with torch.save, or a safetensors cache"
@@ -109,12 +130,19 @@ def open_cache(path: Path) -> KVCache:
     return load_cache(path, lazy=True)
 
 
+def _clip(text: str, n: int = 120) -> str:
+    """At most n characters, cut at a word boundary with an ellipsis (never mid-word)."""
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
+
+
 def from_object(obj: object, name: str = "cache") -> KVCache:
     """Accept the csrtool dict or the legacy tuple-of-(key, value) layout."""
     if isinstance(obj, dict) and "keys" in obj and "values" in obj:
-        keys, values = list(obj["keys"]), list(obj["values"])
-        meta = obj.get("meta") or {}
-        return KVCache(keys, values, dict(meta))
+        for part in ("keys", "values"):
+            if not isinstance(obj[part], (list, tuple)):
+                raise CsrError(f"{name}: '{part}' must be a list of tensors [B, H, T, D], got {type(obj[part]).__name__}: save the cache with csrtool cache")
+        meta = obj.get("meta")
+        return KVCache(list(obj["keys"]), list(obj["values"]), plain_meta({} if meta is None else meta, name))
     if isinstance(obj, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) >= 2 for p in obj):
         return KVCache([p[0] for p in obj], [p[1] for p in obj], {"source_format": "legacy-tuple"})
     raise CsrError(
@@ -162,7 +190,7 @@ def _load_safetensors(path: Path) -> KVCache:
         raise CsrError(f"{path}: a safetensors cache needs tensors keys.0..keys.{{L-1}} and values.0..values.{{L-1}}")
     keys = _LazyTensors(fh, [f"keys.{i}" for i in range(n)])
     values = _LazyTensors(fh, [f"values.{i}" for i in range(n)])
-    return KVCache(keys, values, meta).validate(str(path))
+    return KVCache(keys, values, plain_meta(meta, str(path))).validate(str(path))
 
 
 def to_dynamic_cache(cache: KVCache, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
