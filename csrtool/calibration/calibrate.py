@@ -16,8 +16,7 @@ from typing import Callable
 
 import torch
 
-from csrtool import codec
-from csrtool.calibration.allocate import error_curve, loss_curve
+from csrtool.calibration.allocate import check_dicts, codec_plan, error_curve, loss_curve
 from csrtool.collect import capture_kv, key_rope
 from csrtool.formats.dicts import DictSet, dict_name
 from csrtool.errors import CsrError
@@ -40,12 +39,12 @@ def calibrate(
     if len(ds.layers) != n_layers:
         raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
     key_space = source.get("key_space", "post-rope")
-    value_split = next(a.shape[1] for n, a in atoms.items() if n.endswith(".v"))
-    n_atoms = ds.n_atoms
+    n_atoms, value_split = check_dicts(ds, n_layers, heads, head_dim)
     try:
-        s_ref = codec.choose_sparsity(REF_BITS, n_atoms, head_dim, value_split, "fp8")
+        ref = codec_plan(ds, n_layers, heads, head_dim, bits=REF_BITS, method="omp", uniform=True)
     except CsrError:  # small head_dim: one atom each already costs more than REF_BITS
-        s_ref = (1, 1)
+        ref = codec_plan(ds, n_layers, heads, head_dim, sparsity=(1, 1), method="omp")
+    s_ref = (ref.sparsity_k, ref.sparsity_v)
     method = CSR(ds, n_layers, heads, head_dim, method="omp", rope_info=rope_info(loaded.model), sparsity=s_ref)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     total = 2 * n_layers

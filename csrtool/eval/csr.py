@@ -26,30 +26,6 @@ from csrtool.errors import CsrError
 DICT_BITS = 16  # atoms counted at fp16
 
 
-def dict_shapes(dicts: DictSet, n_layers: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
-    """Check the dictionaries fit the model; return (N atoms, value split C)."""
-    missing = [layer for layer in range(n_layers) if f"layer.{layer}.k" not in dicts.atoms or f"layer.{layer}.v" not in dicts.atoms]
-    if missing:
-        raise CsrError(
-            f"the dictionary file covers layers {dicts.layers} but the model has {n_layers} (missing {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}): train dictionaries for every layer (csrtool train-dict without --layers)"
-        )
-    n_atoms = dicts.n_atoms
-    value_split = None
-    for name, a in dicts.atoms.items():
-        g, c, n, dc = a.shape
-        if c * dc != head_dim or g not in (1, num_kv_heads) or n != n_atoms:
-            raise CsrError(
-                f"dictionary {name} has shape {list(a.shape)}, which does not fit this model "
-                f"(head_dim {head_dim}, {num_kv_heads} KV heads): train dictionaries on this model"
-            )
-        if name.endswith(".v"):
-            if value_split not in (None, c):
-                raise CsrError(f"value dictionaries disagree on the channel split ({value_split} vs {c}): re-run csrtool train-dict")
-            value_split = c
-    return n_atoms, value_split or 1
-
-
 class CSR:
     """Sparse codes over the file's dictionaries at a bit budget (or explicit sparsities)."""
 
@@ -72,25 +48,18 @@ class CSR:
         self.dicts = dicts
         self.method = method
         self.coef = coef
-        self.n_atoms, self.value_split = dict_shapes(dicts, n_layers, num_kv_heads, head_dim)
+        self.config = allocate.codec_plan(
+            dicts, n_layers, num_kv_heads, head_dim, bits=bits, sparsity=sparsity, coef=coef, method=method, uniform=uniform
+        )
+        self.n_atoms, self.value_split = allocate.check_dicts(dicts, n_layers, num_kv_heads, head_dim)
         self.key_space = dicts.source.get("key_space", "post-rope")
         if self.key_space not in codec.KEY_SPACES:
             raise CsrError(f"the dictionary file has unknown key_space {self.key_space!r}: re-run csrtool train-dict")
         if self.key_space == "pre-rope" and rope_info is None:
             raise CsrError("the dictionaries code keys before RoPE but this model has no fixed RoPE to undo: use post-RoPE dictionaries")
         self.rope_info = rope_info
-        if sparsity is None:
-            if bits is None:
-                raise CsrError("CSR needs --bits or explicit sparsities")
-            try:
-                sparsity = codec.choose_sparsity(bits, self.n_atoms, head_dim, self.value_split, coef)
-            except CsrError as exc:
-                least = codec.bits_per_channel(self.n_atoms, head_dim, 1, 1, self.value_split, coef)
-                raise CsrError(f"--bits {bits:g} cannot be met with these dictionaries: one atom for K and V costs {least:.3g} bits/channel ({exc}); raise --bits") from None
-        self.s_k, self.s_v = sparsity
-        self.layer_sparsity = None  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
-        if bits is not None and not uniform:
-            self.layer_sparsity = allocate.plan(dicts.sensitivity, n_layers, bits, self.n_atoms, head_dim, self.value_split, coef)
+        self.s_k, self.s_v = self.config.sparsity_k, self.config.sparsity_v
+        self.layer_sparsity = self.config.layer_sparsity  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
         self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, coef) for p in plan) / n_layers / head_dim
         self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, coef) for p in plan) / n_layers / head_dim
