@@ -20,13 +20,11 @@ from csrtool.calibration.allocate import check_dicts, codec_plan, error_curve, l
 from csrtool.collect import capture_kv, key_rope
 from csrtool.formats.dicts import DictSet, dict_name
 from csrtool.errors import CsrError
-from csrtool.eval.csr import CSR
-from csrtool.eval.suite import EvalConfig
 from csrtool.models import Loaded, kv_shape, rope_info
 from csrtool.calibration.sensitivity import layer_sensitivity
+from csrtool.reconstruct import CHUNK, SINK, WINDOW, Reconstructor
 
-RECENT = EvalConfig.window + EvalConfig.chunk // 2  # tokens a query sees exactly in eval: the window plus half a chunk (64)
-SINK = EvalConfig.sink
+RECENT = WINDOW + CHUNK // 2  # tokens a query sees exactly in eval: the window plus half a chunk (64)
 REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this budget
 
 
@@ -45,7 +43,7 @@ def calibrate(
     except CsrError:  # small head_dim: one atom each already costs more than REF_BITS
         ref = codec_plan(ds, n_layers, heads, head_dim, sparsity=(1, 1), method="omp")
     s_ref = (ref.sparsity_k, ref.sparsity_v)
-    method = CSR(ds, n_layers, heads, head_dim, method="omp", rope_info=rope_info(loaded.model), sparsity=s_ref)
+    method = Reconstructor(ds, ref, rope_info(loaded.model))
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     total = 2 * n_layers
     done = [0]

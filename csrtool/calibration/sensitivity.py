@@ -13,7 +13,7 @@ the softmax is far from linear for the few keys a head attends to.
     layer_sensitivity(model, ids [1, T], method, recent, sink, progress) -> {(layer, 'k'|'v'): KL}
 
 `method` is anything with `reconstruct(layer, kind, x [B, H, T, D], positions)`
-(csrtool.eval.csr.CSR at a reference sparsity).
+(csrtool.reconstruct.Reconstructor at a reference sparsity).
 """
 
 from __future__ import annotations
