@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from csrtool.attention_hook import attention_override
+
 
 def _mixed_attention(module, query, key, value, attention_mask, *, coded, recent: int, sink: int, scaling=None, **_):
     """Eager causal attention where query i sees the coded key/value of token j when i - j >= recent and j >= sink."""
@@ -40,7 +42,7 @@ def _mixed_attention(module, query, key, value, attention_mask, *, coded, recent
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dispatch(inner, state: dict, module, query, key, value, attention_mask, **kwargs):
+def _dispatch(state: dict, inner, module, query, key, value, attention_mask, **kwargs):
     if state.get("layer") != module.layer_idx:
         return inner(module, query, key, value, attention_mask, **kwargs)
     pos = torch.arange(key.shape[2], device=key.device)
@@ -101,19 +103,10 @@ def layer_sensitivity(
     """Mean KL(exact ‖ coded) of the next-token distributions of ids [1, T], per (layer, kind).
 
     replay=False runs every pass through the whole model (the reference for _Replay)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     state: dict = {"recent": recent, "sink": sink, "method": method}
-    name = "csrtool_sensitivity"
-    AttentionInterface.register(name, functools.partial(_dispatch, sdpa_attention_forward, state))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    orig = model.config._attn_implementation
     n_layers = len(model.model.layers)
     out: dict[tuple[int, str], float] = {}
-    try:
-        model.config._attn_implementation = name
+    with attention_override(model, functools.partial(_dispatch, state), inner="sdpa"):  # sdpa whatever the model loaded with
         rerun = _Replay(model, input_ids)
         fast = replay and rerun.usable
         ref = torch.log_softmax(rerun.logits, dim=-1)
@@ -125,7 +118,4 @@ def layer_sensitivity(
                 out[(layer, kind)] = max(0.0, float((ref.exp() * (ref - lp)).sum(-1).mean()))  # rounding can dip below 0
                 if progress:
                     progress(layer, kind)
-    finally:
-        state.pop("layer", None)
-        model.config._attn_implementation = orig
     return out
