@@ -27,8 +27,8 @@ from csrtool.engine import packing, pursuit, rope
 from csrtool.errors import CsrError
 
 COEF_FORMATS = packing.COEF_FORMATS
-METHODS = ("omp", "mp")
-KEY_SPACES = ("pre-rope", "post-rope")
+METHODS = pursuit.METHODS
+KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # tokens; with the 4 sink tokens, 8 verbatim tokens: a 2,048-token fp32 SmolLM2 cache at 1 bit stays >= 14x smaller than fp16 (window 8 + sink 4: 13.7x)
 DEFAULT_SINK = 4  # first tokens kept uncompressed (attention sinks): SmolLM2 1 bit +20.9% -> +19.2% ppl (docs/quality.md)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -149,16 +149,11 @@ def section_nbytes(
 
 def _encode_groups(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [G, M, D], atoms [G, N, D] -> idx, coef [G, M, S]."""
-    if hasattr(pursuit, "encode_groups"):
-        return pursuit.encode_groups(x, atoms, sparsity, method)
-    pairs = [pursuit.encode(x[g], atoms[g], sparsity, method) for g in range(x.shape[0])]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return pursuit.encode_groups(x, atoms, sparsity, method)
 
 
 def _decode_groups(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    if hasattr(pursuit, "decode_groups"):
-        return pursuit.decode_groups(idx, coef, atoms)
-    return torch.stack([pursuit.decode(idx[g], coef[g], atoms[g]) for g in range(idx.shape[0])])
+    return pursuit.decode_groups(idx, coef, atoms)
 
 
 def _check_atoms(x_shape: tuple[int, ...], atoms: torch.Tensor, what: str = "cache") -> None:

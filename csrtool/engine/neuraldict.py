@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from csrtool.engine import pursuit
-from csrtool.engine.kmeans import kmeans
+from csrtool.engine.kmeans import kmeans, unit_rows
 from csrtool.errors import CsrError
 
 SCOPES = ("head", "layer")
@@ -134,16 +134,12 @@ def reconstruct(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str
         return pursuit.decode(idx, coef, atoms)
 
 
-def _unit_rows(w: torch.Tensor) -> torch.Tensor:
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """Initial unit atoms [N, D]: k-means centroids or random training vectors."""
     if cfg.init == "kmeans":
         return kmeans(x, cfg.atoms, cfg.kmeans_iters, gen, normalize=True)
     pick = torch.randint(x.shape[0], (cfg.atoms,), generator=gen, device=x.device) if cfg.atoms > x.shape[0] else torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.atoms]
-    return _unit_rows(x[pick])
+    return unit_rows(x[pick])
 
 
 def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer) -> None:
@@ -158,7 +154,7 @@ def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Ten
     small = resid.norm(dim=1) < 1e-6 * xw.norm(dim=1).clamp_min(1e-30)
     resid[small] = xw[small]  # perfectly coded rows: use the vector itself
     with torch.no_grad():
-        w[rows] = _unit_rows(resid)
+        w[rows] = unit_rows(resid)
     state = opt.state.get(w, {})
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
@@ -239,7 +235,7 @@ def train_dictionary(
             opt.step()
             sched.step()
             with torch.no_grad():
-                w.copy_(_unit_rows(w))
+                w.copy_(unit_rows(w))
                 usage += torch.bincount(idx.flatten(), minlength=n)
                 err[rows] = sq.sum(1).detach()
         # re-seed dead and duplicate atoms

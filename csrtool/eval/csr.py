@@ -19,7 +19,7 @@ from __future__ import annotations
 from csrtool import codec
 from csrtool.calibration import allocate
 from csrtool.errors import CsrError
-from csrtool.formats.dicts import DictSet
+from csrtool.formats.dicts import DictSet, parse_dict_name
 from csrtool.reconstruct import Reconstructor
 
 DICT_BITS = 16  # atoms counted at fp16
@@ -56,7 +56,7 @@ class CSR(Reconstructor):
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
         self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, coef) for p in plan) / n_layers / head_dim
         self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, coef) for p in plan) / n_layers / head_dim
-        self.side_bits = sum(a.numel() for n, a in dicts.atoms.items() if int(n.split(".")[1]) < n_layers) * DICT_BITS
+        self.side_bits = sum(a.numel() for n, a in dicts.atoms.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"
         self.name = name or f"csr-{method}-{label}"
         self.target_bits = bits
