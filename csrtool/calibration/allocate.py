@@ -1,8 +1,7 @@
 """Spend a bit budget across layers and K/V where the model's loss is most sensitive.
 
-A uniform sparsity gives every layer the same atoms, but on SmolLM2 coding one
-layer alone at 1 bit costs anywhere from +0.0% to +3.4% perplexity
-(docs/quality.md §5). So each dictionary set carries, per layer and kind, a
+A uniform sparsity gives every layer the same atoms, but layers differ widely in
+how much coding them alone costs in perplexity (docs/quality.md §5). So each dictionary set carries, per layer and kind, a
 loss curve: the KL divergence its coded keys (or values) alone cause at the
 reference sparsity (csrtool.calibration.sensitivity), scaled by its relative error at
 S = 1, 2, ... atoms (KL grows like the error energy for small errors),

@@ -50,7 +50,7 @@ Progress = Callable[[int, int, float], None]
 class TrainConfig:
     """Everything that decides a trained dictionary set (recorded in the output file)."""
 
-    atoms: int = 1024  # N atoms per dictionary (N=4096, scope 'layer' is ~1.7 points better at 2 bits but trains 2.4x longer, docs/quality.md)
+    atoms: int = 1024  # N atoms per dictionary (more atoms code better but train longer: docs/quality.md §3, §8)
     sparsity: int = 4  # S atoms per vector during training
     value_split: int = 1  # C chunks for values (keys always 1)
     scope: str = "head"  # one dictionary per KV head, or one per layer shared by its heads

@@ -1,6 +1,6 @@
 """Dictionary files: one safetensors file holding every trained dictionary.
 
-Layout (see docs/architecture.md):
+Layout:
 - tensor `layer.{l}.{k|v}.mean` (optional): float32 [G, D], the mean of the training
   vectors, subtracted before coding and added back after decoding (train-dict --center);
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
