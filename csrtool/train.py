@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from csrtool.formats.acts import MANIFEST, ActsReader
 from csrtool.formats.dicts import KINDS, dict_name, save_dicts
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary
 from csrtool.errors import CsrError
 from csrtool.formats.io import atomic_path, atomic_write_bytes
-from csrtool.formats.stwrite import save_safetensors
 
 # progress(event, info): "start" {total, resumed}, "dict" {name, epochs},
 # "epoch" {name, epoch, epochs, val_rel_err}, "done" {name, stats, resumed}
@@ -100,8 +99,8 @@ class _Partial:
     def add(self, name: str, atoms: torch.Tensor, mean: torch.Tensor, stats: dict) -> None:
         self.dir.mkdir(exist_ok=True)
         with atomic_path(self.dir / f"{name}.safetensors") as tmp:
-            save_safetensors(tmp, {"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),
-                                   "mean": mean.detach().to("cpu", torch.float32).contiguous()}, {})
+            save_file({"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),  # resume scratch: bytes need not repeat
+                       "mean": mean.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
         self.done[name] = stats
         state = {**self.key, "done": self.done}
         atomic_write_bytes(self.dir / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
