@@ -9,7 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from csrtool.attention_hook import attention_override, supported
 from csrtool.errors import CsrError
-from tests.tiny import tiny_model
+from tiny import tiny_model
 
 
 def _logits(model, ids):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_config_validation_names_the_bad_value():
         TrainConfig(encoder="lasso")
     with pytest.raises(CsrError, match="val_fraction must be in"):
         TrainConfig(val_fraction=1.5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().atoms = 3  # frozen
 
 
