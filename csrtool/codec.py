@@ -29,10 +29,10 @@ from csrtool.errors import CsrError
 from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
 
 COEF_FORMATS = packing.COEF_FORMATS
-METHODS = ("omp", "mp")
-KEY_SPACES = ("pre-rope", "post-rope")
-DEFAULT_WINDOW = 4  # tokens; with the 4 sink tokens, 8 verbatim tokens: a 2,048-token fp32 SmolLM2 cache at 1 bit stays >= 14x smaller than fp16 (window 8 + sink 4: 13.7x)
-DEFAULT_SINK = 4  # first tokens kept uncompressed (attention sinks): SmolLM2 1 bit +20.9% -> +19.2% ppl (docs/quality.md)
+METHODS = pursuit.METHODS
+KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
+DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")
+DEFAULT_SINK = 4  # first tokens kept uncompressed: they draw a large share of attention (attention sinks; docs/quality.md §1)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -121,12 +121,8 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     """Largest (s_k, s_v) whose average code bits per channel fit `bits`.
 
     Among the pairs that use the most of the budget, prefer the one whose key cost
-    is closest to twice the value cost, then the one with more key atoms. Key errors
-    pass through the softmax and dominate perplexity (docs/quality.md, SmolLM2: exact
-    values with 3 key atoms +15.5% ppl, exact keys with 4 value atoms +5.3%); at
-    N=1024 and 1 bit (5, 2) +17.6% beats (3, 4) +19.2%, (4, 3) +20.0%, (2, 5) +25.6%;
-    at N=4096 (4, 2) +18.1% beats (3, 3) +19.1% and (2, 4) +23.6%; at 2 bits (8, 4)
-    and (6, 6) tie at +6.2%, (5, 7) +9.0%.
+    is closest to twice the value cost, then the one with more key atoms: key errors
+    pass through the softmax and dominate perplexity (measured splits: docs/quality.md §2).
     """
     if coef not in COEF_FORMATS:
         raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {coef!r}")
@@ -157,16 +153,11 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
 
 def _encode_groups(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [G, M, D], atoms [G, N, D] -> idx, coef [G, M, S]."""
-    if hasattr(pursuit, "encode_groups"):
-        return pursuit.encode_groups(x, atoms, sparsity, method)
-    pairs = [pursuit.encode(x[g], atoms[g], sparsity, method) for g in range(x.shape[0])]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return pursuit.encode_groups(x, atoms, sparsity, method)
 
 
 def _decode_groups(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    if hasattr(pursuit, "decode_groups"):
-        return pursuit.decode_groups(idx, coef, atoms)
-    return torch.stack([pursuit.decode(idx[g], coef[g], atoms[g]) for g in range(idx.shape[0])])
+    return pursuit.decode_groups(idx, coef, atoms)
 
 
 def _check_atoms(x_shape: tuple[int, ...], atoms: torch.Tensor, what: str = "cache") -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from csrtool.codec import KEY_SPACES
 from csrtool.distributed import Dist
 from csrtool.formats.acts import ActsWriter
 from csrtool.engine import rope
@@ -25,7 +26,6 @@ from csrtool.errors import CsrError
 from csrtool.formats.kvcache import KVCache
 from csrtool.models import Loaded, kv_shape, rope_info
 
-KEY_SPACES = ("post-rope", "pre-rope")
 PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
 
 

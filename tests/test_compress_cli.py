@@ -189,8 +189,17 @@ def test_decompressed_cache_drives_generate(tmp_path):
     r = run("decompress", tmp_path / "c.csr", "--dicts", tmp_path / "d.safetensors", "-o", tmp_path / "back.pt")
     assert r.exit_code == 0, r.output
     back = load_cache(tmp_path / "back.pt")
+    orig = from_dynamic_cache(dc, meta)
+    for x, y in zip(back.keys + back.values, orig.keys + orig.values):
+        assert torch.equal(x[:, :, :4], y[:, :, :4]) and torch.equal(x[:, :, -4:], y[:, :, -4:])  # sink and window verbatim
+        assert 0 < float((x - y).pow(2).sum() / y.pow(2).sum()) < 0.5  # the middle is coded: close, not exact
     nxt = torch.randint(0, 64, (1, 1))
     with torch.no_grad():
         gen = model.generate(input_ids=torch.cat([ids, nxt], dim=1), past_key_values=to_dynamic_cache(back),
                              max_new_tokens=3, do_sample=False)
-    assert gen.shape == (1, 24)
+        # generate continued from the decompressed cache: the same tokens as a greedy loop over it
+        cache, tok, want = to_dynamic_cache(back), nxt, []
+        for _ in range(3):
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            want.append(int(tok))
+    assert gen.shape == (1, 24) and gen[0, -3:].tolist() == want

@@ -155,7 +155,7 @@ def test_window_longer_than_cache_is_lossless(tmp_path):
 
 
 def test_bits_per_channel_and_choose_sparsity():
-    # GUIDE §1 paper accounting: fp16 + int16 index = 32 bits per atom; ours packs indices.
+    # the paper's accounting spends fp16 + an int16 index = 32 bits per atom; ours packs indices (12 bits at N=4096).
     assert codec.bits_per_channel(4096, 128, 4, 2, 2, "fp16") == (4 * 28 + 4 * 28) / 256
     assert codec.bits_per_channel(4096, 64, 2, 1, 2, "fp8") == 40 / 64
     assert codec.vector_bits(4096, 3, 1, "int8") == 3 * 20 + 16

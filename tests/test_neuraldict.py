@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_config_validation_names_the_bad_value():
         TrainConfig(encoder="lasso")
     with pytest.raises(CsrError, match="val_fraction must be in"):
         TrainConfig(val_fraction=1.5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().atoms = 3  # frozen
 
 
@@ -114,3 +116,51 @@ def test_kmeans_pp_distinct_and_seeded():
     a = kmeans_pp(x, 50, torch.Generator().manual_seed(5))
     b = kmeans_pp(x, 50, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.unique().numel() == 50
+
+
+def test_kmeans_fills_empty_clusters_with_data_rows():
+    # 3 directions, 10 copies each, 4 centroids: seeding must repeat a direction, two equal
+    # centroids tie and one cluster stays empty; it is refilled with a row, never left at zero
+    dirs = torch.nn.functional.normalize(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    x = dirs.repeat_interleave(10, dim=0)
+    for normalize in (True, False):
+        c = kmeans(x, 4, iters=3, generator=torch.Generator().manual_seed(1), normalize=normalize)
+        assert c.shape == (4, 6) and bool(torch.isfinite(c).all())
+        torch.testing.assert_close(c.norm(dim=1), torch.ones(4))
+        match = (c @ dirs.T).abs().max(1).values  # each centroid is (+-) one of the directions
+        torch.testing.assert_close(match, torch.ones(4))
+        assert len({int(i) for i in (c @ dirs.T).abs().argmax(1)}) == 3  # and all three are covered
+
+
+def test_neuraldict_reseeds_dead_and_duplicate_atoms():
+    # 16 atoms sampled from 8 directions: at least 8 are duplicates (or never chosen) after epoch 1
+    dirs = torch.nn.functional.normalize(torch.randn(8, 12, generator=torch.Generator().manual_seed(0)), dim=1)
+    x = dirs.repeat_interleave(40, dim=0) * torch.rand(320, 1, generator=torch.Generator().manual_seed(1)).add(0.5)
+    cfg = TrainConfig(atoms=16, sparsity=1, init="samples", epochs=1, batch_size=64, val_fraction=0.0)
+    _, stats = train_dictionary(x, cfg, seed=0)
+    assert stats["reseeded"] >= 8
+
+
+def test_reseed_puts_residuals_of_the_worst_rows():
+    from csrtool.engine.neuraldict import _reseed
+
+    x = torch.eye(4)[:3] * torch.tensor([[1.0], [2.0], [3.0]])  # rows e0, 2 e1, 3 e2
+    w = torch.nn.Parameter(torch.eye(4)[[0, 0, 3]].clone())  # atom 1 duplicates atom 0
+    opt = torch.optim.Adam([w], lr=0.1)
+    w.grad = torch.ones_like(w)
+    opt.step()  # Adam state for every row
+    with torch.no_grad():
+        w.copy_(torch.eye(4)[[0, 0, 3]])
+    err = torch.tensor([0.0, 4.0, 9.0])
+    _reseed(w, torch.tensor([1]), x, err, TrainConfig(atoms=3, sparsity=1), opt)
+    torch.testing.assert_close(w.detach()[1], torch.tensor([0.0, 0.0, 1.0, 0.0]))  # the worst row (3 e2), normalised
+    assert float(opt.state[w]["exp_avg"][1].abs().sum()) == 0.0 and float(opt.state[w]["exp_avg"][0].abs().sum()) > 0
+    assert err.tolist() == [0.0, 4.0, 0.0]  # not picked again this epoch
+
+
+def test_training_stops_after_patience_epochs_without_improvement():
+    x = sparse_data(600)
+    cfg = TrainConfig(atoms=24, sparsity=2, epochs=40, lr=1e-7, patience=2, batch_size=128)
+    _, stats = train_dictionary(x, cfg, seed=0)
+    assert stats["epochs"] < cfg.epochs
+    assert stats["epochs"] == stats["best_epoch"] + cfg.patience

@@ -144,10 +144,19 @@ def test_compress_spends_bits_per_layer(pipeline):
     assert res.exit_code == 0, res.output
     assert json.loads((d / "u.json").read_text())["layer_sparsity"] is None
     assert csrfile.open_csr(d / "u.csr").header.version == 1
-    # both decode; each coded layer is what its own sparsity gives
+    # both decode; each coded layer is what its own sparsity gives: a uniform file at that
+    # layer's (s_k, s_v) decodes to the same tensors for that layer
     ds = load_dicts(dicts)
     a, u = csrfile.read_csr(d / "a.csr", ds), csrfile.read_csr(d / "u.csr", ds)
-    assert [k.shape for k in a.keys] == [k.shape for k in u.keys]
+    uniform = csrfile.open_csr(d / "u.csr").header.config
+    assert any(p != (uniform.sparsity_k, uniform.sparsity_v) for p in plan)  # calibration moved atoms
+    for layer, (s_k, s_v) in enumerate(plan):
+        res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--sparsity", f"{s_k},{s_v}", "-o", str(d / f"s{layer}.csr")])
+        assert res.exit_code == 0, res.output
+        s = csrfile.read_csr(d / f"s{layer}.csr", ds)
+        assert torch.equal(a.keys[layer], s.keys[layer]) and torch.equal(a.values[layer], s.values[layer])
+        if (s_k, s_v) != (uniform.sparsity_k, uniform.sparsity_v):
+            assert not (torch.equal(a.keys[layer], u.keys[layer]) and torch.equal(a.values[layer], u.values[layer]))
 
 
 def test_train_dict_no_calibrate(pipeline, tmp_path):

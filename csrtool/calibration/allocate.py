@@ -1,8 +1,7 @@
 """Spend a bit budget across layers and K/V where the model's loss is most sensitive.
 
-A uniform sparsity gives every layer the same atoms, but on SmolLM2 coding one
-layer alone at 1 bit costs anywhere from +0.0% to +3.4% perplexity
-(docs/quality.md §5). So each dictionary set carries, per layer and kind, a
+A uniform sparsity gives every layer the same atoms, but layers differ widely in
+how much coding them alone costs in perplexity (docs/quality.md §5). So each dictionary set carries, per layer and kind, a
 loss curve: the KL divergence its coded keys (or values) alone cause at the
 reference sparsity (csrtool.calibration.sensitivity), scaled by its relative error at
 S = 1, 2, ... atoms (KL grows like the error energy for small errors),
@@ -15,16 +14,21 @@ and the budget goes greedily to the step with the largest drop of D per bit.
     loss_curve(kl, errors, s_ref) -> D(1..s_max)
     allocate(curves {(layer, kind): [...]}, layers, bits, n_atoms, head_dim, value_split, coef) -> [(s_k, s_v)] per layer
     plan(sensitivity, n_layers, bits, ...) -> per-layer (s_k, s_v), or None without calibration
+    check_dicts(dicts, n_layers, kv_heads, head_dim) -> (N atoms, value split C), or CsrError
+    codec_plan(dicts, n_layers, kv_heads, head_dim, *, bits | sparsity, coef, method, window, sink, uniform)
+        -> codec.CodecConfig: THE policy turning a budget into sparsities (compress, eval, calibrate, cache)
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 
 from csrtool import codec
 from csrtool.errors import CsrError
+from csrtool.formats.dicts import DictSet, dict_name, parse_dict_name
 
 
 def error_curve(x: torch.Tensor, atoms: torch.Tensor, s_max: int, mean: torch.Tensor | None = None) -> list[float]:
@@ -46,8 +50,7 @@ def curves_from(sensitivity: dict) -> dict[tuple[int, str], list[float]]:
     """{(layer, kind): D(1..S_max)} from a dictionary file's `sensitivity` metadata (csrtool.calibration.calibrate)."""
     out = {}
     for name, curve in (sensitivity.get("curves") or {}).items():
-        _, layer, kind = name.split(".")
-        out[(int(layer), kind)] = [float(v) for v in curve]
+        out[parse_dict_name(name)] = [float(v) for v in curve]
     return out
 
 
@@ -57,6 +60,77 @@ def plan(sensitivity: dict, n_layers: int, bits: float, n_atoms: int, head_dim: 
     if not curves:
         return None
     return tuple(allocate(curves, list(range(n_layers)), bits, n_atoms, head_dim, value_split, coef))
+
+
+def check_dicts(dicts: DictSet, n_layers: int, kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """Check the dictionaries fit a cache of n_layers x kv_heads x head_dim; return (N atoms, value split C)."""
+    missing = [layer for layer in range(n_layers) if any(dict_name(layer, kind) not in dicts.atoms for kind in ("k", "v"))]
+    if missing:
+        raise CsrError(
+            f"the dictionary file covers layers {dicts.layers} but the model has {n_layers} (missing {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}): train dictionaries for every layer (csrtool train-dict without --layers)"
+        )
+    n_atoms = dicts.n_atoms
+    value_split = None
+    for name, a in dicts.atoms.items():
+        codec._check_atoms((1, kv_heads, 1, head_dim), a, f"model (dictionary {name})")
+        _, c, n, _ = a.shape
+        if n != n_atoms:
+            raise CsrError(f"dictionary {name} has {n} atoms, others {n_atoms}: re-run csrtool train-dict")
+        if name.endswith(".v"):
+            if value_split not in (None, c):
+                raise CsrError(f"value dictionaries disagree on the channel split ({value_split} vs {c}): re-run csrtool train-dict")
+            value_split = c
+    return n_atoms, value_split or 1
+
+
+def codec_plan(
+    dicts: DictSet,
+    n_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    bits: float | None = None,
+    sparsity: tuple[int, int] | None = None,
+    coef: str = "fp8",
+    method: str = "omp",
+    window: int | None = None,
+    sink: int | None = None,
+    uniform: bool = False,
+) -> codec.CodecConfig:
+    """The codec configuration for a cache of n_layers x kv_heads x head_dim coded with `dicts`.
+
+    Exactly one of `bits` (code bits per channel, K and V averaged) and `sparsity`
+    ((s_k, s_v), every layer the same) is given. With `bits`, dictionaries that carry
+    train-dict's sensitivity calibration for exactly these layers get per-layer
+    sparsities (`plan`; the config's sparsity_k/v are then the maxima), unless
+    `uniform`; otherwise every layer gets `codec.choose_sparsity`'s pair. window/sink
+    None: the codec's defaults."""
+    if (bits is None) == (sparsity is None):
+        raise CsrError("pass either --bits or --sparsity, not both" if bits is not None else "give a bit budget (--bits) or explicit sparsities (--sparsity)")
+    n_atoms, value_split = check_dicts(dicts, n_layers, kv_heads, head_dim)
+    per_layer = None
+    if sparsity is not None:
+        s_k, s_v = sparsity
+    else:
+        try:
+            s_k, s_v = codec.choose_sparsity(bits, n_atoms, head_dim, value_split, coef)
+        except CsrError:
+            if coef not in codec.COEF_FORMATS or not (bits > 0 and math.isfinite(bits)):
+                raise
+            least = codec.bits_per_channel(n_atoms, head_dim, 1, 1, value_split, coef)
+            raise CsrError(
+                f"--bits {bits:g} cannot be met with these dictionaries: one atom for K and V costs {least:.4f} bits per channel "
+                f"({n_atoms} atoms, {coef} coefficients): raise --bits"
+            ) from None
+        if not uniform and len(dicts.layers) == n_layers:
+            per_layer = plan(dicts.sensitivity, n_layers, bits, n_atoms, head_dim, value_split, coef)
+        if per_layer is not None:
+            s_k, s_v = max(p[0] for p in per_layer), max(p[1] for p in per_layer)
+    return codec.CodecConfig(
+        s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window, codec.DEFAULT_SINK if sink is None else sink,
+        layer_sparsity=per_layer,
+    )
 
 
 def _monotone(curve: list[float]) -> list[float]:

@@ -16,18 +16,15 @@ from typing import Callable
 
 import torch
 
-from csrtool import codec
-from csrtool.calibration.allocate import error_curve, loss_curve
+from csrtool.calibration.allocate import check_dicts, codec_plan, error_curve, loss_curve
 from csrtool.collect import capture_kv, key_rope
 from csrtool.formats.dicts import DictSet, dict_name
 from csrtool.errors import CsrError
-from csrtool.eval.csr import CSR
-from csrtool.eval.suite import EvalConfig
 from csrtool.models import Loaded, kv_shape, rope_info
 from csrtool.calibration.sensitivity import layer_sensitivity
+from csrtool.reconstruct import CHUNK, SINK, WINDOW, Reconstructor
 
-RECENT = EvalConfig.window + EvalConfig.chunk // 2  # tokens a query sees exactly in eval: the window plus half a chunk (64)
-SINK = EvalConfig.sink
+RECENT = WINDOW + CHUNK // 2  # tokens a query sees exactly in eval: the window plus half a chunk (64)
 REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this budget
 
 
@@ -42,13 +39,13 @@ def calibrate(
     if len(ds.layers) != n_layers:
         raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
     key_space = source.get("key_space", "post-rope")
-    value_split = next(a.shape[1] for n, a in atoms.items() if n.endswith(".v"))
-    n_atoms = ds.n_atoms
+    n_atoms, value_split = check_dicts(ds, n_layers, heads, head_dim)
     try:
-        s_ref = codec.choose_sparsity(REF_BITS, n_atoms, head_dim, value_split, "fp8")
+        ref = codec_plan(ds, n_layers, heads, head_dim, bits=REF_BITS, method="omp", uniform=True)
     except CsrError:  # small head_dim: one atom each already costs more than REF_BITS
-        s_ref = (1, 1)
-    method = CSR(ds, n_layers, heads, head_dim, method="omp", rope_info=rope_info(loaded.model), sparsity=s_ref)
+        ref = codec_plan(ds, n_layers, heads, head_dim, sparsity=(1, 1), method="omp")
+    s_ref = (ref.sparsity_k, ref.sparsity_v)
+    method = Reconstructor(ds, ref, rope_info(loaded.model))
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     layers = list(range(n_layers)) if layers is None else list(layers)
     total = 2 * len(layers)

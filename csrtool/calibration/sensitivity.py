@@ -13,7 +13,7 @@ the softmax is far from linear for the few keys a head attends to.
     layer_sensitivity(model, ids [1, T], method, recent, sink, progress) -> {(layer, 'k'|'v'): KL}
 
 `method` is anything with `reconstruct(layer, kind, x [B, H, T, D], positions)`
-(csrtool.eval.csr.CSR at a reference sparsity).
+(csrtool.reconstruct.Reconstructor at a reference sparsity).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import functools
 from typing import Callable
 
 import torch
+
+from csrtool.attention_hook import attention_override
 
 
 def _mixed_attention(module, query, key, value, attention_mask, *, coded, recent: int, sink: int, scaling=None, **_):
@@ -40,7 +42,7 @@ def _mixed_attention(module, query, key, value, attention_mask, *, coded, recent
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dispatch(inner, state: dict, module, query, key, value, attention_mask, **kwargs):
+def _dispatch(state: dict, inner, module, query, key, value, attention_mask, **kwargs):
     if state.get("layer") != module.layer_idx:
         return inner(module, query, key, value, attention_mask, **kwargs)
     pos = torch.arange(key.shape[2], device=key.device)
@@ -102,19 +104,10 @@ def layer_sensitivity(
 
     replay=False runs every pass through the whole model (the reference for _Replay). Each layer's
     KL depends only on that layer, so a torchrun job can split `layers` across ranks."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     state: dict = {"recent": recent, "sink": sink, "method": method}
-    name = "csrtool_sensitivity"
-    AttentionInterface.register(name, functools.partial(_dispatch, sdpa_attention_forward, state))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    orig = model.config._attn_implementation
     n_layers = len(model.model.layers)
     out: dict[tuple[int, str], float] = {}
-    try:
-        model.config._attn_implementation = name
+    with attention_override(model, functools.partial(_dispatch, state), inner="sdpa"):  # sdpa whatever the model loaded with
         rerun = _Replay(model, input_ids)
         fast = replay and rerun.usable
         ref = torch.log_softmax(rerun.logits, dim=-1)
@@ -126,7 +119,4 @@ def layer_sensitivity(
                 out[(layer, kind)] = max(0.0, float((ref.exp() * (ref - lp)).sum(-1).mean()))  # rounding can dip below 0
                 if progress:
                     progress(layer, kind)
-    finally:
-        state.pop("layer", None)
-        model.config._attn_implementation = orig
     return out

@@ -65,33 +65,26 @@ def compress(
     the atoms are spread over layers and K/V where the model is most sensitive,
     at the same average bits; --sparsity or --uniform give every layer the same.
     """
-    from csrtool import codec
     from csrtool.calibration import allocate
     from csrtool.formats import csrfile
     from csrtool.formats.dicts import load_dicts
 
     check_output(output, force=force)
     check_json_output(json_out)
-    if bits is not None and sparsity is not None:
-        raise CsrError("pass either --bits or --sparsity, not both")
     ds = load_dicts(check_input(dicts, "dictionary file", "train one with csrtool train-dict"))
     kv = open_cache(check_input(cache, "cache file", "save one with csrtool cache"))
     _, _, v_split = csrfile.check_fit(kv, ds)
-    per_layer = None
-    if sparsity is not None:
-        s_k, s_v = _parse_sparsity(sparsity)
-        _check_sparsity(s_k, s_v, ds.n_atoms, kv.keys[0].shape[-1], kv.values[0].shape[-1] // v_split)
-    else:
-        target = 1.0 if bits is None else bits
-        s_k, s_v = codec.choose_sparsity(target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
-        if not uniform and len(kv.keys) == len(ds.layers):
-            per_layer = allocate.plan(ds.sensitivity, len(kv.keys), target, ds.n_atoms, kv.keys[0].shape[-1], v_split, coef)
-        if per_layer is not None:
-            s_k, s_v = max(p[0] for p in per_layer), max(p[1] for p in per_layer)
-    cfg = codec.CodecConfig(
-        s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window, codec.DEFAULT_SINK if sink is None else sink,
-        layer_sparsity=per_layer,
+    _, kv_heads, _, head_dim = kv.keys[0].shape
+    parsed = None if sparsity is None else _parse_sparsity(sparsity)
+    if parsed is not None and bits is None:
+        _check_sparsity(*parsed, ds.n_atoms, head_dim, kv.values[0].shape[-1] // v_split)
+    cfg = allocate.codec_plan(
+        ds, len(kv.keys), kv_heads, head_dim,
+        bits=1.0 if bits is None and sparsity is None else bits,
+        sparsity=parsed,
+        coef=coef, method=method, window=window, sink=sink, uniform=uniform,
     )
+    s_k, s_v, per_layer = cfg.sparsity_k, cfg.sparsity_v, cfg.layer_sparsity
     header = csrfile.make_header(kv, ds, cfg)
     if sparsity is None:
         _note_capped(1.0 if bits is None else bits, header)

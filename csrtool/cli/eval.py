@@ -11,6 +11,7 @@ import typer
 from csrtool.cli import app
 from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TextOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
+from csrtool.eval.suite import EvalConfig
 
 CHARS_PER_TOKEN_MAX = 16  # tokenise only a prefix of the text long enough for the tokens asked
 TABLE_WIDTH = 160  # the result table's width when stdout is a file or pipe
@@ -43,18 +44,18 @@ def eval_cmd(
     dicts: Annotated[Optional[Path], typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict (without it, only baselines run).")] = None,
     model: ModelOpt = "smollm2-135m",
     text: TextOpt = None,
-    bits: Annotated[str, typer.Option("--bits", help="CSR bit budgets per channel, comma-separated.")] = "1,2",
-    baselines: Annotated[str, typer.Option("--baselines", help="Comma-separated: fp16, kiviB, pq, quantoB, hqqB, fp8; '' for none.")] = "fp16,kivi2,kivi1,pq,quanto2,quanto4",
-    methods: Annotated[str, typer.Option("--methods", help="CSR solvers: mp, omp.")] = "mp,omp",
-    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to evaluate.")] = 1024,
-    chunk: Annotated[int, typer.Option("--chunk", help="Tokens fed per forward pass.")] = 64,
-    window: Annotated[int, typer.Option("--window", help="Most recent tokens kept in full precision.")] = 32,
-    sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = 4,
-    coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16 or int8.")] = "fp8",
-    uniform: Annotated[bool, typer.Option("--uniform", help="CSR: the same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration (as compress --uniform).")] = False,
-    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = 1024,
-    needle: Annotated[bool, typer.Option("--needle/--no-needle", help="Run the passkey retrieval test.")] = True,
-    needle_context: Annotated[int, typer.Option("--needle-context", help="Tokens of filler around the pass key.")] = 256,
+    bits: Annotated[str, typer.Option("--bits", help="CSR bit budgets per channel, comma-separated.")] = ",".join(f"{b:g}" for b in EvalConfig.bits),
+    baselines: Annotated[str, typer.Option("--baselines", help="Comma-separated: fp16, kiviB, pq, quantoB, hqqB, fp8; '' for none.")] = ",".join(EvalConfig.baselines),
+    methods: Annotated[str, typer.Option("--methods", help="CSR solvers: mp, omp.")] = ",".join(EvalConfig.solvers),
+    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to evaluate.")] = EvalConfig.tokens,
+    chunk: Annotated[int, typer.Option("--chunk", help="Tokens fed per forward pass.")] = EvalConfig.chunk,
+    window: Annotated[int, typer.Option("--window", help="Most recent tokens kept in full precision.")] = EvalConfig.window,
+    sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = EvalConfig.sink,
+    coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16 or int8.")] = EvalConfig.coef,
+    uniform: Annotated[bool, typer.Option("--uniform", help="CSR: the same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration (as compress --uniform).")] = EvalConfig.uniform,
+    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = EvalConfig.calib_tokens,
+    needle: Annotated[bool, typer.Option("--needle/--no-needle", help="Run the passkey retrieval test.")] = EvalConfig.needle,
+    needle_context: Annotated[int, typer.Option("--needle-context", help="Tokens of filler around the pass key.")] = EvalConfig.needle_context,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_download: AllowDownloadOpt = False,
@@ -66,7 +67,7 @@ def eval_cmd(
     from csrtool.corpus import load_text, text_source
     from csrtool.formats.dicts import load_dicts
     from csrtool.eval import report
-    from csrtool.eval.suite import EvalConfig, run_eval
+    from csrtool.eval.suite import run_eval
     from csrtool.formats.io import check_json_output, check_output
     from csrtool.models import load_model
 

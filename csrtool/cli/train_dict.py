@@ -13,6 +13,7 @@ from csrtool.cli import app
 from csrtool.cli.common import DeviceOpt, ForceOpt, JsonOpt, LayersOpt, err, guarded, out, write_json
 from csrtool.engine.neuraldict import TrainConfig
 from csrtool.errors import CsrError
+from csrtool.formats.dicts import dict_name, parse_dict_name
 from csrtool.formats.io import check_json_output, check_output, parse_layers
 
 _DEF = TrainConfig()
@@ -123,8 +124,8 @@ def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]
     table.add_column("K train", justify="right")
     table.add_column("V train", justify="right")
     rows = []
-    for layer in sorted({int(name.split(".")[1]) for name in report["errors"]}):
-        k, v = report["errors"][f"layer.{layer}.k"], report["errors"][f"layer.{layer}.v"]
+    for layer in sorted({parse_dict_name(name)[0] for name in report["errors"]}):
+        k, v = report["errors"][dict_name(layer, "k")], report["errors"][dict_name(layer, "v")]
         rows.append({"layer": layer, "k_val_rel_err": k["mean_val_rel_err"], "v_val_rel_err": v["mean_val_rel_err"],
                      "k_train_rel_err": k["mean_train_rel_err"], "v_train_rel_err": v["mean_train_rel_err"]})
         table.add_row(str(layer), *(f"{rows[-1][c]:.4f}" for c in ("k_val_rel_err", "v_val_rel_err", "k_train_rel_err", "v_train_rel_err")))

@@ -19,7 +19,8 @@ import torch
 from csrtool.engine.comm import LOCAL, Comm, bcast
 
 
-def _normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of x [B, D] scaled to unit norm (zero rows stay zero)."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
@@ -98,7 +99,7 @@ def kmeans(
     assert x.dim() == 2 and k >= 1
     xf = x.float()
     if normalize:
-        xf = _normalize_rows(xf)
+        xf = unit_rows(xf)
     b = xf.shape[0]
     if k > b:  # more atoms than rows: repeat rows (callers normally subsample atoms <= rows)
         reps = torch.randint(b, (k - b,), generator=generator, device=x.device)
@@ -122,5 +123,5 @@ def kmeans(
             new[empty] = bcast(comm, fill)
         c = new
         if normalize:
-            c = _normalize_rows(c)
+            c = unit_rows(c)
     return c.to(x.dtype)

@@ -43,7 +43,7 @@ import torch
 
 from csrtool.engine import pursuit
 from csrtool.engine.comm import LOCAL, Comm, bcast, count
-from csrtool.engine.kmeans import kmeans
+from csrtool.engine.kmeans import kmeans, unit_rows
 from csrtool.errors import CsrError
 
 SCOPES = ("head", "layer")
@@ -57,7 +57,7 @@ Progress = Callable[[int, int, float], None]
 class TrainConfig:
     """Everything that decides a trained dictionary set (recorded in the output file)."""
 
-    atoms: int = 1024  # N atoms per dictionary (N=4096, scope 'layer' is ~1.7 points better at 2 bits but trains 2.4x longer, docs/quality.md)
+    atoms: int = 1024  # N atoms per dictionary (more atoms code better but train longer: docs/quality.md §3, §8)
     sparsity: int = 4  # S atoms per vector during training
     value_split: int = 1  # C chunks for values (keys always 1)
     scope: str = "head"  # one dictionary per KV head, or one per layer shared by its heads
@@ -162,10 +162,6 @@ def reconstruct(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str
         return pursuit.decode(idx, coef, atoms)
 
 
-def _unit_rows(w: torch.Tensor) -> torch.Tensor:
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, comm: Comm = LOCAL) -> torch.Tensor:
     """Initial unit atoms [N, D]: k-means centroids or random training vectors (the root's)."""
     if cfg.init == "kmeans":
@@ -173,7 +169,7 @@ def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, comm: Co
     if not comm.root:
         return bcast(comm, x.new_zeros(cfg.atoms, x.shape[1]))
     pick = torch.randint(x.shape[0], (cfg.atoms,), generator=gen, device=x.device) if cfg.atoms > x.shape[0] else torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.atoms]
-    return bcast(comm, _unit_rows(x[pick]))
+    return bcast(comm, unit_rows(x[pick]))
 
 
 def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer,
@@ -190,7 +186,7 @@ def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Ten
         resid = xw - reconstruct(xw, w.detach(), cfg.sparsity, cfg.encoder)
         small = resid.norm(dim=1) < 1e-6 * xw.norm(dim=1).clamp_min(1e-30)
         resid[small] = xw[small]  # perfectly coded rows: use the vector itself
-        new = _unit_rows(resid)
+        new = unit_rows(resid)
         err[worst] = 0  # do not pick the same rows again this epoch
     with torch.no_grad():
         w[rows] = bcast(comm, new)
@@ -279,7 +275,7 @@ def train_dictionary(
             opt.step()
             sched.step()
             with torch.no_grad():
-                w.copy_(_unit_rows(w))
+                w.copy_(unit_rows(w))
                 usage += torch.bincount(idx.flatten(), minlength=n)
                 err[rows] = sq.sum(1).detach()
         # re-seed dead and duplicate atoms

@@ -1,6 +1,7 @@
 """Rotary position embedding (RoPE): rotate keys to and from their positions.
 
-transformers stores keys after RoPE; coding them before RoPE is easier (GUIDE §2).
+transformers stores keys after RoPE; coding them before RoPE is easier: the
+rotation depends on the position, so one dictionary of pre-RoPE keys serves them all.
 RoPE is a rotation per channel pair, so it is exactly invertible:
 
     post = pre * cos + rotate_half(pre) * sin       (rotate)

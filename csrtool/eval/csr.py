@@ -1,11 +1,11 @@
 """CSR as an evaluated method: exactly what compress -> decompress gives, per token batch.
 
-Reconstruction goes through `csrtool.codec.roundtrip` / `roundtrip_keys`, so the
-coefficient quantisation (fp8 by default) and the key space (pre- or post-RoPE,
+Reconstruction is csrtool.reconstruct.Reconstructor's (codec.roundtrip / roundtrip_keys),
+so the coefficient quantisation (fp8 by default) and the key space (pre- or post-RoPE,
 from the dictionary file's source) are those of a .csr file.
 
-With `bits` and calibrated dictionaries (train-dict --calibrate), the sparsity of
-each layer comes from csrtool.calibration.allocate.plan, exactly as `compress --bits` picks it;
+The plan is csrtool.calibration.allocate.codec_plan's, exactly as `compress --bits` picks it:
+with `bits` and calibrated dictionaries (train-dict --calibrate), per-layer sparsities;
 `uniform=True` (or explicit sparsities) gives every layer the same.
 
 Honest cost (codec.vector_bits, averaged over layers): per vector C·S·(ceil(log2 N) + coefficient bits)
@@ -16,41 +16,16 @@ at the default chunk) and is left out. Dictionaries are side bits, counted at fp
 
 from __future__ import annotations
 
-import torch
-
 from csrtool import codec
 from csrtool.calibration import allocate
-from csrtool.formats.dicts import DictSet
 from csrtool.errors import CsrError
+from csrtool.formats.dicts import DictSet, parse_dict_name
+from csrtool.reconstruct import Reconstructor
 
 DICT_BITS = 16  # atoms counted at fp16
 
 
-def dict_shapes(dicts: DictSet, n_layers: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
-    """Check the dictionaries fit the model; return (N atoms, value split C)."""
-    missing = [layer for layer in range(n_layers) if f"layer.{layer}.k" not in dicts.atoms or f"layer.{layer}.v" not in dicts.atoms]
-    if missing:
-        raise CsrError(
-            f"the dictionary file covers layers {dicts.layers} but the model has {n_layers} (missing {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}): train dictionaries for every layer (csrtool train-dict without --layers)"
-        )
-    n_atoms = dicts.n_atoms
-    value_split = None
-    for name, a in dicts.atoms.items():
-        g, c, n, dc = a.shape
-        if c * dc != head_dim or g not in (1, num_kv_heads) or n != n_atoms:
-            raise CsrError(
-                f"dictionary {name} has shape {list(a.shape)}, which does not fit this model "
-                f"(head_dim {head_dim}, {num_kv_heads} KV heads): train dictionaries on this model"
-            )
-        if name.endswith(".v"):
-            if value_split not in (None, c):
-                raise CsrError(f"value dictionaries disagree on the channel split ({value_split} vs {c}): re-run csrtool train-dict")
-            value_split = c
-    return n_atoms, value_split or 1
-
-
-class CSR:
+class CSR(Reconstructor):
     """Sparse codes over the file's dictionaries at a bit budget (or explicit sparsities)."""
 
     def __init__(
@@ -69,32 +44,19 @@ class CSR:
     ):
         if method not in codec.METHODS:
             raise CsrError(f"CSR method must be one of {', '.join(codec.METHODS)}, got {method!r}")
-        self.dicts = dicts
+        config = allocate.codec_plan(
+            dicts, n_layers, num_kv_heads, head_dim, bits=bits, sparsity=sparsity, coef=coef, method=method, uniform=uniform
+        )
+        super().__init__(dicts, config, rope_info)
         self.method = method
         self.coef = coef
-        self.n_atoms, self.value_split = dict_shapes(dicts, n_layers, num_kv_heads, head_dim)
-        self.key_space = dicts.source.get("key_space", "post-rope")
-        if self.key_space not in codec.KEY_SPACES:
-            raise CsrError(f"the dictionary file has unknown key_space {self.key_space!r}: re-run csrtool train-dict")
-        if self.key_space == "pre-rope" and rope_info is None:
-            raise CsrError("the dictionaries code keys before RoPE but this model has no fixed RoPE to undo: use post-RoPE dictionaries")
-        self.rope_info = rope_info
-        if sparsity is None:
-            if bits is None:
-                raise CsrError("CSR needs --bits or explicit sparsities")
-            try:
-                sparsity = codec.choose_sparsity(bits, self.n_atoms, head_dim, self.value_split, coef)
-            except CsrError as exc:
-                least = codec.bits_per_channel(self.n_atoms, head_dim, 1, 1, self.value_split, coef)
-                raise CsrError(f"--bits {bits:g} cannot be met with these dictionaries: one atom for K and V costs {least:.3g} bits/channel ({exc}); raise --bits") from None
-        self.s_k, self.s_v = sparsity
-        self.layer_sparsity = None  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
-        if bits is not None and not uniform:
-            self.layer_sparsity = allocate.plan(dicts.sensitivity, n_layers, bits, self.n_atoms, head_dim, self.value_split, coef)
+        self.n_atoms, self.value_split = allocate.check_dicts(dicts, n_layers, num_kv_heads, head_dim)
+        self.s_k, self.s_v = config.sparsity_k, config.sparsity_v
+        self.layer_sparsity = config.layer_sparsity  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
         self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, coef) for p in plan) / n_layers / head_dim
         self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, coef) for p in plan) / n_layers / head_dim
-        self.side_bits = sum(a.numel() for n, a in dicts.atoms.items() if int(n.split(".")[1]) < n_layers) * DICT_BITS
+        self.side_bits = sum(a.numel() for n, a in dicts.atoms.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"
         self.name = name or f"csr-{method}-{label}"
         self.target_bits = bits
@@ -111,20 +73,3 @@ class CSR:
             "target_bits": self.target_bits,
             "layer_sparsity": None if self.layer_sparsity is None else [list(p) for p in self.layer_sparsity],
         }
-
-    def sparsity(self, layer: int) -> tuple[int, int]:
-        return self.layer_sparsity[layer] if self.layer_sparsity is not None else (self.s_k, self.s_v)
-
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        atoms = self.dicts.get(layer, kind).to(x.device)
-        mean = self.dicts.mean(layer, kind)
-        s_k, s_v = self.sparsity(layer)
-        if kind == "v" or self.key_space == "post-rope":
-            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, self.coef, self.method, mean)
-        first = int(positions[0])
-        assert bool((positions == torch.arange(first, first + x.shape[2], device=positions.device)).all())
-        return codec.roundtrip_keys(
-            x, atoms, s_k, self.coef, self.method,
-            positions_offset=first, rope_info=self.rope_info,
-            key_space=self.key_space, cache_key_space="post-rope", mean=mean,
-        )

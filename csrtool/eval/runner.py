@@ -18,8 +18,8 @@ Measured per pass:
   originals; Σ‖o − o_exact‖² / Σ‖o_exact‖² over all calls that saw compressed tokens.
   This isolates the layer's own cache error (its inputs are those of the pass).
 
-The attention call is observed by registering a thin wrapper as an attention
-implementation for the duration of a pass (restored in a finally block).
+The attention call is observed through csrtool.attention_hook.attention_override
+for the duration of a pass.
 """
 
 from __future__ import annotations
@@ -33,68 +33,38 @@ from typing import Callable, Iterator
 
 import torch
 
+from csrtool.attention_hook import attention_override, supported
 from csrtool.errors import CsrError
 from csrtool.eval import metrics
 from csrtool.eval.methods import Identity
 
 Progress = Callable[[str], None]
-_ACTIVE: list["CompressedFeed"] = []  # the feed whose attention calls are being observed
 
 
 # ------------------------------------------------------------------ attention probe
 
 
-def _probe(inner: Callable, module, query, key, value, attention_mask, **kwargs):
+def _probe(feed: "CompressedFeed", inner: Callable, module, query, key, value, attention_mask, **kwargs):
     out, weights = inner(module, query, key, value, attention_mask, **kwargs)
-    feed = _ACTIVE[-1] if _ACTIVE else None
-    if feed is not None and feed.track_attention:
-        layer = getattr(module, "layer_idx", None)
-        exact = feed.exact.get(layer)
-        if exact is not None and exact[0].shape[2] > 0:
-            n = exact[0].shape[2]
-            k_exact = torch.cat([exact[0], key[:, :, n:]], dim=2)
-            v_exact = torch.cat([exact[1], value[:, :, n:]], dim=2)
-            ref, _ = inner(module, query, k_exact, v_exact, attention_mask, **kwargs)
-            feed.attn.setdefault(layer, metrics.RatioStats()).add(out, ref)
+    layer = getattr(module, "layer_idx", None)
+    exact = feed.exact.get(layer)
+    if exact is not None and exact[0].shape[2] > 0:
+        n = exact[0].shape[2]
+        k_exact = torch.cat([exact[0], key[:, :, n:]], dim=2)
+        v_exact = torch.cat([exact[1], value[:, :, n:]], dim=2)
+        ref, _ = inner(module, query, k_exact, v_exact, attention_mask, **kwargs)
+        feed.attn.setdefault(layer, metrics.RatioStats()).add(out, ref)
     return out, weights
-
-
-def _probe_name(model) -> str | None:
-    """Register (once) a probing wrapper around the model's attention implementation."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    orig = getattr(model.config, "_attn_implementation", None)
-    if orig == "sdpa":
-        inner = sdpa_attention_forward
-    elif orig == "eager":
-        module = __import__(type(model).__module__, fromlist=["eager_attention_forward"])
-        inner = getattr(module, "eager_attention_forward", None)
-        if inner is None:
-            return None
-    else:
-        return None  # flash/flex kernels: attention fidelity not measured
-    name = f"csrtool_probe_{orig}_{type(model).__name__}"
-    AttentionInterface.register(name, functools.partial(_probe, inner))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
-    return name
 
 
 @contextmanager
 def observing(model, feed: "CompressedFeed") -> Iterator[None]:
-    """Observe the model's attention calls for `feed` (no-op if it cannot be done)."""
-    name = _probe_name(model) if feed.track_attention else None
-    orig = getattr(model.config, "_attn_implementation", None)
-    _ACTIVE.append(feed)
-    try:
-        if name is not None:
-            model.config._attn_implementation = name
+    """Observe the model's attention calls for `feed` (no-op for flash/flex kernels: fidelity not measured)."""
+    if not (feed.track_attention and supported(model)):
         yield
-    finally:
-        if name is not None:
-            model.config._attn_implementation = orig
-        _ACTIVE.pop()
+        return
+    with attention_override(model, functools.partial(_probe, feed)):
+        yield
 
 
 # ------------------------------------------------------------------ the compressed cache

@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from csrtool.codec import DEFAULT_SINK
 from csrtool.errors import CsrError
 from csrtool.eval import kivi, needle, pq, quanto, runner
 from csrtool.eval.csr import CSR
 from csrtool.eval.methods import FP16_BITS, CastMethod, bits_per_channel
+from csrtool.reconstruct import CHUNK, SINK, WINDOW
 
 DEFAULT_BASELINES = ("fp16", "kivi2", "kivi1", "pq", "quanto2", "quanto4")
 BASELINE_HELP = "fp16, kiviB (B in 1,2,3,4,8), pq (at each --bits) or pqB, quantoB (2,4), hqqB (1,2,3,4,8), fp8 (transformers QuantizedCache)"
@@ -34,9 +34,9 @@ class EvalConfig:
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     solvers: tuple[str, ...] = ("mp", "omp")
     tokens: int = 1024
-    chunk: int = 64
-    window: int = 32
-    sink: int = DEFAULT_SINK  # first tokens kept in full precision for every method (attention sinks; docs/quality.md)
+    chunk: int = CHUNK
+    window: int = WINDOW
+    sink: int = SINK  # first tokens kept in full precision for every method (attention sinks; docs/quality.md)
     coef: str = "fp8"
     kivi_group: int = 32
     calib_tokens: int = 1024

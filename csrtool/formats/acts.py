@@ -22,15 +22,12 @@ from safetensors.torch import safe_open
 
 from csrtool.errors import CsrError
 from csrtool.formats.io import atomic_write_bytes
+from csrtool.formats.dicts import dict_name as tensor_name  # activations and dictionaries name tensors alike
 from csrtool.formats.stwrite import save_safetensors
 
 FORMAT = "csrtool-acts"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def tensor_name(layer: int, kind: str) -> str:
-    return f"layer.{layer}.{kind}"
 
 
 class ActsWriter:

@@ -44,6 +44,12 @@ def dict_name(layer: int, kind: str) -> str:
     return f"layer.{layer}.{kind}"
 
 
+def parse_dict_name(name: str) -> tuple[int, str]:
+    """'layer.3.k' -> (3, 'k'): the inverse of dict_name."""
+    _, layer, kind = name.split(".")
+    return int(layer), kind
+
+
 def fingerprint(atoms: dict[str, torch.Tensor]) -> str:
     """sha256 over sorted names, shapes and float32 bytes: identifies a dictionary set."""
     h = hashlib.sha256()
@@ -79,11 +85,11 @@ class DictSet:
         return self.means.get(dict_name(layer, kind))
 
     def layers_str(self) -> set[str]:
-        return {name.split(".")[1] for name in self.atoms}
+        return {str(parse_dict_name(name)[0]) for name in self.atoms}
 
     @property
     def layers(self) -> list[int]:
-        return sorted({int(name.split(".")[1]) for name in self.atoms})
+        return sorted({parse_dict_name(name)[0] for name in self.atoms})
 
     @property
     def n_atoms(self) -> int:

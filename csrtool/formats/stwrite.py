@@ -1,7 +1,14 @@
 """Deterministic safetensors writer: same tensors and metadata, same bytes.
 
-safetensors' own `save_file` serialises its header from a hash map, so the byte
-order of metadata keys changes between runs. This writer emits the same format
+Why it exists: safetensors' own `save_file` serialises `__metadata__` from a hash
+map, so with two or more metadata keys the header's bytes change between runs
+(upstream issue https://github.com/safetensors/safetensors/issues/584, open; a fix
+sorting the keys is proposed in https://github.com/safetensors/safetensors/pull/790).
+Once a safetensors release writes sorted metadata, this module can go and callers
+use `safetensors.torch.save_file` inside `formats.io.atomic_path`. Files whose bytes
+need not repeat (training's resume scratch) already use the library writer.
+
+This writer emits the same format
 (8-byte little-endian header length, JSON header padded with spaces to a multiple
 of 8, raw little-endian tensor data) with keys sorted and tensors laid out in
 name order, so outputs are reproducible byte for byte. Any safetensors reader

@@ -1,0 +1,62 @@
+"""Pipeline step: a layer's keys or values as a compressed cache gives them back, without a file.
+
+Evaluation (csrtool.eval) and calibration (csrtool.calibration) both simulate a
+cache whose old tokens are CSR-coded; this module is what they share, below both:
+
+    Reconstructor(dicts, config: codec.CodecConfig, rope_info=None)
+    Reconstructor.sparsity(layer) -> (s_k, s_v)
+    Reconstructor.reconstruct(layer, kind, x [B, H, T, D], positions [T]) -> x_hat [B, H, T, D]
+
+    CHUNK, WINDOW, SINK   how eval feeds tokens: chunk size, full-precision window, sink tokens
+
+Reconstruction goes through `codec.roundtrip` / `roundtrip_keys`, so the coefficient
+quantisation and the key space (pre- or post-RoPE, from the dictionary file's
+source) are exactly those of compress -> decompress. The plan (sparsities per
+layer) comes from csrtool.calibration.allocate.codec_plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csrtool import codec
+from csrtool.errors import CsrError
+from csrtool.formats.dicts import DictSet
+
+CHUNK = 64  # tokens fed per forward pass in eval
+WINDOW = 32  # most recent tokens eval keeps in full precision
+SINK = codec.DEFAULT_SINK  # first tokens kept in full precision by every method (attention sinks)
+
+
+class Reconstructor:
+    """Keys/values of any layer coded with `dicts` at `config` and decoded again."""
+
+    def __init__(self, dicts: DictSet, config: codec.CodecConfig, rope_info: dict | None = None):
+        self.dicts = dicts
+        self.config = config
+        self.key_space = dicts.source.get("key_space", "post-rope")
+        if self.key_space not in codec.KEY_SPACES:
+            raise CsrError(f"the dictionary file has unknown key_space {self.key_space!r}: re-run csrtool train-dict")
+        if self.key_space == "pre-rope" and rope_info is None:
+            raise CsrError("the dictionaries code keys before RoPE but this model has no fixed RoPE to undo: use post-RoPE dictionaries")
+        self.rope_info = rope_info
+
+    def sparsity(self, layer: int) -> tuple[int, int]:
+        cfg = self.config.for_layer(layer)
+        return cfg.sparsity_k, cfg.sparsity_v
+
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat."""
+        atoms = self.dicts.get(layer, kind).to(x.device)
+        mean = self.dicts.mean(layer, kind)
+        s_k, s_v = self.sparsity(layer)
+        coef, method = self.config.coef, self.config.method
+        if kind == "v" or self.key_space == "post-rope":
+            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, coef, method, mean)
+        first = int(positions[0])
+        assert bool((positions == torch.arange(first, first + x.shape[2], device=positions.device)).all())
+        return codec.roundtrip_keys(
+            x, atoms, s_k, coef, method,
+            positions_offset=first, rope_info=self.rope_info,
+            key_space=self.key_space, cache_key_space="post-rope", mean=mean,
+        )
