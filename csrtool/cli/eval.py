@@ -101,7 +101,7 @@ def eval_cmd(
             err.print(f"{d.name} has only {d.tokens} tokens (asked for {tokens}): evaluating all of them")
     calib_ids = token_ids(loaded.tokenizer, load_text(None, "calibration"), calib_tokens) if calib_tokens else None
     meta = {"model": loaded.name, "text": text_source(text, "heldout"), "dicts": str(dicts) if dicts else None,
-            "device": str(loaded.device), "threads": torch.get_num_threads()}
+            "device": str(loaded.device), "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     with err.status("evaluating") as status:
 
         def progress(msg: str) -> None:
