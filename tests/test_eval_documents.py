@@ -92,3 +92,27 @@ def test_run_eval_end_to_end_on_sliding_model():
     csr = doc["methods"][-1]
     assert csr["layers"][0]["rel_err_k"] > 0 and csr["layers"][0]["attn_err"] is None and csr["layers"][1]["attn_err"] > 0
     assert csr["ci"]["ppl_increase"]["lo"] <= csr["ppl_increase"] <= csr["ci"]["ppl_increase"]["hi"]
+
+
+def test_cli_docs_per_position_and_verdicts(tiny_llama_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from csrtool.cli import app
+    from csrtool.formats.dicts import save_dicts
+
+    dicts = tmp_path / "d.safetensors"
+    save_dicts(dicts, tiny_dicts().atoms, {"n_atoms": 64}, {"key_space": "post-rope", "model": "tiny"}, {})
+    out_json = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny_llama_dir), "--dicts", str(dicts), "--device", "cpu", "--docs", "3", "--tokens", "100",
+        "--chunk", "32", "--window", "16", "--bits", "8", "--no-needle", "--calib-tokens", "0", "--threads", "1",
+        "--per-position", "--json", str(out_json),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "Δppl per document" in res.output and "doc 3" in res.output
+    doc = json.loads(out_json.read_text())
+    assert [d["name"] for d in doc["documents"]] == ["heldout[0:100]", "heldout[100:200]", "heldout[200:300]"]
+    assert len(doc["per_position"]["reference_nll"]) == 3 * (100 - 33) and doc["config"]["threads"] == 1
+    assert set(doc["per_position"]["methods"]) == {"kivi2", "csr-omp-8b"}  # the defaults minus what cannot run here
