@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 PPL_PLOT_MAX = 2.0  # the quality plot clips perplexity at this multiple of the reference
@@ -39,7 +40,7 @@ def table(doc: dict) -> Table:
         caption="bits: payload per channel (indices, coefficients, scales counted); +win: with the fp16 window and sink tokens; "
         "+side: dictionaries/codebooks amortised over the evaluated tokens. Errors: mean over layers of "
         "Σ‖x−x̂‖²/Σ‖x‖²; attn: attention-output relative error with the real queries. "
-        f"[lo, hi]: {_level(doc)} paired block bootstrap interval ({_block(doc)}-position blocks within documents).",
+        f"intervals: {_level(doc)} paired block bootstrap ({_block(doc)}-position blocks within documents).",
     )
     has_needle = any("needle" in r for r in doc["methods"])
     cols = ["method", "bits", "+win", "+side", "ratio", "K err", "V err", "attn err", "ppl", "Δppl", "Δppl interval", "KL", "KL interval", "top-1"]
@@ -98,7 +99,7 @@ def documents_table(doc: dict) -> Table | None:
     t.add_row("reference ppl", *[f"{d['reference_ppl']:.3f}" for d in docs], f"{doc['reference_ppl']:.3f}")
     for r in doc["methods"][1:]:
         t.add_row(r["name"], *[_f(100 * d["methods"][r["name"]]["ppl_increase"], "+.1f") + "%" for d in docs], _f(100 * r["ppl_increase"], "+.1f") + "%")
-    t.caption = "; ".join(f"doc {i + 1}: {d['name']}" for i, d in enumerate(docs))
+    t.caption = escape("; ".join(f"doc {i + 1}: {d['name']}" for i, d in enumerate(docs)))  # file names may hold [tags]
     return t
 
 
