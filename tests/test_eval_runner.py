@@ -215,15 +215,18 @@ def test_run_eval_document(model, ids):
                            chunk=CHUNK, window=WINDOW, needle=False)
     doc = suite.run_eval(model, ids, cfg, tiny_dicts(), calib_ids=ids, meta={"model": "tiny"})
     names = [m["name"] for m in doc["methods"]]
-    assert names[0].startswith("reference") and names[1:] == ["fp16", "kivi2", "pq4", "csr-mp-8b"]
+    quanto_ran = not any(s["name"] == "quanto2" for s in doc["skipped"])
+    assert names[0].startswith("reference") and names[1:] == ["fp16", "kivi2", "pq4"] + ["quanto2"] * quanto_ran + ["csr-mp-8b"]
     for m in doc["methods"]:
         for key in ("name", "bits_per_channel", "ratio_vs_fp16", "ppl", "kl", "top1_agreement", "rel_err_k", "rel_err_v"):
             assert key in m
     kivi2 = doc["methods"][2]
     assert kivi2["bits_per_channel"] == 3.0 and len(kivi2["layers"]) == 2 and len(kivi2["layers"][0]["heads_k"]) == 2
     assert doc["config"]["tokens"] == T and doc["config"]["chunk"] == CHUNK and doc["config"]["window"] == WINDOW
-    if not any(s["name"] == "quanto2" for s in doc["skipped"]):
-        assert "quanto2" in names
+    for m in doc["methods"][1:]:  # every row carries intervals covering its point
+        ci = m["ci"]["ppl_increase"]
+        assert ci["lo"] <= m["ppl_increase"] + 1e-12 and ci["hi"] >= m["ppl_increase"] - 1e-12
+    assert "ratio_to_kivi2" in doc["methods"][-1]["ci"]
 
 
 # ------------------------------------------------------------------ CLI

@@ -113,7 +113,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Model: built-in 'smollm2-135m', a local folder or Hugging Face id, or a .gguf file.",
+        help="Model: built-in 'smollm2-135m' or 'gemma3-270m' (the gemma extra), a local folder or Hugging Face id, or a .gguf file.",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]

@@ -9,12 +9,17 @@ from typing import Annotated, Optional
 import typer
 
 from csrtool.cli import app
-from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, TextOpt, err, guarded, out, write_json
+from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, err, guarded, out, write_json
 from csrtool.errors import CsrError
 from csrtool.eval.suite import EvalConfig
 
-CHARS_PER_TOKEN_MAX = 16  # tokenise only a prefix of the text long enough for the tokens asked
-TABLE_WIDTH = 160  # the result table's width when stdout is a file or pipe
+TABLE_WIDTH = 180  # the result table's width when stdout is a file or pipe
+# Defaults sized so that `make demo` keeps its time budget (docs/quality.md §1): 2 documents of 1,024
+# tokens, the baselines a user would pick (KIVI-2, PQ, transformers' quanto cache) and CSR with OMP.
+# Every other row runs on request: --baselines fp16,kivi1,quanto4,... --methods mp,omp.
+DEFAULT_BASELINES = "kivi2,pq,quanto2"
+DEFAULT_SOLVERS = "omp"
+DEFAULT_DOCS = 2
 
 
 def _csv(value: str, what: str, cast=str) -> tuple:
@@ -31,23 +36,17 @@ def _is_partial(msg: str) -> bool:
     return m is not None and m.group(1) != m.group(2)
 
 
-def _token_ids(tokenizer, text: str, n: int):
-    """The first n tokens of text as [1, n] ids (tokenizing only a prefix long enough)."""
-    from csrtool.collect import tokenize
-
-    return tokenize(tokenizer, text[: n * CHARS_PER_TOKEN_MAX])[:n][None]
-
-
 @app.command("eval")
 @guarded
 def eval_cmd(
     dicts: Annotated[Optional[Path], typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict (without it, only baselines run).")] = None,
     model: ModelOpt = "smollm2-135m",
-    text: TextOpt = None,
+    text: Annotated[Optional[list[Path]], typer.Option("--text", "-t", help="UTF-8 text file, one document each (repeatable; its first --tokens tokens). Default: --docs windows of the built-in held-out corpus.")] = None,
+    docs: Annotated[int, typer.Option("--docs", help="Documents of the built-in held-out corpus: consecutive non-overlapping windows of --tokens tokens, each fed from an empty cache; results per document and pooled, with bootstrap intervals.")] = DEFAULT_DOCS,
     bits: Annotated[str, typer.Option("--bits", help="CSR bit budgets per channel, comma-separated.")] = ",".join(f"{b:g}" for b in EvalConfig.bits),
-    baselines: Annotated[str, typer.Option("--baselines", help="Comma-separated: fp16, kiviB, pq, quantoB, hqqB, fp8; '' for none.")] = ",".join(EvalConfig.baselines),
-    methods: Annotated[str, typer.Option("--methods", help="CSR solvers: mp, omp.")] = ",".join(EvalConfig.solvers),
-    tokens: Annotated[int, typer.Option("--tokens", help="Held-out tokens to evaluate.")] = EvalConfig.tokens,
+    baselines: Annotated[str, typer.Option("--baselines", help="Comma-separated: fp16, kiviB (B in 1,2,3,4,8), pq (at each --bits) or pqB, quantoB (2,4), hqqB, fp8; '' for none.")] = DEFAULT_BASELINES,
+    methods: Annotated[str, typer.Option("--methods", help="CSR solvers: mp, omp (mp,omp for both).")] = DEFAULT_SOLVERS,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens per document. Long-context mode: e.g. --tokens 4096 --chunk 512 --docs 1, where compressed history is most of what each prediction attends to.")] = EvalConfig.tokens,
     chunk: Annotated[int, typer.Option("--chunk", help="Tokens fed per forward pass.")] = EvalConfig.chunk,
     window: Annotated[int, typer.Option("--window", help="Most recent tokens kept in full precision.")] = EvalConfig.window,
     sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = EvalConfig.sink,
@@ -61,10 +60,20 @@ def eval_cmd(
     allow_download: AllowDownloadOpt = False,
     json_out: JsonOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: error per layer and quality vs bits.")] = None,
+    per_position: Annotated[bool, typer.Option("--per-position", help="Put the per-position NLL of the reference and of each method (and KL) in the --json output, to recompute every interval.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default). Results are reproducible only at the same thread count (docs/quality.md).")] = 0,
 ) -> None:
     """Measure reconstruction, attention fidelity, perplexity/KL/top-1, passkey retrieval and memory
-    of CSR and baselines on the same held-out tokens (built-in corpus unless --text)."""
+    of CSR and baselines on the same held-out tokens (built-in corpus unless --text).
+
+    Defaults: 2 documents of 1,024 tokens, chunks of 64, fp16 window 32, sink 4; rows: reference,
+    kivi2, pq at each --bits, quanto2, CSR (OMP) at 1 and 2 bits. Δppl and KL carry 95% paired block
+    bootstrap intervals (blocks of 64 positions within documents); the bar says "met" only when the
+    interval clears it, "not shown" when it straddles it."""
+    import torch
+
     from csrtool.corpus import load_text, text_source
+    from csrtool.eval.documents import file_documents, heldout_documents, token_ids
     from csrtool.formats.dicts import load_dicts
     from csrtool.eval import report
     from csrtool.eval.suite import run_eval
@@ -79,16 +88,21 @@ def eval_cmd(
         tokens=tokens, chunk=chunk, window=window, sink=sink, coef=coef, calib_tokens=calib_tokens,
         needle=needle, needle_context=needle_context, uniform=uniform,
     )
-    body = load_text(text, "heldout")
+    if threads < 0:
+        raise CsrError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     loaded = load_model(model, device, dtype, allow_download)
     ds = load_dicts(dicts, device=loaded.device) if dicts is not None else None
     if ds is None:
         err.print("no --dicts: CSR rows skipped (train dictionaries with csrtool train-dict)")
-    ids = _token_ids(loaded.tokenizer, body, tokens)
-    if ids.shape[1] < tokens:
-        err.print(f"the text has only {ids.shape[1]} tokens (asked for {tokens}): evaluating all of them")
-    calib_ids = _token_ids(loaded.tokenizer, load_text(None, "calibration"), calib_tokens) if calib_tokens else None
-    meta = {"model": loaded.name, "text": text_source(text, "heldout"), "dicts": str(dicts) if dicts else None, "device": str(loaded.device)}
+    documents = file_documents(loaded.tokenizer, text, tokens) if text else heldout_documents(loaded.tokenizer, docs, tokens)
+    for d in documents:
+        if d.tokens < tokens:
+            err.print(f"{d.name} has only {d.tokens} tokens (asked for {tokens}): evaluating all of them")
+    calib_ids = token_ids(loaded.tokenizer, load_text(None, "calibration"), calib_tokens) if calib_tokens else None
+    meta = {"model": loaded.name, "text": text_source(text, "heldout"), "dicts": str(dicts) if dicts else None,
+            "device": str(loaded.device), "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     with err.status("evaluating") as status:
 
         def progress(msg: str) -> None:
@@ -97,8 +111,12 @@ def eval_cmd(
             elif not _is_partial(msg):
                 err.print(msg, highlight=False)
 
-        doc = run_eval(loaded.model, ids, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta)
-    out.print(report.table(doc), width=None if out.is_terminal else TABLE_WIDTH)  # files/pipes: do not squash to 80 columns
+        doc = run_eval(loaded.model, documents, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta, per_position=per_position)
+    width = None if out.is_terminal else TABLE_WIDTH  # files/pipes: do not squash to 80 columns
+    out.print(report.table(doc), width=width)
+    per_doc = report.documents_table(doc)
+    if per_doc is not None:
+        out.print(per_doc, width=width)
     for line in report.lines(doc):
         out.print(line, highlight=False)
     write_json(json_out, report.json_safe(doc))

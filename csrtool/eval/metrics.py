@@ -61,10 +61,15 @@ def top1_agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((ref_logits.argmax(-1) == logits.argmax(-1)).double().mean())
 
 
+def nll_per_position(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−log p(target) per row [T] (float64): logits [T, V], targets [T]."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    return -lp.gather(-1, targets.long()[:, None])[:, 0]
+
+
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Sum of −log p(target) over rows: logits [T, V], targets [T]."""
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    return float(-lp.gather(-1, targets.long()[:, None]).sum())
+    return float(nll_per_position(logits, targets).sum())
 
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -112,6 +117,15 @@ class ErrorStats:
         rel = self.rel_err
         return None if rel is None else db_from_rel(rel)
 
+    def merge(self, other: "ErrorStats") -> None:
+        """Add another run's sums (e.g. the next document) to these."""
+        if not self.err:
+            self.err, self.energy, self.cos_sum, self.count = list(other.err), list(other.energy), list(other.cos_sum), list(other.count)
+            return
+        for mine, theirs in ((self.err, other.err), (self.energy, other.energy), (self.cos_sum, other.cos_sum), (self.count, other.count)):
+            for h, v in enumerate(theirs):
+                mine[h] += v
+
     def per_head(self) -> list[dict]:
         return [
             {
@@ -136,6 +150,11 @@ class RatioStats:
         self.err += float(((out - ref) ** 2).sum())
         self.energy += float((ref**2).sum())
         self.count += 1
+
+    def merge(self, other: "RatioStats") -> None:
+        self.err += other.err
+        self.energy += other.energy
+        self.count += other.count
 
     @property
     def value(self) -> float | None:

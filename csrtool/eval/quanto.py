@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+Q_GROUP = 64  # elements per scale/zero-point group (transformers' default)
 INSTALL = {
     "quanto": "needs optimum-quanto: pip install 'optimum-quanto>=0.2.5'",
     "hqq": "needs hqq: pip install hqq",
@@ -41,10 +42,24 @@ def backend_missing(backend: str) -> str | None:
     return None if ok else INSTALL[backend]
 
 
+def unsupported_model(model, backend: str, q_group_size: int = Q_GROUP) -> str | None:
+    """None when transformers' QuantizedCache can hold this model's cache, else why not."""
+    from csrtool.eval.sliding import has_sliding
+    from csrtool.models import kv_shape
+
+    if has_sliding(model):
+        return f"transformers' QuantizedCache supports full-attention models only and {type(model).__name__} has sliding-window layers"
+    _, heads, head_dim = kv_shape(model.config)
+    if backend != "fp8" and (heads * head_dim) % q_group_size:
+        # quanto groups the flattened [H, T, D] tensor: any T works only when H·D is a multiple of the group
+        return f"quanto groups of {q_group_size} do not divide {heads} KV heads x head_dim {head_dim}"
+    return None
+
+
 class QuantizedCacheMethod:
     """A `transformers.QuantizedCache` fed chunk by chunk (no reconstruct: the cache does it)."""
 
-    def __init__(self, backend: str, nbits: int, residual_length: int, q_group_size: int = 64, dtype_bits: int = 32, name: str | None = None):
+    def __init__(self, backend: str, nbits: int, residual_length: int, q_group_size: int = Q_GROUP, dtype_bits: int = 32, name: str | None = None):
         self.backend = backend
         self.nbits = nbits
         self.residual_length = residual_length

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 PPL_PLOT_MAX = 2.0  # the quality plot clips perplexity at this multiple of the reference
@@ -33,14 +34,16 @@ def table(doc: dict) -> Table:
     t = Table(
         title=(
             f"csrtool eval: {cfg.get('model', '?')}, {cfg['tokens']} tokens in chunks of {cfg['chunk']}, "
-            f"fp16 window {cfg['window']}, sink {cfg.get('sink', 0)}, {cfg['scored_predictions']} scored predictions"
+            f"fp16 window {cfg['window']}, sink {cfg.get('sink', 0)}, {cfg.get('documents', 1)} document(s), "
+            f"{cfg['scored_predictions']} scored predictions (pooled)"
         ),
         caption="bits: payload per channel (indices, coefficients, scales counted); +win: with the fp16 window and sink tokens; "
         "+side: dictionaries/codebooks amortised over the evaluated tokens. Errors: mean over layers of "
-        "Σ‖x−x̂‖²/Σ‖x‖²; attn: attention-output relative error with the real queries.",
+        "Σ‖x−x̂‖²/Σ‖x‖²; attn: attention-output relative error with the real queries. "
+        f"intervals: {_level(doc)} paired block bootstrap ({_block(doc)}-position blocks within documents).",
     )
     has_needle = any("needle" in r for r in doc["methods"])
-    cols = ["method", "bits", "+win", "+side", "ratio", "K err", "V err", "attn err", "ppl", "Δppl", "KL", "top-1"]
+    cols = ["method", "bits", "+win", "+side", "ratio", "K err", "V err", "attn err", "ppl", "Δppl", "Δppl interval", "KL", "KL interval", "top-1"]
     if has_needle:
         cols.append("passkey")
     for c in cols:
@@ -57,7 +60,9 @@ def table(doc: dict) -> Table:
             _f(r.get("attn_err"), ".4f"),
             _f(r["ppl"], ".3f"),
             _f(100 * r["ppl_increase"], "+.1f") + "%",
+            _ci(r.get("ci", {}).get("ppl_increase"), 100, "+.1f"),
             _f(r["kl"], ".4f"),
+            _ci(r.get("ci", {}).get("kl"), 1, ".4f"),
             _f(r["top1_agreement"], ".3f"),
         ]
         if has_needle:
@@ -67,18 +72,55 @@ def table(doc: dict) -> Table:
     return t
 
 
+def _level(doc: dict) -> str:
+    return f"{100 * doc['config'].get('bootstrap', {}).get('level', 0.95):g}%"
+
+
+def _block(doc: dict) -> int:
+    return doc["config"].get("bootstrap", {}).get("block", 64)
+
+
+def _ci(iv: dict | None, scale: float, fmt: str) -> str:
+    if not iv or iv.get("lo") is None or iv.get("hi") is None:
+        return "-"
+    return f"[{format(scale * iv['lo'], fmt)}, {format(scale * iv['hi'], fmt)}]"
+
+
+def documents_table(doc: dict) -> Table | None:
+    """Δppl of every method on each document (None for a single document)."""
+    docs = doc.get("documents", [])
+    if len(docs) < 2:
+        return None
+    t = Table(title="Δppl per document (each fed from an empty cache) and pooled")
+    t.add_column("method", justify="left")
+    for i, d in enumerate(docs):
+        t.add_column(f"doc {i + 1}", justify="right")
+    t.add_column("pooled", justify="right")
+    t.add_row("reference ppl", *[f"{d['reference_ppl']:.3f}" for d in docs], f"{doc['reference_ppl']:.3f}")
+    for r in doc["methods"][1:]:
+        t.add_row(r["name"], *[_f(100 * d["methods"][r["name"]]["ppl_increase"], "+.1f") + "%" for d in docs], _f(100 * r["ppl_increase"], "+.1f") + "%")
+    t.caption = escape("; ".join(f"doc {i + 1}: {d['name']}" for i, d in enumerate(docs)))  # file names may hold [tags]
+    return t
+
+
 def lines(doc: dict) -> list[str]:
-    """Plain-text notes printed under the table: skipped methods and the bar."""
+    """Plain-text notes printed under the table: skipped methods and the bar with its verdicts."""
     out = [f"skipped {s['name']}: {s['reason']}" for s in doc.get("skipped", [])]
     for key, label in (("one_bit", "<= 1 bit"), ("two_bit", "<= 2 bits")):
         e = doc.get("bar", {}).get(key)
         if not e:
             continue
-        msg = f"bar {label}: best {e['method']} ({e['bits_per_channel']:.3g} b/ch) ppl {100 * e['ppl_increase']:+.1f}% vs {doc['bar']['baseline']}"
+        msg = (f"bar {label}: best {e['method']} ({e['bits_per_channel']:.3g} b/ch) ppl {100 * e['ppl_increase']:+.1f}% "
+               f"{_ci(e.get('ppl_increase_ci'), 100, '+.1f')} vs {doc['bar']['baseline']}")
         if "kivi2_ppl_increase" in e:
-            msg += f"; KIVI-2 {100 * e['kivi2_ppl_increase']:+.1f}%"
-        if "met" in e:
-            msg += f"; target {e['target']}: {'met' if e['met'] else 'NOT met'}"
+            msg += f"; KIVI-2 {100 * e['kivi2_ppl_increase']:+.1f}% {_ci(e.get('kivi2_ppl_increase_ci'), 100, '+.1f')}"
+        if "ratio_to_kivi2_ci" in e:
+            iv = e["ratio_to_kivi2_ci"]
+            msg += f"; ratio to KIVI-2 {_f(iv['point'], '.2f')} {_ci(iv, 1, '.2f')}"
+        if "verdict" in e:
+            msg += f"; target {e['target']}: {e['verdict']} ({_level(doc)} interval)"
+        elif "met" in e:
+            msg += f"; target {e['target']}: {'met' if e['met'] else 'NOT met'} (point estimate only)"
         out.append(msg)
     out.append(f"total time {doc.get('seconds', 0):.0f} s")
     return out

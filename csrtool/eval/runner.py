@@ -35,7 +35,7 @@ import torch
 
 from csrtool.attention_hook import attention_override, supported
 from csrtool.errors import CsrError
-from csrtool.eval import metrics
+from csrtool.eval import metrics, sliding
 from csrtool.eval.methods import Identity
 
 Progress = Callable[[str], None]
@@ -75,7 +75,6 @@ class CompressedFeed:
 
     def __init__(self, model, method, window: int, track: bool = False, sink: int = 0):
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         self.model = model
         self.method = method
@@ -93,11 +92,7 @@ class CompressedFeed:
             self.cache = method.make_cache(model)
         else:
             self.cache = DynamicCache(config=model.config)
-            if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
-                raise CsrError(
-                    f"{type(model).__name__} uses sliding-window layers, whose caches drop old tokens: "
-                    "csrtool eval supports full-attention models only"
-                )
+            sliding.check_layers(model, self.cache)
 
     def step(self, ids: torch.Tensor, age: bool = True) -> torch.Tensor:
         """Forward ids [1, n]; return logits [n, V] (float32); then age the cache."""
@@ -114,19 +109,24 @@ class CompressedFeed:
         if not self.reconstructs or upto <= a:
             return
         b = upto
-        positions = torch.arange(a, b, device=self.model.device)
         for layer_idx, layer in enumerate(self.cache.layers):
+            # a sliding-window layer holds only its last tokens: compress those of [a, b) it still holds
+            first = sliding.first_held(layer, self.pos)
+            lo = max(a, first)
+            if lo >= b:
+                continue
+            positions = torch.arange(lo, b, device=self.model.device)
             pair = []
             for kind, store in (("k", layer.keys), ("v", layer.values)):
-                x = store[:, :, a:b].clone()
+                x = store[:, :, lo - first : b - first].clone()
                 x_hat = self.method.reconstruct(layer_idx, kind, x, positions).to(store.dtype)
                 if x_hat.shape != x.shape:
                     raise CsrError(f"method {self.method.name} returned shape {list(x_hat.shape)} for {list(x.shape)}")
-                store[:, :, a:b] = x_hat
+                store[:, :, lo - first : b - first] = x_hat
                 if self.track:
                     self.recon.setdefault((layer_idx, kind), metrics.ErrorStats()).add(x, x_hat)
                 pair.append(x)
-            if self.track_attention:
+            if self.track_attention and first == 0:  # attention fidelity: full-attention layers only
                 old = self.exact.get(layer_idx)
                 if old is None and a > 0:  # the sink tokens, kept as they are: exact[l] covers positions [0, b)
                     old = (layer.keys[:, :, :a].clone(), layer.values[:, :, :a].clone())
@@ -147,6 +147,7 @@ class Reference:
     targets: torch.Tensor  # [P]
     nll: float
     seconds: float
+    nll_pos: torch.Tensor | None = None  # [P] float64, −log p(target) per scored prediction
 
     @property
     def ppl(self) -> float:
@@ -163,6 +164,8 @@ class PassResult:
     recon: dict[tuple[int, str], metrics.ErrorStats] = field(default_factory=dict)
     attn: dict[int, metrics.RatioStats] = field(default_factory=dict)
     seconds: float = 0.0
+    nll_pos: torch.Tensor | None = None  # [P] float64 per scored prediction, as Reference.nll_pos
+    kl_pos: torch.Tensor | None = None  # [P] float64 KL(reference ‖ method) per scored prediction
 
     @property
     def ppl(self) -> float:
@@ -196,19 +199,20 @@ def reference_pass(model, ids: torch.Tensor, chunk: int, progress: Progress | No
     t0 = time.perf_counter()
     t = ids.shape[1]
     feed = CompressedFeed(model, Identity(), window=t)
-    rows = []
+    rows, nlls = [], []
     targets = ids[0, chunk + 1 :]
-    nll, row = 0.0, 0
+    row = 0
     for start in range(0, t, chunk):
         logits = feed.step(ids[:, start : start + chunk])
         sc = logits[_scored(logits, start, t, chunk)]
-        nll += metrics.nll_sum(sc, targets[row : row + sc.shape[0]])  # same float64 math as method_pass
+        nlls.append(metrics.nll_per_position(sc, targets[row : row + sc.shape[0]]).cpu())  # same float64 math as method_pass
         row += sc.shape[0]
         rows.append(torch.log_softmax(sc, dim=-1))
         if progress:
             progress(f"reference: {min(t, start + chunk)}/{t} tokens")
     logprobs = torch.cat(rows)
-    return Reference(logprobs, targets, nll, time.perf_counter() - t0)
+    nll_pos = torch.cat(nlls)
+    return Reference(logprobs, targets, float(nll_pos.sum()), time.perf_counter() - t0, nll_pos)
 
 
 @torch.no_grad()
@@ -220,8 +224,9 @@ def method_pass(
     t0 = time.perf_counter()
     t = ids.shape[1]
     feed = CompressedFeed(model, method, window=window, track=True, sink=sink)
-    nll = kl = agree = 0.0
+    agree = 0.0
     row = 0
+    nlls, kls = [], []
     with observing(model, feed):
         for start in range(0, t, chunk):
             logits = feed.step(ids[:, start : start + chunk])
@@ -229,14 +234,18 @@ def method_pass(
             n = sc.shape[0]
             if n:
                 ref_rows = ref.logprobs[row : row + n]
-                nll += metrics.nll_sum(sc, ref.targets[row : row + n])
-                kl += float(metrics.kl_per_position(ref_rows, sc).sum())
+                nlls.append(metrics.nll_per_position(sc, ref.targets[row : row + n]).cpu())
+                kls.append(metrics.kl_per_position(ref_rows, sc).cpu())
                 agree += float((ref_rows.argmax(-1) == sc.argmax(-1)).double().sum())
                 row += n
             if progress:
                 progress(f"{method.name}: {min(t, start + chunk)}/{t} tokens")
     assert row == ref.targets.numel(), (row, ref.targets.numel())
-    return PassResult(method.name, nll, kl / max(1, row), agree / max(1, row), row, feed.recon, feed.attn, time.perf_counter() - t0)
+    nll_pos, kl_pos = torch.cat(nlls), torch.cat(kls)
+    return PassResult(
+        method.name, float(nll_pos.sum()), float(kl_pos.sum()) / max(1, row), agree / max(1, row), row,
+        feed.recon, feed.attn, time.perf_counter() - t0, nll_pos, kl_pos,
+    )
 
 
 @torch.no_grad()

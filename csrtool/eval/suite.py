@@ -11,6 +11,7 @@ the tokens), PQ calibration (one forward over `calib_tokens`), and the needle
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,8 +20,9 @@ from typing import Callable
 import torch
 
 from csrtool.errors import CsrError
-from csrtool.eval import kivi, needle, pq, quanto, runner
+from csrtool.eval import bootstrap, kivi, metrics, needle, pooling, pq, quanto, runner
 from csrtool.eval.csr import CSR
+from csrtool.eval.documents import Document
 from csrtool.eval.methods import FP16_BITS, CastMethod, bits_per_channel
 from csrtool.reconstruct import CHUNK, SINK, WINDOW
 
@@ -123,7 +125,7 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
         else:  # transformers QuantizedCache
             backend = "fp8" if kind == "fp8" else kind
             name = f"{kind}{num}" if num is not None else "tf-fp8"
-            missing = quanto.backend_missing(backend)
+            missing = quanto.backend_missing(backend) or quanto.unsupported_model(model, backend)
             if missing:
                 skipped.append((name, missing))
                 continue
@@ -186,23 +188,34 @@ def summarize(result: runner.PassResult, n_layers: int) -> tuple[dict, list[dict
 
 def run_eval(
     model,
-    ids: torch.Tensor,
+    ids,
     cfg: EvalConfig,
     dicts=None,
     tokenizer=None,
     calib_ids: torch.Tensor | None = None,
     progress: Callable[[str], None] | None = None,
     meta: dict | None = None,
+    per_position: bool = False,
+    block: int = bootstrap.BLOCK,
 ) -> dict:
-    """Run the reference and every method on ids [1, T]; return the result document."""
+    """Run the reference and every method on each document; return the result document.
+
+    `ids` is one text [1, T] or a list of documents.Document, each fed from an empty cache.
+    Rows are pooled over the documents (with bootstrap intervals); `documents` has each one's rows.
+    """
     from csrtool.models import kv_shape
 
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
     n_layers, heads, head_dim = kv_shape(model.config)
-    ids = ids.to(model.device)
-    tokens = ids.shape[1]
-    runner.check_inputs(ids, cfg.chunk, cfg.window, cfg.sink)
+    docs = [Document("text", ids)] if isinstance(ids, torch.Tensor) else list(ids)
+    if not docs:
+        raise CsrError("no documents to evaluate")
+    docs = [Document(d.name, d.ids.to(model.device)) for d in docs]
+    for d in docs:
+        runner.check_inputs(d.ids, cfg.chunk, cfg.window, cfg.sink)
+    tokens = max(d.tokens for d in docs)
+    multi = len(docs) > 1
 
     def calib():
         if calib_ids is None or cfg.calib_tokens == 0:
@@ -214,18 +227,26 @@ def run_eval(
     for name, reason in skipped:
         say(f"skipped {name}: {reason}")
 
-    ref = runner.reference_pass(model, ids, cfg.chunk, progress=say)
+    pool = pooling.Pool([d.name for d in docs])
     dtype = next(model.parameters()).dtype
     ref_bits = float(torch.finfo(dtype).bits)
+    ref_name = f"reference ({str(dtype).removeprefix('torch.')})"
+    refs, ref_seconds = [], 0.0
+    for i, d in enumerate(docs):
+        prefix = f"doc {i + 1}/{len(docs)} " if multi else ""
+        ref = runner.reference_pass(model, d.ids, cfg.chunk, progress=(lambda m, p=prefix: say(p + m)))
+        refs.append(ref)
+        ref_seconds += ref.seconds
+        pool.add(ref_name, i, ref.nll_pos)
     rows = [{
-        "name": f"reference ({str(dtype).removeprefix('torch.')})",
+        "name": ref_name,
         "kind": "reference",
         "bits_per_channel": ref_bits, "bits_k": ref_bits, "bits_v": ref_bits,
         "bits_with_window": ref_bits, "bits_total": ref_bits, "side_bits": 0,
         "ratio_vs_fp16": FP16_BITS / ref_bits, "ratio_total_vs_fp16": FP16_BITS / ref_bits,
-        "ppl": ref.ppl, "kl": 0.0, "top1_agreement": 1.0,
+        **pool.pooled(ref_name, ref_name), "kl": 0.0, "top1_agreement": 1.0,
         "rel_err_k": 0.0, "rel_err_v": 0.0, "cos_k": 1.0, "cos_v": 1.0, "attn_err": 0.0,
-        "seconds": ref.seconds, "layers": [],
+        "seconds": ref_seconds, "layers": [],
     }]
 
     trials = []
@@ -237,15 +258,21 @@ def run_eval(
         rows[0]["needle"] = needle.accuracy(model, tokenizer, trials, Identity(), cfg.chunk, tokens)
 
     for method in methods:
-        res = runner.method_pass(model, ids, method, ref, cfg.chunk, cfg.window, progress=say, sink=cfg.sink)
-        summary, layers = summarize(res, n_layers)
+        merged = runner.PassResult(method.name, 0.0, 0.0, 0.0, 0)
+        for i, (d, ref) in enumerate(zip(docs, refs)):
+            prefix = f"doc {i + 1}/{len(docs)} " if multi else ""
+            res = runner.method_pass(model, d.ids, method, ref, cfg.chunk, cfg.window, progress=(lambda m, p=prefix: say(p + m)), sink=cfg.sink)
+            pool.add(method.name, i, res.nll_pos, res.kl_pos, res.top1)
+            _merge(merged, res)
+        summary, layers = summarize(merged, n_layers)
+        pooled = pool.pooled(method.name, ref_name)
         row = {
             "name": method.name,
             "kind": type(method).__name__,
             **memory(method, tokens, cfg.window, n_layers, heads, head_dim, cfg.sink),
-            "ppl": res.ppl, "kl": res.kl, "top1_agreement": res.top1,
+            **pooled,
             **summary,
-            "seconds": res.seconds,
+            "seconds": merged.seconds,
             "layers": layers,
         }
         if hasattr(method, "describe"):
@@ -254,51 +281,49 @@ def run_eval(
             say(f"needle: {method.name}")
             row["needle"] = needle.accuracy(model, tokenizer, trials, method, cfg.chunk, cfg.window, cfg.sink)
         rows.append(row)
-        say(f"{method.name}: ppl {res.ppl:.3f} (reference {ref.ppl:.3f}), KL {res.kl:.4f}, {res.seconds:.0f} s")
+        say(f"{method.name}: ppl {pooled['ppl']:.3f} (reference {rows[0]['ppl']:.3f}), KL {pooled['kl']:.4f}, {merged.seconds:.0f} s")
 
-    ref_ppl = ref.ppl
+    ref_ppl = rows[0]["ppl"]
+    intervals = pool.intervals(ref_name, block=block, seed=cfg.seed)
     for row in rows:
         row["ppl_increase"] = row["ppl"] / ref_ppl - 1.0
+        if row["name"] in intervals:
+            row["ci"] = intervals[row["name"]]
     doc = {
         "config": {
             **(meta or {}),
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
             "tokens": tokens,
-            "scored_predictions": int(ref.targets.numel()),
+            "documents": len(docs),
+            "scored_predictions": sum(pool.lengths(ref_name)),
+            "bootstrap": {"block": block, "replicates": bootstrap.REPS, "level": bootstrap.LEVEL, "seed": cfg.seed},
             "num_layers": n_layers, "num_kv_heads": heads, "head_dim": head_dim,
             "dicts_fingerprint": getattr(dicts, "fingerprint", None),
             "dicts_source": getattr(dicts, "source", None),
         },
         "reference_ppl": ref_ppl,
         "methods": rows,
+        "documents": [
+            {"name": d.name, "tokens": d.tokens, "scored": n, "reference_ppl": math.exp(float(r.nll_pos.sum()) / max(1, n)),
+             "methods": {row["name"]: pool.per_document(row["name"], ref_name)[i] for row in rows[1:]}}
+            for i, (d, r, n) in enumerate(zip(docs, refs, pool.lengths(ref_name)))
+        ],
         "skipped": [{"name": n, "reason": r} for n, r in skipped],
         "bar": bar(rows),
         "seconds": time.perf_counter() - t_start,
     }
+    if per_position:
+        doc["per_position"] = pool.per_position(ref_name)
     return doc
 
 
-def bar(rows: list[dict]) -> dict:
-    """The issue's bar: CSR at <= 1 bit vs KIVI-2, CSR at <= 2 bits within 2% of the reference."""
-    by_name = {r["name"]: r for r in rows}
-    base = by_name.get("fp16") or rows[0]
-    kivi2 = by_name.get("kivi2")
-    out: dict = {"baseline_ppl": base["ppl"], "baseline": base["name"]}
-    csr = [r for r in rows if r["kind"] == "CSR"]
-    for limit, key in ((1.0, "one_bit"), (2.0, "two_bit")):
-        fits = [r for r in csr if r["bits_per_channel"] <= limit + 1e-9]
-        if not fits:
-            continue
-        best = min(fits, key=lambda r: r["ppl"])
-        inc = best["ppl"] / base["ppl"] - 1.0
-        entry = {"method": best["name"], "bits_per_channel": best["bits_per_channel"], "ppl_increase": inc}
-        if key == "one_bit" and kivi2 is not None:
-            k_inc = kivi2["ppl"] / base["ppl"] - 1.0
-            entry["kivi2_ppl_increase"] = k_inc
-            entry["target"] = "at most half of KIVI-2's increase"
-            entry["met"] = inc <= 0.5 * k_inc
-        if key == "two_bit":
-            entry["target"] = "within 2% of the baseline"
-            entry["met"] = inc <= 0.02
-        out[key] = entry
-    return out
+def _merge(into: runner.PassResult, res: runner.PassResult) -> None:
+    """Add one document's pass to the running totals of a method (reconstruction and attention sums)."""
+    for key, st in res.recon.items():
+        into.recon.setdefault(key, metrics.ErrorStats()).merge(st)
+    for key, st in res.attn.items():
+        into.attn.setdefault(key, metrics.RatioStats()).merge(st)
+    into.seconds += res.seconds
+
+
+bar = pooling.bar  # the issue's bar with interval verdicts (kept here for callers of suite.bar)
