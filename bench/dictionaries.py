@@ -95,7 +95,7 @@ def main() -> None:
         load = lambda layer, kind: data[(layer, kind)]  # noqa: E731
 
     n, idx_bits, coef_bits = args.atoms, math.ceil(math.log2(args.atoms)), 8
-    cfg = TrainConfig(atoms=n, sparsity=4)
+    cfg = TrainConfig(atoms=n, sparsity=4, epochs=3, max_vectors=8192)
     results, t0 = [], time.time()
     for layer in layers:
         for kind in ("k", "v"):
@@ -109,8 +109,8 @@ def main() -> None:
                 seed = 1000 * layer + 10 * head + (kind == "v")
                 dicts = {
                     "neuraldict": train_dictionary(train, cfg, seed=seed)[0],
-                    "kmeans-only": train_dictionary(train, TrainConfig(atoms=n, epochs=0), seed=seed)[0],
-                    "random-samples": train_dictionary(train, TrainConfig(atoms=n, epochs=0, init="samples"), seed=seed)[0],
+                    "kmeans-only": train_dictionary(train, TrainConfig(atoms=n, epochs=0, max_vectors=8192), seed=seed)[0],
+                    "random-samples": train_dictionary(train, TrainConfig(atoms=n, epochs=0, init="samples", max_vectors=8192), seed=seed)[0],
                 }
                 for method, atoms in dicts.items():
                     for s in args.sparsity:

@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 
-from csrtool.codec import KEY_SPACES
 from csrtool.distributed import Dist
 from csrtool.formats.acts import ActsWriter
 from csrtool.engine import rope
@@ -26,14 +25,15 @@ from csrtool.errors import CsrError
 from csrtool.formats.kvcache import KVCache
 from csrtool.models import Loaded, kv_shape, rope_info
 
+KEY_SPACES = ("auto", "post-rope", "pre-rope")  # auto: pre-rope where the model allows it (codes better), else post-rope
 PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
 
 
 @dataclass(frozen=True)
 class CollectConfig:
-    max_tokens: int = 4096
+    max_tokens: int = 8192  # 4,096 atoms per layer need this many tokens (docs/quality.md §7-§8)
     seq_len: int = 512
-    key_space: str = "post-rope"
+    key_space: str = "auto"
     layers: tuple[int, ...] | None = None  # None: all
     shard_tokens: int = 8192
 
@@ -52,6 +52,17 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     if ids.numel() == 0:
         raise CsrError("the text produced no tokens")
     return ids
+
+
+def resolve_key_space(model, key_space: str) -> str:
+    """'auto' -> 'pre-rope' where key_rope supports it (keys code far better before RoPE), else 'post-rope'."""
+    if key_space != "auto":
+        return key_space
+    try:
+        key_rope(model, "pre-rope")
+    except CsrError:
+        return "post-rope"
+    return "pre-rope"
 
 
 def key_rope(model, key_space: str) -> dict | None:
@@ -93,7 +104,8 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
     dist = dist or Dist()
     n_layers, n_kv, head_dim = kv_shape(loaded.config)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
-    rope_params = key_rope(loaded.model, cfg.key_space)
+    key_space = resolve_key_space(loaded.model, cfg.key_space)
+    rope_params = key_rope(loaded.model, key_space)
     ids = tokenize(loaded.tokenizer, text)
     if ids.numel() < cfg.max_tokens:
         raise CsrError(f"the text has only {ids.numel()} tokens, fewer than --max-tokens {cfg.max_tokens}: pass more text or lower --max-tokens")
@@ -101,7 +113,7 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
         "model": loaded.name,
         "model_type": getattr(loaded.config, "model_type", ""),
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "key_space": cfg.key_space,
+        "key_space": key_space,
         "seq_len": cfg.seq_len,
         "text_source": text_source,
         "layers": layers,
@@ -117,7 +129,7 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
         for done in dist.share(range(0, cfg.max_tokens, cfg.seq_len)):
             n = min(cfg.seq_len, cfg.max_tokens - done)
             window = ids[done : done + n][None].to(loaded.device)
-            _, keys, values = capture_kv(loaded.model, window, cfg.key_space, rope_params)
+            _, keys, values = capture_kv(loaded.model, window, key_space, rope_params)
             blocks = {}
             for layer in layers:
                 blocks[(layer, "k")] = keys[layer][0].transpose(0, 1)  # [H, T, D] -> [T, H, D]

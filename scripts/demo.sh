@@ -7,11 +7,11 @@ mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "== $* ($(( $(date +%s) - start )) s elapsed)"; }
 
-step "1/6 collect K/V activations (calibration text; keys before RoPE, which code better)"
-csrtool collect --keys pre-rope --max-tokens 8192 --seq-len 512 -o "$OUT/acts" --force --json "$OUT/collect.json"
+step "1/6 collect K/V activations (defaults: 8,192 calibration tokens, keys before RoPE, which code better)"
+csrtool collect -o "$OUT/acts" --force --json "$OUT/collect.json"
 
-step "2/6 train dictionaries (4,096 atoms per layer, k-means: docs/quality.md §8) and calibrate layer sensitivities"
-csrtool train-dict "$OUT/acts" -o "$OUT/dicts.safetensors" --atoms 4096 --scope layer --epochs 0 --max-vectors 16384 --force --json "$OUT/train.json"
+step "2/6 train dictionaries (defaults: 4,096 atoms per layer, k-means; docs/quality.md §8) and calibrate layer sensitivities"
+csrtool train-dict "$OUT/acts" -o "$OUT/dicts.safetensors" --force --json "$OUT/train.json"
 
 step "3/6 save the KV cache of a 2,048-token held-out prompt"
 csrtool cache --heldout --max-tokens 2048 -o "$OUT/cache.pt" --force

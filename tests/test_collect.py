@@ -40,12 +40,14 @@ def test_collect_writes_shards_per_layer_and_head(tiny_model_dirs, tmp_path, tex
     assert k.shape == (300, 2, 8) and torch.isfinite(k).all()
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["tokens"] == 300 and report["tokens_per_s"] > 0
+    # the default --keys auto codes keys before RoPE where the model allows it
+    assert reader.manifest["key_space"] == ("post-rope" if arch == "gemma3" else "pre-rope")
 
 
 def test_collect_matches_a_direct_forward_pass(tiny_llama_dir, tmp_path, text_file):
     out = tmp_path / "acts"
     res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(text_file),
-                              "--max-tokens", "100", "--seq-len", "100", "-o", str(out)])
+                              "--max-tokens", "100", "--seq-len", "100", "--keys", "post-rope", "-o", str(out)])
     assert res.exit_code == 0, res.output
     loaded = load_model(str(tiny_llama_dir))
     ids = tokenize(loaded.tokenizer, TEXT)[:100][None]
@@ -114,7 +116,7 @@ def test_cache_command_writes_weights_only_loadable_dict(tiny_llama_dir, tmp_pat
         (["-m", "/nonexistent/model"], "model path /nonexistent/model does not exist"),
         (["-t", "/nonexistent.txt"], "text file /nonexistent.txt not found"),
         (["--layers", "5"], "layer 5 in '5' is out of range: the model has 2 layers (0-1)"),
-        (["--keys", "sideways"], "--keys 'sideways' is not one of post-rope, pre-rope"),
+        (["--keys", "sideways"], "--keys 'sideways' is not one of auto, post-rope, pre-rope"),
         (["--max-tokens", "100000"], "fewer than --max-tokens 100000"),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from csrtool.engine import pursuit
-from csrtool.engine.kmeans import kmeans, kmeans_pp
+from csrtool.engine.kmeans import kmeans, kmeans_pp, kmeans_pp_batched
 from csrtool.engine.neuraldict import (
     TrainConfig, coefficients, diversity_beta, diversity_loss, reconstruct, rel_err, train_dictionary,
 )
@@ -164,3 +164,26 @@ def test_training_stops_after_patience_epochs_without_improvement():
     _, stats = train_dictionary(x, cfg, seed=0)
     assert stats["epochs"] < cfg.epochs
     assert stats["epochs"] == stats["best_epoch"] + cfg.patience
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_kmeans_pp_batched_distinct_seeded_and_spread(signed):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(8, 16, generator=g) * 10
+    x = centers[torch.arange(800) % 8] + 0.01 * torch.randn(800, 16, generator=g)
+    a = kmeans_pp_batched(x, 8, 4, torch.Generator().manual_seed(5), signed=signed)
+    b = kmeans_pp_batched(x, 8, 4, torch.Generator().manual_seed(5), signed=signed)
+    assert torch.equal(a, b) and a.unique().numel() == 8
+    # D² sampling: once a cluster has a seed its rows are ~never drawn, so 8 seeds in 4 rounds
+    # of 2 land in (nearly) all 8 separated clusters
+    assert (torch.arange(800)[a] % 8).unique().numel() >= 7
+
+
+def test_kmeans_pp_batched_duplicates_and_all_rows():
+    x = torch.cat([torch.ones(20, 4), -torch.ones(20, 4), torch.zeros(10, 4)])  # 3 distinct rows (2 when signed)
+    for signed in (False, True):
+        for k in (5, 50):  # more seeds than distinct rows, and every row
+            idx = kmeans_pp_batched(x, k, 3, torch.Generator().manual_seed(1), signed=signed)
+            assert idx.unique().numel() == k
+    idx = kmeans_pp_batched(x, 3, 2, torch.Generator().manual_seed(1))
+    assert {tuple(r) for r in x[idx].tolist()} == {(1.0,) * 4, (-1.0,) * 4, (0.0,) * 4}

@@ -194,9 +194,9 @@ def test_calibration_needs_a_loadable_model(pipeline, tmp_path):
     manifest["model"] = str(tmp_path / "gone")
     (acts / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "d.safetensors"
-    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0"])
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--scope", "head"])
     assert res.exit_code == 1 and not out.exists()
     assert "cannot load" in res.output and "re-run with --no-calibrate" in res.output
-    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--no-calibrate"])
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--scope", "head", "--no-calibrate"])
     assert res.exit_code == 0, res.output
     assert "trained 0, resumed 8" in res.output and load_dicts(out).sensitivity == {}

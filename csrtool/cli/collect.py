@@ -11,11 +11,14 @@ from rich.table import Table
 from tqdm import tqdm
 
 from csrtool.cli import app
+from csrtool.collect import CollectConfig
 from csrtool.cli.common import (
     AllowDownloadOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, LayersOpt, ModelOpt, TextOpt, err, guarded, out, write_json,
 )
 from csrtool.errors import CsrError
 from csrtool.formats.io import check_json_output, check_output, parse_layers
+
+_DEF = CollectConfig()
 
 
 def _peak_rss_mib() -> float:
@@ -40,10 +43,10 @@ def collect(
     model: ModelOpt = "smollm2-135m",
     text: TextOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="NAME[:CONFIG]:SPLIT from a local datasets cache.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to collect.")] = 4096,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per forward window.")] = 512,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to collect.")] = _DEF.max_tokens,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per forward window.")] = _DEF.seq_len,
     layers: LayersOpt = None,
-    keys: Annotated[str, typer.Option("--keys", help="Key space: post-rope (as cached) or pre-rope.")] = "post-rope",
+    keys: Annotated[str, typer.Option("--keys", help="Key space: pre-rope (codes better), post-rope (as cached), or auto: pre-rope where the model allows it.")] = _DEF.key_space,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_download: AllowDownloadOpt = False,
@@ -57,7 +60,7 @@ def collect(
     Several processes or GPUs: torchrun --nproc-per-node P -m csrtool collect ... (each rank
     runs its share of the text windows into its own shards; docs/scaling.md).
     """
-    from csrtool.collect import CollectConfig, collect as run_collect
+    from csrtool.collect import collect as run_collect
     from csrtool.corpus import load_text, text_source
     from csrtool.distributed import Dist, launched
     from csrtool.models import kv_shape, load_model, resolve_device

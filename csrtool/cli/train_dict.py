@@ -44,9 +44,10 @@ def train_dict(
 ) -> None:
     """Train one dictionary per layer, K/V, head (or layer) and channel chunk; write them to one file.
 
-    Each dictionary starts from k-means centroids and is refined by NeuralDict
-    (Adam through sparse codes, with an atom-diversity penalty). An interrupted
-    run resumes from OUTPUT.partial/ when re-run with the same options (one process only).
+    Each dictionary is k-means centroids (the defaults: 4,096 atoms per layer, the best
+    setting measured); with --epochs > 0 NeuralDict refines them (Adam through sparse
+    codes, with an atom-diversity penalty). An interrupted run resumes from
+    OUTPUT.partial/ when re-run with the same options (one process only).
 
     Several processes or GPUs: torchrun --nproc-per-node P -m csrtool train-dict ... (see --dist, docs/scaling.md).
     """

@@ -1,6 +1,13 @@
 """k-means for dictionary initialisation: k-means++ seeding, then a few Lloyd steps.
 
-    kmeans(x [B, D], k, iters, generator, normalize) -> centroids [k, D]
+    kmeans(x [B, D], k, iters, generator, normalize, seed_rounds) -> centroids [k, D]
+
+Seeding is batched k-means++ (`kmeans_pp_batched`): `seed_rounds` rounds, each
+drawing k / rounds new seeds at once by D² sampling without replacement and
+updating every row's nearest-seed distance with one GEMM. The classic one-seed-
+per-step loop (`kmeans_pp`, k sequential steps) is kept as the reference
+(`seed_rounds=None`); after the Lloyd steps both give the same held-out error
+(docs/quality.md, "Generalisation study").
 
 With `normalize=True` (the default, what NeuralDict uses) rows of x are scaled to
 unit norm first and the assignment is sign-invariant (a row joins the centroid
@@ -61,6 +68,46 @@ def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator | None = None,
     return picked
 
 
+def kmeans_pp_batched(x: torch.Tensor, k: int, rounds: int = 64, generator: torch.Generator | None = None,
+                      signed: bool = False) -> torch.Tensor:
+    """Batched k-means++ seeding: indices [k] of distinct rows of x [B, D] (k <= B).
+
+    One uniform first seed, then `rounds` rounds of ceil((k - 1) / rounds) seeds each, drawn
+    together by D² sampling without replacement (torch.multinomial); the nearest-seed
+    distances [B] are updated after each round by one [B, m] GEMM. Rows that are already
+    seeds have distance 0 and are never drawn again; when fewer than m rows have positive
+    distance (duplicates), the rest are drawn uniformly from the rows not yet picked.
+    """
+    b = x.shape[0]
+    assert 0 < k <= b and rounds >= 1, (k, b, rounds)
+    sq = (x * x).sum(1)  # [B]
+    picked = torch.randint(b, (1,), generator=generator, device=x.device)
+    taken = torch.zeros(b, dtype=torch.bool, device=x.device)
+    taken[picked] = True
+    best = torch.full((b,), float("inf"), dtype=x.dtype, device=x.device)  # [B] distance to the nearest seed
+    new = picked
+    step = -(-(k - 1) // rounds)
+    while True:
+        dot = x @ x[new].T  # [B, m]
+        if signed:
+            dot.abs_()
+        # min over the new seeds of |x - c|² = sq - max(2 x·c - |c|²), in place on [B, m]
+        closest = dot.mul_(2).sub_(sq[new][None, :]).amax(1)  # [B]
+        best = torch.minimum(best, (sq - closest).clamp_min(0))
+        best[taken] = 0
+        have = picked.numel()
+        if have >= k:
+            return picked[:k]
+        m = min(step, k - have)
+        w = best.clone()
+        n_pos = int((w > 0).sum())
+        if n_pos < m:  # too few rows left at positive distance: also draw from the untaken rest
+            w = torch.where(taken, torch.zeros_like(w), w + (~taken).to(w.dtype) * (w.sum() / max(n_pos, 1) if n_pos else 1.0))
+        new = torch.multinomial(w, m, replacement=False, generator=generator)
+        taken[new] = True
+        picked = torch.cat([picked, new])
+
+
 def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid per row: (labels [B], sign [B] of the match, +1 if not signed)."""
     labels, signs = [], []
@@ -87,11 +134,13 @@ def kmeans(
     generator: torch.Generator | None = None,
     normalize: bool = True,
     comm: Comm = LOCAL,
+    seed_rounds: int | None = 64,
 ) -> torch.Tensor:
     """Centroids [k, D] of x [B, D]: k-means++ seeds, then `iters` Lloyd steps.
 
     normalize=True: spherical, sign-invariant k-means on unit rows; centroids are
-    returned with unit norm. Empty clusters are re-seeded with the rows farthest
+    returned with unit norm. seed_rounds: rounds of batched k-means++ seeding
+    (None: the sequential one-seed-per-step loop). Empty clusters are re-seeded with the rows farthest
     from their centroid, so all k centroids stay distinct and useful.
     Data parallel (`comm`, csrtool.engine.comm): each process holds a slice of the
     rows; the root's seeds and re-seeds are broadcast, cluster sums and counts summed.
@@ -106,7 +155,14 @@ def kmeans(
         xf_pool = torch.cat([xf, xf[reps]])
     else:
         xf_pool = xf
-    c = xf_pool[kmeans_pp(xf_pool, k, generator, signed=normalize)].clone() if comm.root else xf.new_zeros(k, xf.shape[1])
+    if comm.root:
+        if seed_rounds is None:
+            seeds = kmeans_pp(xf_pool, k, generator, signed=normalize)
+        else:
+            seeds = kmeans_pp_batched(xf_pool, k, seed_rounds, generator, signed=normalize)
+        c = xf_pool[seeds].clone()
+    else:
+        c = xf.new_zeros(k, xf.shape[1])
     c = bcast(comm, c)  # [k, D]
     for _ in range(iters):
         labels, sign = assign(xf, c, signed=normalize)
