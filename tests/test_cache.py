@@ -188,3 +188,17 @@ def test_unsupported_things_raise_clear_errors():
         CSRCache.from_dicts(tiny_dicts("post-rope"), model, sparsity=(2, 1), window=-1)
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # the model works again
     assert plain.shape == (2, 23)
+
+
+def test_chunked_prefill_codes_the_prompt_in_blocks():
+    """generate(prefill_chunk_size=...): each prompt chunk is coded when the next one comes, in one call per layer side."""
+    model = tiny_model("llama")
+    ids, _ = padded_batch(40)
+    ids = ids[:1]
+    kw = dict(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    plain = model.generate(**kw)
+    with CSRCache.from_dicts(tiny_dicts("pre-rope"), model, sparsity=(8, 4), coef="fp16", block=8) as cache:
+        out = model.generate(**kw, past_key_values=cache, prefill_chunk_size=16)
+        blocks = cache.layers[0].k.lengths
+    assert torch.equal(out, plain)
+    assert blocks[:2] == [16 - codec.DEFAULT_WINDOW - codec.DEFAULT_SINK, 16]  # chunk 1 (less window and sink), then chunk 2
