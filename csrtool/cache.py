@@ -76,8 +76,11 @@ class _Side:
 
     def add(self, x: torch.Tensor, method: str) -> None:
         """Code x [B, H, n, D] (code space, float32) as one block."""
-        b, h, n, _ = x.shape
         idx, c = codec.encode_codes(codec.shift(x, self.mean, -1.0), self.atoms, self.sparsity, method)
+        self._append(idx, c)
+
+    def _append(self, idx: torch.Tensor, c: torch.Tensor) -> None:
+        b, h, n = idx.shape[:3]
         q, g, v = codec.quantize_codes(c, self.fmt)
         idx = idx.to(index_dtype(self.atoms.shape[2]))
         q = q.reshape(c.shape)
@@ -90,6 +93,10 @@ class _Side:
             if v is not None:
                 self.vscale = torch.cat([self.vscale, v], 2)
         self.lengths.append(n)
+
+    def put(self, idx: torch.Tensor, coef: torch.Tensor) -> None:
+        """Append one block of codes idx, coef [B, H, n, C, S] (float coefficients), quantised as a file section."""
+        self._append(idx, coef)
 
     def codes(self) -> Codes:
         """The engine's view: scale [B, H] (one block) or [B, H, T]."""
@@ -280,6 +287,19 @@ class CSRCache(Cache):
 
             dicts = load_dicts(Path(dicts))
         return cls(_setting(dicts, model, bits, coef, method, uniform, sparsity), model, window, sink, block, reference)
+
+    @classmethod
+    def from_csr(cls, path, dicts, model, block: int = DEFAULT_BLOCK, reference: bool = False) -> "CSRCache":
+        """A cache holding a .csr file's tokens as codes (no dense decompress); generation continues after them."""
+        from csrtool import cache_file
+
+        if not hasattr(dicts, "atoms"):
+            from pathlib import Path
+
+            from csrtool.formats.dicts import load_dicts
+
+            dicts = load_dicts(Path(dicts))
+        return cache_file.load(path, dicts, model, block, reference)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         from csrtool import cache_attention

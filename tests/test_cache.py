@@ -202,3 +202,38 @@ def test_chunked_prefill_codes_the_prompt_in_blocks():
         blocks = cache.layers[0].k.lengths
     assert torch.equal(out, plain)
     assert blocks[:2] == [16 - codec.DEFAULT_WINDOW - codec.DEFAULT_SINK, 16]  # chunk 1 (less window and sink), then chunk 2
+
+
+@pytest.mark.parametrize("key_space", ["post-rope", "pre-rope"])
+def test_from_csr_continues_like_the_decompressed_file(key_space, tmp_path):
+    """compress a prompt's cache to .csr; CSRCache.from_csr holds its codes and continues as a DynamicCache of decompress's output."""
+    from transformers import DynamicCache
+
+    from csrtool.formats import csrfile
+    from csrtool.formats.kvcache import KVCache
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 256, (1, 60), generator=g)
+    d = tiny_dicts(key_space, centred=True)
+    per_head = lambda a: a if a.shape[0] == 2 else a.expand(2, *a.shape[1:]).clone()  # noqa: E731  (.csr: one scope for K and V)
+    d = DictSet(atoms={n: per_head(a) for n, a in d.atoms.items()}, source=d.source, means={n: per_head(m) for n, m in d.means.items()}, fingerprint="tiny")
+    dyn = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :48], past_key_values=dyn, use_cache=True)
+    kv = KVCache([layer.keys for layer in dyn.layers], [layer.values for layer in dyn.layers], {"key_space": "post-rope", "rope": rope_info(model)})
+    cfg = codec.CodecConfig(2, 1, "fp8", "omp", window=5, sink=3)
+    header = csrfile.make_header(kv, d, cfg)
+    path = tmp_path / "c.csr"
+    csrfile.write_csr(path, header, csrfile.encode_sections(kv, d, header))
+    restored = csrfile.read_csr(path, d)
+    ref = DynamicCache()
+    for i, (k, v) in enumerate(zip(restored.keys, restored.values)):
+        ref.update(k, v, i)
+    want = _feed(model, ref, ids[:, 48:], 4)
+    with CSRCache.from_csr(path, d, model, block=1000) as cache:  # nothing new is coded: the reference keeps new tokens dense too
+        layer = cache.layers[0]
+        assert (layer.n_sink, layer.k.tokens, layer.keys.shape[2]) == (3, 40, 5)
+        assert cache.get_seq_length() == 48
+        got = _feed(model, cache, ids[:, 48:], 4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
