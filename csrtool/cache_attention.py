@@ -48,6 +48,9 @@ def csr_attention(inner, module, query, key, value, attention_mask, scaling=None
     layer.note_valid(valid)
     tq = query.shape[2]
     cache = layer.cache
+    if not layer.k.tokens and not cache.reference:  # nothing coded yet (a prompt's prefill): the slots are sink + tail, dense
+        k_all, v_all = torch.cat([layer.sink_k, key], 2), torch.cat([layer.sink_v, value], 2)
+        return inner(module, query, k_all, v_all, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     dense = [Segment(layer.sink_k, layer.sink_v, 0), Segment(key, value, layer.tail_start)]
     keys = values = None
     if layer.k.tokens:
