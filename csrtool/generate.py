@@ -2,6 +2,8 @@
 
     run(model, tokenizer, prompt, cache, max_new_tokens, on_text, do_sample=False) -> Generation
 
+A cache that already holds tokens (CSRCache.from_csr) is continued: `prompt` follows them.
+
 Timings: prefill = from the call to the first new token (the prompt's forward, its
 sampling); decode = the remaining new tokens over the time after it. Bytes: the
 cache's nbytes() next to what a DynamicCache would hold for the same tokens
@@ -96,12 +98,16 @@ def run(model, tokenizer, prompt: str, cache, max_new_tokens: int, on_text: Call
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     stream = _Stream(tokenizer, on_text)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    held_before = cache.get_seq_length()
+    if held_before:  # a resumed cache: generate() runs only the tokens after the cached ones, so their ids are placeholders
+        ids = torch.cat([torch.full((1, held_before), pad, device=model.device), enc["input_ids"]], 1)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     t0 = time.perf_counter()
     out = model.generate(**enc, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=stream, pad_token_id=pad)
     t1 = time.perf_counter()
     stream.end()
-    n_prompt = enc["input_ids"].shape[1]
-    new = out.shape[1] - n_prompt
+    n_prompt = enc["input_ids"].shape[1] - held_before
+    new = out.shape[1] - enc["input_ids"].shape[1]
     first = stream.first_at or t1
     held = cache.nbytes() if hasattr(cache, "nbytes") else {"total": dynamic_nbytes(model, out.shape[1] - 1)}
     return Generation(stream.shown, n_prompt, new, first - t0, t1 - first, held, dynamic_nbytes(model, cache.get_seq_length()))

@@ -83,3 +83,38 @@ def test_smollm2_first_greedy_tokens_match_uncompressed():
         assert cache.layers[0].k.tokens >= enc["input_ids"].shape[1] - 8  # the prompt is coded (window 4 + sink 4 kept)
     assert loaded.tokenizer.decode(out[0, -3:]) == loaded.tokenizer.decode(plain[0, -3:])
     assert "Madrid" in loaded.tokenizer.decode(out[0, -3:])
+
+
+def test_cli_generate_resume_from_csr(tiny_llama_dir, tmp_path):
+    """compress a prompt's cache, then `generate --resume` continues after its tokens."""
+    from transformers import DynamicCache
+
+    from csrtool import codec
+    from csrtool.formats import csrfile
+    from csrtool.formats.dicts import load_dicts
+    from csrtool.formats.kvcache import KVCache
+    from csrtool.models import load_model, rope_info
+
+    d = tiny_dicts("pre-rope")
+    atoms = {n: a if a.shape[0] == 2 else a.expand(2, *a.shape[1:]).clone() for n, a in d.atoms.items()}  # .csr: one scope
+    dpath = tmp_path / "d.safetensors"
+    save_dicts(dpath, atoms, {"n_atoms": 64}, {"key_space": "pre-rope", "model": "tiny"}, {})
+    ds = load_dicts(dpath)
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    ids = loaded.tokenizer("a prompt that was compressed earlier", return_tensors="pt")["input_ids"]
+    dyn = DynamicCache()
+    with torch.no_grad():
+        loaded.model(input_ids=ids, past_key_values=dyn, use_cache=True)
+    kv = KVCache([x.keys for x in dyn.layers], [x.values for x in dyn.layers], {"key_space": "post-rope", "rope": rope_info(loaded.model)})
+    header = csrfile.make_header(kv, ds, codec.CodecConfig(4, 2, "fp8", "omp", window=4, sink=4))
+    path = tmp_path / "p.csr"
+    csrfile.write_csr(path, header, csrfile.encode_sections(kv, ds, header))
+    out_json = tmp_path / "g.json"
+    res = CliRunner().invoke(app, [
+        "generate", "--model", str(tiny_llama_dir), "--dicts", str(dpath), "--device", "cpu", "--resume", str(path),
+        "--max-new-tokens", "6", "--json", str(out_json), ", and then",
+    ])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out_json.read_text())
+    assert doc["prompt_tokens"] == len(", and then") and doc["new_tokens"] == 6
+    assert doc["dynamic_cache_bytes"] == 2 * 2 * 2 * (ids.shape[1] + len(", and then") + 5) * 8 * 4

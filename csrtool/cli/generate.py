@@ -30,6 +30,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 64,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", "-f", help="Read the prompt from this UTF-8 file.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample (the model's generation config) instead of greedy decoding.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a .csr file (csrtool compress of this model's cache with these dictionaries): the prompt follows its tokens.")] = None,
     reference: Annotated[bool, typer.Option("--reference", help="Attend by reconstructing the history (slow reference path) instead of on the codes.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -60,11 +61,15 @@ def generate(
         raise CsrError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     ds = load_dicts(dicts)
     loaded = load_model(model, device, dtype, allow_download)
-    cache = CSRCache.from_dicts(
-        ds, loaded.model, bits=bits,
-        window=codec.DEFAULT_WINDOW if window is None else window, sink=codec.DEFAULT_SINK if sink is None else sink,
-        block=DEFAULT_BLOCK if block is None else block, reference=reference,
-    )
+    blk = DEFAULT_BLOCK if block is None else block
+    if resume is not None:  # the file's plan, window and sink
+        cache = CSRCache.from_csr(resume, ds, loaded.model, block=blk, reference=reference)
+    else:
+        cache = CSRCache.from_dicts(
+            ds, loaded.model, bits=bits,
+            window=codec.DEFAULT_WINDOW if window is None else window, sink=codec.DEFAULT_SINK if sink is None else sink,
+            block=blk, reference=reference,
+        )
     to_stdout = json_out is None or str(json_out) != "-"
 
     def show(text: str) -> None:
