@@ -304,7 +304,7 @@ class CSRCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         from csrtool import cache_attention
 
-        if not cache_attention.installed(self.model):
+        if self._restore is None or not cache_attention.installed(self.model):
             raise CsrError("the model no longer attends through CSRCache (the cache was closed, or the attention implementation was changed): make a new CSRCache")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

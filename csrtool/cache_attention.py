@@ -1,8 +1,8 @@
 """Attention on a CSRCache's codes inside a transformers model.
 
-    restore = install(model)     # registers "csrtool_csr_<impl>" and switches the model to it
+    release = install(model)     # registers "csrtool_csr_<impl>" and switches the model to it (counted per model)
     installed(model) -> bool
-    restore()                    # the model's own implementation again
+    release()                    # the model's own implementation again, once every cache released it
 
 The registered function looks at the key tensor it is given: a CSRLayer's update marks
 the dense tail it returns with the layer (`key._csr_layer`); for those calls it attends
@@ -89,13 +89,38 @@ def installed(model) -> bool:
     return all(str(getattr(c, "_attn_implementation", "")).startswith(PREFIX) for c in _configs(model))
 
 
+_USERS: dict[int, list] = {}  # id(model) -> [open caches, restore]
+
+
 def install(model):
-    """Route the model's attention through csr_attention; returns a function that undoes it (None if already installed)."""
+    """Route the model's attention through csr_attention; returns a function that undoes it once
+    every cache that installed it on this model has called its own."""
+    key = id(model)
+    if key in _USERS and installed(model):
+        _USERS[key][0] += 1
+    else:
+        _USERS[key] = [1, _switch(model)]
+    done = []
+
+    def release() -> None:
+        if done:
+            return
+        done.append(True)
+        entry = _USERS.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            entry[1]()
+            del _USERS[key]
+
+    return release
+
+
+def _switch(model):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    if installed(model):
-        return None
     configs = _configs(model)
     orig = [getattr(c, "_attn_implementation", None) for c in configs]
     impl = orig[-1] or "sdpa"

@@ -86,6 +86,10 @@ def test_lossy_codes_change_the_text():
 
 
 def _feed(model, cache, ids, chunk):
+    """Logits [B, T, V] of ids fed in chunks through `cache` (None: a DynamicCache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache() if cache is None else cache
     rows = []
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
@@ -237,3 +241,20 @@ def test_from_csr_continues_like_the_decompressed_file(key_space, tmp_path):
         assert cache.get_seq_length() == 48
         got = _feed(model, cache, ids[:, 48:], 4)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_caches_on_one_model():
+    """The attention override stays while any cache of the model is open; each closed cache refuses."""
+    from csrtool import cache_attention
+
+    model = tiny_model("llama")
+    ids, _ = padded_batch(20)
+    a = CSRCache.from_dicts(tiny_dicts("post-rope"), model, sparsity=(8, 4), coef="fp16", block=1)
+    b = CSRCache.from_dicts(tiny_dicts("post-rope"), model, sparsity=(8, 4), coef="fp16", block=1)
+    a.close()
+    assert cache_attention.installed(model)
+    with pytest.raises(CsrError, match="make a new CSRCache"):
+        _feed(model, a, ids, 10)
+    torch.testing.assert_close(_feed(model, b, ids, 10), _feed(model, None, ids, 10), rtol=1e-3, atol=1e-3)
+    b.close()
+    assert not cache_attention.installed(model) and model.config._attn_implementation == "sdpa"
