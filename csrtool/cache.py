@@ -32,7 +32,7 @@ position at slot s is s - pad[b] (generate's cumsum(mask) - 1).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from csrtool import codec
 from csrtool.engine.attention import Codes, Rope
@@ -266,8 +266,10 @@ class CSRCache(Cache):
             info = setting.rope_info
             self.rope = Rope(torch.tensor(info["inv_freq"], dtype=torch.float32, device=model.device), info["scaling"])
         n_layers = len(setting.layer_sparsity or ()) or _n_layers(model)
-        _check_layers(model)
-        super().__init__(layers=[CSRLayer(self, i) for i in range(n_layers)])
+        sliding = _sliding_layers(model, setting.key_space)
+        super().__init__(layers=[
+            DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else CSRLayer(self, i) for i in range(n_layers)
+        ])
         from csrtool import cache_attention
 
         self._restore = cache_attention.install(model)
@@ -312,6 +314,9 @@ class CSRCache(Cache):
         """Bytes held: codes (indices, coefficients, scales), dense (sink + tail), dicts (the layers' dictionaries, separately)."""
         codes = dense = dicts = 0
         for layer in self.layers:
+            if not isinstance(layer, CSRLayer):  # a sliding-window layer: at most its window, dense
+                dense += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                continue
             n = layer.nbytes()
             codes += n["codes"]
             dense += n["dense"]
@@ -339,10 +344,15 @@ def _n_layers(model) -> int:
     return kv_shape(model.config)[0]
 
 
-def _check_layers(model) -> None:
+def _sliding_layers(model, key_space: str) -> dict[int, int]:
+    """{layer: window} of the model's sliding-window layers (kept dense, as a DynamicCache keeps them: at most the window)."""
+    from csrtool.collect import key_rope
     from csrtool.models import text_config
 
-    types = getattr(text_config(model.config), "layer_types", None) or []
-    bad = sorted({t for t in types if t != "full_attention"})
+    cfg = text_config(model.config)
+    types = getattr(cfg, "layer_types", None) or []
+    bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if bad:
-        raise CsrError(f"{type(model).__name__} has {', '.join(bad)} layers: CSRCache supports full-attention layers only for now")
+        raise CsrError(f"{type(model).__name__} has {', '.join(bad)} layers: CSRCache supports full and sliding-window attention layers")
+    key_rope(model, key_space)  # pre-RoPE keys need one static rotary embedding (not Gemma): a clear error otherwise
+    return {i: cfg.sliding_window for i, t in enumerate(types) if t == "sliding_attention"}

@@ -61,6 +61,20 @@ def test_greedy_with_exact_codes_equals_plain_generate(arch, key_space):
     assert torch.equal(out, plain)
 
 
+def test_gemma3_sliding_layer_stays_dense_full_layer_coded():
+    """Gemma 3: the sliding-window layer is transformers' own (dense, at most its window), the global layer is coded."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    model = tiny_model("gemma3")
+    ids, mask = padded_batch(40)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    plain = model.generate(**kw)
+    with CSRCache.from_dicts(tiny_dicts("post-rope"), model, sparsity=(8, 4), coef="fp16", block=2) as cache:
+        out = model.generate(**kw, past_key_values=cache)
+        assert isinstance(cache.layers[0], DynamicSlidingWindowLayer) and cache.layers[1].k.tokens > 40
+    assert torch.equal(out, plain)
+
+
 def test_sampling_with_exact_codes_equals_plain_sampling():
     model = tiny_model("llama")
     ids, mask = padded_batch()
@@ -186,8 +200,8 @@ def test_unsupported_things_raise_clear_errors():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False, past_key_values=cache)
     with pytest.raises(CsrError, match="make a new CSRCache"):  # closed: the model attends as before, the cache refuses
         _feed(model, cache, ids, 10)
-    with pytest.raises(CsrError, match="full-attention layers only"):
-        CSRCache.from_dicts(tiny_dicts("post-rope"), tiny_model("gemma3"), sparsity=(2, 1))
+    with pytest.raises(CsrError, match="no fixed RoPE"):
+        CSRCache.from_dicts(tiny_dicts("pre-rope"), tiny_model("gemma3"), sparsity=(2, 1))
     with pytest.raises(CsrError, match="window must be"):
         CSRCache.from_dicts(tiny_dicts("post-rope"), model, sparsity=(2, 1), window=-1)
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # the model works again
