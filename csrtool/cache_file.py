@@ -34,16 +34,20 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
     if hd.key_space != dicts.source.get("key_space", "post-rope"):
         raise CsrError(f"{path} codes keys {hd.key_space} but the dictionaries say {dicts.source.get('key_space')}: pass the dictionaries used by compress")
     setting = _setting(dicts, model, None, cfg.coef, cfg.method, True, (cfg.sparsity_k, cfg.sparsity_v))
-    setting.layer_sparsity = [(c.sparsity_k, c.sparsity_v) for c in (cfg.for_layer(i) for i in range(len(hd.layers)))]
     if hd.rope is not None:
         setting.rope_info = {"inv_freq": hd.rope["inv_freq"], "scaling": hd.rope["scaling"]}
     cache = CSRCache(setting, model, cfg.window, cfg.sink, block, reference)
     if len(hd.layers) != len(cache.layers):
         raise CsrError(f"{path} has {len(hd.layers)} layers but the model has {len(cache.layers)}: pass the model the cache was saved from")
+    from csrtool.cache import CSRLayer
+
+    if not all(isinstance(x, CSRLayer) for x in cache.layers):
+        raise CsrError("resuming from a .csr file is not supported for models with sliding-window layers: start from the prompt")
     offset = int((hd.rope or {}).get("position_offset", 0))
     dev, dtype = model.device, next(model.parameters()).dtype
     for i, kb, vb in reader.sections():
         layer = cache.layers[i]
+        layer.k.sparsity, layer.v.sparsity = cfg.for_layer(i).sparsity_k, cfg.for_layer(i).sparsity_v  # the file's plan
         sk, sv = hd.shapes(i)
         s, tc, _ = codec.spans(sk[2], cfg.window, cfg.sink)
         verb = []
