@@ -35,6 +35,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from csrtool import codec
+from csrtool.engine import rope as _rope
 from csrtool.engine.attention import Codes, Rope
 from csrtool.errors import CsrError
 
@@ -183,16 +184,16 @@ class CSRLayer(DynamicLayer):
         self.keys, self.values = self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous()
 
     def to_code_space(self, k: torch.Tensor, slot0: int) -> torch.Tensor:
-        """Keys [B, H, n, D] at slots slot0.. -> the dictionary's key space (float32), each sequence at its real positions."""
+        """Keys [B, H, n, D] at slots slot0.. -> the dictionary's key space (float32), each sequence at its real positions
+        (slot - pad; padding tokens get negative positions, harmless as they are never attended)."""
         st = self.cache.setting
+        kf = k.to(torch.float32)
         if st.key_space == "post-rope":
-            return k.to(torch.float32)
+            return kf
+        rp = self.cache.rope  # the rotation codec.to_code_space applies (engine.rope.unrotate), per sequence
         pads = [0] * k.shape[0] if self.pad is None else [int(p) for p in self.pad]
-        out = []
-        for b, pad in enumerate(pads):
-            rope_p = codec.rope_params({"rope": st.rope_info, "position_offset": slot0 - pad}, k.shape[2])
-            out.append(codec.to_code_space(k[b : b + 1], st.key_space, "post-rope", rope_p))
-        return torch.cat(out)
+        pos = torch.arange(slot0, slot0 + k.shape[2], device=k.device, dtype=torch.float32)
+        return torch.cat([_rope.unrotate(kf[b : b + 1], pos - pad, rp.inv_freq.to(k.device), rp.scaling) for b, pad in enumerate(pads)])
 
     def key_pos0(self) -> torch.Tensor | None:
         """[B] position of the first coded token of each sequence (pre-RoPE keys), else None."""
