@@ -10,7 +10,7 @@ from csrtool.cache import CSRCache
 from csrtool.errors import CsrError
 from csrtool.eval import runner
 from csrtool.eval.csr import CSR
-from csrtool.formats.dicts import DictSet
+from csrtool.formats.dicts import DictSet, fingerprint
 from csrtool.models import rope_info
 from tiny import tiny_model
 
@@ -235,7 +235,8 @@ def test_from_csr_continues_like_the_decompressed_file(key_space, tmp_path):
     ids = torch.randint(0, 256, (1, 60), generator=g)
     d = tiny_dicts(key_space, centred=True)
     per_head = lambda a: a if a.shape[0] == 2 else a.expand(2, *a.shape[1:]).clone()  # noqa: E731  (.csr: one scope for K and V)
-    d = DictSet(atoms={n: per_head(a) for n, a in d.atoms.items()}, source=d.source, means={n: per_head(m) for n, m in d.means.items()}, fingerprint="tiny")
+    atoms = {n: per_head(a) for n, a in d.atoms.items()}
+    d = DictSet(atoms=atoms, source=d.source, means={n: per_head(m) for n, m in d.means.items()}, fingerprint=fingerprint(atoms))
     dyn = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids[:, :48], past_key_values=dyn, use_cache=True)
