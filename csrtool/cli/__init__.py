@@ -57,6 +57,7 @@ from csrtool.cli import collect as _collect  # noqa: E402,F401
 from csrtool.cli import train_dict as _train_dict  # noqa: E402,F401
 from csrtool.cli import compress as _compress  # noqa: E402,F401
 from csrtool.cli import eval as _eval  # noqa: E402,F401
+from csrtool.cli import generate as _generate  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,359 @@
+"""CSRCache: a transformers cache that holds old tokens as sparse codes, for `model.generate`.
+
+    cache = CSRCache.from_dicts(dicts, model, bits=1.0)      # window, sink, block, coef, method
+    out = model.generate(**inputs, past_key_values=cache)
+    cache.nbytes() -> {"codes", "dense", "dicts", "total"}
+
+Each layer (CSRLayer, modelled on transformers' QuantizedLayer and its residual buffer)
+holds: the first `sink` tokens dense, the coded tokens (indices in the smallest integer
+type that holds N, coefficients in the .csr's format with its per-(batch, head) float32
+scale per coded block), and a dense tail: the last `window` tokens plus at most `block`-1
+tokens waiting to be coded. At the start of an update, tail tokens older than the window
+are coded in one call once there are `block` of them (prefill included: a prompt is
+attended dense, then coded at the next step, as `eval` does with its chunks). With
+block=1 the schedule is exactly eval's CompressedFeed.age.
+
+The codes are made by the functions `compress --bits` and `eval` use (codec.encode_codes,
+codec.quantize_codes, codec.to_code_space with the token's real position, the
+dictionary's mean subtracted) under the per-layer plan of eval's CSR method
+(calibration.allocate.plan); `_setting` is the one place that picks it.
+
+Attention on the codes goes through cache_attention (an attention implementation
+registered with transformers while the cache is open): the layer's update returns
+only its dense tail, marked with the layer, and the attention function reads the
+codes and the sink from the layer (engine.attention.attend, or attend_reference
+with reference=True).
+
+Shapes: B batch, H KV heads, T tokens, D head_dim, C channel chunks, S atoms per chunk.
+Slots are cache positions shared by the batch; with left padding, sequence b's
+position at slot s is s - pad[b] (generate's cumsum(mask) - 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from csrtool import codec
+from csrtool.engine import rope as _rope
+from csrtool.engine.attention import Codes, Rope
+from csrtool.errors import CsrError
+
+DEFAULT_BLOCK = 32  # tokens coded per call during decoding (the dense tail holds window .. window + block - 1)
+
+
+def index_dtype(n_atoms: int) -> torch.dtype:
+    """Smallest integer dtype the engine reads that holds indices < n_atoms."""
+    if n_atoms <= 256:
+        return torch.uint8
+    if n_atoms <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def _setting(dicts, model, bits, coef, method, uniform, sparsity=None):
+    """The per-layer plan, key space and RoPE of `compress --bits` / eval (eval.csr.CSR); explicit (s_k, s_v) overrides bits."""
+    from csrtool.eval.csr import CSR
+    from csrtool.models import kv_shape, rope_info
+
+    n_layers, heads, head_dim = kv_shape(model.config)
+    if sparsity is not None:
+        bits = None
+    return CSR(dicts, n_layers, heads, head_dim, bits=bits, method=method, coef=coef, rope_info=rope_info(model), uniform=uniform, sparsity=sparsity)
+
+
+class _Side:
+    """Codes of one side (K or V) of a layer: idx, q [B, H, T, C, S], scale per block (and per token for int8)."""
+
+    def __init__(self, atoms: torch.Tensor, mean: torch.Tensor | None, sparsity: int, fmt: str):
+        self.atoms, self.mean, self.sparsity, self.fmt = atoms, mean, sparsity, fmt
+        self.idx = self.q = self.vscale = None  # vscale [B, H, T] float16 (int8 only)
+        self.g = None  # [B, H, blocks] float32
+        self.lengths: list[int] = []
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.idx is None else self.idx.shape[2]
+
+    def add(self, x: torch.Tensor, method: str) -> None:
+        """Code x [B, H, n, D] (code space, float32) as one block."""
+        idx, c = codec.encode_codes(codec.shift(x, self.mean, -1.0), self.atoms, self.sparsity, method)
+        self._append(idx, c)
+
+    def _append(self, idx: torch.Tensor, c: torch.Tensor) -> None:
+        b, h, n = idx.shape[:3]
+        q, g, v = codec.quantize_codes(c, self.fmt)
+        idx = idx.to(index_dtype(self.atoms.shape[2]))
+        q = q.reshape(c.shape)
+        g = g.reshape(b, h, 1)
+        v = None if v is None else v.reshape(b, h, n)
+        if self.idx is None:
+            self.idx, self.q, self.g, self.vscale = idx, q, g, v
+        else:
+            self.idx, self.q, self.g = torch.cat([self.idx, idx], 2), torch.cat([self.q, q], 2), torch.cat([self.g, g], 2)
+            if v is not None:
+                self.vscale = torch.cat([self.vscale, v], 2)
+        self.lengths.append(n)
+
+    def put(self, idx: torch.Tensor, coef: torch.Tensor) -> None:
+        """Append one block of codes idx, coef [B, H, n, C, S] (float coefficients), quantised as a file section."""
+        self._append(idx, coef)
+
+    def codes(self) -> Codes:
+        """The engine's view: scale [B, H] (one block) or [B, H, T]."""
+        if len(self.lengths) == 1:
+            scale = self.g[:, :, 0]
+        else:
+            lengths = torch.tensor(self.lengths, device=self.g.device)
+            scale = self.g.repeat_interleave(lengths, dim=2)
+        if self.vscale is not None:
+            scale = scale[:, :, None] * self.vscale.float() if scale.dim() == 2 else scale * self.vscale.float()
+        return Codes(self.idx, self.q, self.atoms, scale, self.mean)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.idx, self.q, self.g, self.vscale) if t is not None)
+
+    def map_batch(self, fn) -> None:
+        for name in ("idx", "q", "g", "vscale"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+
+class CSRLayer(DynamicLayer):
+    """One layer: dense sink, coded history, dense tail (window + tokens waiting to be coded)."""
+
+    def __init__(self, cache: "CSRCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        st = cache.setting
+        s_k, s_v = st.sparsity(layer_idx)
+        dev = cache.device
+        mk, mv = st.dicts.mean(layer_idx, "k"), st.dicts.mean(layer_idx, "v")
+        self.k = _Side(st.dicts.get(layer_idx, "k").to(dev, torch.float32), None if mk is None else mk.to(dev, torch.float32), s_k, st.coef)
+        self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, st.coef)
+        self.sink_k = self.sink_v = None  # [B, H, <= sink, D]
+        self.tokens = 0  # slots held (sink + coded + tail)
+        self.pad: torch.Tensor | None = None  # [B] left padding, learnt from the attention mask
+
+    # ------------------------------------------------------------ layout
+    @property
+    def n_sink(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def tail_start(self) -> int:
+        return self.n_sink + self.k.tokens
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h, _, d = key_states.shape
+        self.keys = self.sink_k = key_states.new_zeros(b, h, 0, d)
+        self.values = self.sink_v = value_states.new_zeros(b, h, 0, d)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.age(self.cache.block)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.tokens += key_states.shape[2]
+        k, v = self.keys, self.values
+        k._csr_layer = self  # read by cache_attention: the codes and the sink come from the layer
+        return k, v
+
+    def age(self, block: int) -> None:
+        """Move tail tokens older than the window to the sink (slots < sink) or code them (>= block of them)."""
+        upto = self.tokens - self.cache.window
+        start = self.tail_start
+        if upto <= start:
+            return
+        if start < self.cache.sink:
+            m = min(self.cache.sink, upto) - start
+            self.sink_k = torch.cat([self.sink_k, self.keys[:, :, :m]], 2)
+            self.sink_v = torch.cat([self.sink_v, self.values[:, :, :m]], 2)
+            self.keys, self.values = self.keys[:, :, m:], self.values[:, :, m:]
+            start += m
+        n = upto - start
+        if n < max(1, block):
+            return
+        xk, xv = self.keys[:, :, :n], self.values[:, :, :n]
+        self.k.add(self.to_code_space(xk, start), self.cache.setting.method)
+        self.v.add(xv.to(torch.float32), self.cache.setting.method)
+        self.keys, self.values = self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous()
+
+    def to_code_space(self, k: torch.Tensor, slot0: int) -> torch.Tensor:
+        """Keys [B, H, n, D] at slots slot0.. -> the dictionary's key space (float32), each sequence at its real positions
+        (slot - pad; padding tokens get negative positions, harmless as they are never attended)."""
+        st = self.cache.setting
+        kf = k.to(torch.float32)
+        if st.key_space == "post-rope":
+            return kf
+        rp = self.cache.rope  # the rotation codec.to_code_space applies (engine.rope.unrotate), per sequence
+        pads = [0] * k.shape[0] if self.pad is None else [int(p) for p in self.pad]
+        pos = torch.arange(slot0, slot0 + k.shape[2], device=k.device, dtype=torch.float32)
+        return torch.cat([_rope.unrotate(kf[b : b + 1], pos - pad, rp.inv_freq.to(k.device), rp.scaling) for b, pad in enumerate(pads)])
+
+    def key_pos0(self) -> torch.Tensor | None:
+        """[B] position of the first coded token of each sequence (pre-RoPE keys), else None."""
+        if self.cache.setting.key_space == "post-rope":
+            return None
+        pad = self.pad if self.pad is not None else torch.zeros(self.keys.shape[0], dtype=torch.int64, device=self.keys.device)
+        return self.n_sink - pad
+
+    def note_valid(self, valid: torch.Tensor | None) -> None:
+        """Learn the left padding from the 2-D mask valid [B, slots] (None: no padding)."""
+        if valid is None:
+            return
+        first = valid.to(torch.int8).argmax(dim=1)  # first real token; an all-padding row gives 0
+        self.pad = first.to(torch.int64)
+
+    # ------------------------------------------------------------ transformers' Cache API
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.cache, self.layer_idx)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise CsrError("CSRCache does not support beam search (its codes cannot be reordered between beams yet): use greedy or sampling (num_beams=1)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise CsrError("CSRCache cannot drop tokens (assisted decoding / prompt lookup crop the cache): generate without an assistant")
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values, self.sink_k, self.sink_v = (fn(t) for t in (self.keys, self.values, self.sink_k, self.sink_v))
+        self.k.map_batch(fn)
+        self.v.map_batch(fn)
+        if self.pad is not None:
+            self.pad = fn(self.pad)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def nbytes(self) -> dict:
+        dense = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.sink_k, self.sink_v) if t is not None)
+        return {"codes": self.k.nbytes() + self.v.nbytes(), "dense": dense}
+
+
+class CSRCache(Cache):
+    """A transformers Cache whose layers hold old tokens as sparse codes (see the module doc)."""
+
+    def __init__(self, setting, model, window: int, sink: int, block: int, reference: bool = False):
+        for name, val, lo in (("window", window, 0), ("sink", sink, 0), ("block", block, 1)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < lo:
+                raise CsrError(f"{name} must be an integer >= {lo}, got {val!r}")
+        self.setting = setting
+        self.window, self.sink, self.block = window, sink, block
+        self.reference = reference  # attend by reconstruction (engine.history.attend_reference)
+        self.device = model.device
+        self.model = model
+        self.rope = None
+        if setting.key_space == "pre-rope":
+            info = setting.rope_info
+            self.rope = Rope(torch.tensor(info["inv_freq"], dtype=torch.float32, device=model.device), info["scaling"])
+        n_layers = len(setting.layer_sparsity or ()) or _n_layers(model)
+        sliding = _sliding_layers(model, setting.key_space)
+        super().__init__(layers=[
+            DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else CSRLayer(self, i) for i in range(n_layers)
+        ])
+        from csrtool import cache_attention
+
+        self._restore = cache_attention.install(model)
+
+    @classmethod
+    def from_dicts(
+        cls, dicts, model, bits: float = 1.0, window: int = codec.DEFAULT_WINDOW, sink: int = codec.DEFAULT_SINK,
+        block: int = DEFAULT_BLOCK, coef: str = "fp8", method: str = "omp", uniform: bool = False, reference: bool = False,
+        sparsity: tuple[int, int] | None = None,
+    ) -> "CSRCache":
+        """A cache for `model` coding with `dicts` (a DictSet or a path) at `bits` per channel, as compress --bits does
+        (`sparsity` = (s_k, s_v) for every layer instead of a bit budget)."""
+        if not hasattr(dicts, "atoms"):
+            from pathlib import Path
+
+            from csrtool.formats.dicts import load_dicts
+
+            dicts = load_dicts(Path(dicts))
+        return cls(_setting(dicts, model, bits, coef, method, uniform, sparsity), model, window, sink, block, reference)
+
+    @classmethod
+    def from_csr(cls, path, dicts, model, block: int = DEFAULT_BLOCK, reference: bool = False) -> "CSRCache":
+        """A cache holding a .csr file's tokens as codes (no dense decompress); generation continues after them."""
+        from csrtool import cache_file
+
+        if not hasattr(dicts, "atoms"):
+            from pathlib import Path
+
+            from csrtool.formats.dicts import load_dicts
+
+            dicts = load_dicts(Path(dicts))
+        return cache_file.load(path, dicts, model, block, reference)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        from csrtool import cache_attention
+
+        if self._restore is None or not cache_attention.installed(self.model):
+            raise CsrError("the model no longer attends through CSRCache (the cache was closed, or the attention implementation was changed): make a new CSRCache")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> dict:
+        """Bytes held: codes (indices, coefficients, scales), dense (sink + tail), dicts (the layers' dictionaries, separately)."""
+        codes = dense = dicts = 0
+        for layer in self.layers:
+            if not isinstance(layer, CSRLayer):  # a sliding-window layer: at most its window, dense
+                dense += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                continue
+            n = layer.nbytes()
+            codes += n["codes"]
+            dense += n["dense"]
+            for side in (layer.k, layer.v):
+                dicts += side.atoms.numel() * side.atoms.element_size()
+                dicts += 0 if side.mean is None else side.mean.numel() * side.mean.element_size()
+        return {"codes": codes, "dense": dense, "total": codes + dense, "dicts": dicts}
+
+    def close(self) -> None:
+        """Give the model its own attention implementation back."""
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+    def __enter__(self) -> "CSRCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _n_layers(model) -> int:
+    from csrtool.models import kv_shape
+
+    return kv_shape(model.config)[0]
+
+
+def _sliding_layers(model, key_space: str) -> dict[int, int]:
+    """{layer: window} of the model's sliding-window layers (kept dense, as a DynamicCache keeps them: at most the window)."""
+    from csrtool.collect import key_rope
+    from csrtool.models import text_config
+
+    cfg = text_config(model.config)
+    types = getattr(cfg, "layer_types", None) or []
+    bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
+    if bad:
+        raise CsrError(f"{type(model).__name__} has {', '.join(bad)} layers: CSRCache supports full and sliding-window attention layers")
+    key_rope(model, key_space)  # pre-RoPE keys need one static rotary embedding (not Gemma): a clear error otherwise
+    return {i: cfg.sliding_window for i, t in enumerate(types) if t == "sliding_attention"}

@@ -1,0 +1,137 @@
+"""Attention on a CSRCache's codes inside a transformers model.
+
+    release = install(model)     # registers "csrtool_csr_<impl>" and switches the model to it (counted per model)
+    installed(model) -> bool
+    release()                    # the model's own implementation again, once every cache released it
+
+The registered function looks at the key tensor it is given: a CSRLayer's update marks
+the dense tail it returns with the layer (`key._csr_layer`); for those calls it attends
+over sink + codes + tail with engine.attention.attend (attend_reference when the cache
+was made with reference=True). Any other call (another cache, no cache) goes to the
+model's own implementation (sdpa or eager), so leaving it installed changes nothing else.
+
+The mask is the original implementation's (AttentionMaskInterface); the 2-D padding mask
+the engine needs is its last query row (that query sees every earlier key of its sequence).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from csrtool.engine.attention import Segment, attend, attend_reference
+from csrtool.errors import CsrError
+
+PREFIX = "csrtool_csr_"
+
+
+def _valid(mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
+    """bool [B, slots] (False = padding) from the model's 4-D mask, or None when it has none."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise CsrError(f"CSRCache got a {mask.dim()}-D attention mask from the model; it needs the sdpa/eager 4-D mask")
+    row = mask[:, 0, -1, :slots]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def csr_attention(inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """transformers attention: [B, Hq, Tq, D] queries -> ([B, Tq, Hq, D], None)."""
+    layer = getattr(key, "_csr_layer", None)
+    if layer is None:
+        return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, sliding_window=sliding_window, **kwargs)
+    if sliding_window is not None:
+        raise CsrError("CSRCache layers do not support sliding-window attention yet")
+    valid = _valid(attention_mask, layer.tokens)
+    layer.note_valid(valid)
+    tq = query.shape[2]
+    cache = layer.cache
+    if not layer.k.tokens and not cache.reference:  # nothing coded yet (a prompt's prefill): the slots are sink + tail, dense
+        k_all, v_all = torch.cat([layer.sink_k, key], 2), torch.cat([layer.sink_v, value], 2)
+        return inner(module, query, k_all, v_all, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    dense = [Segment(layer.sink_k, layer.sink_v, 0), Segment(key, value, layer.tail_start)]
+    keys = values = None
+    if layer.k.tokens:
+        keys, values = layer.k.codes(), layer.v.codes()
+    fn = attend_reference if cache.reference else attend
+    out = fn(
+        query, keys, values, dense, layer.n_sink,
+        rope=cache.rope if keys is not None else None, key_pos0=layer.key_pos0() if keys is not None else None,
+        valid=valid, q_start=layer.tokens - tq, scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _inner(model, impl: str):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if impl == "sdpa":
+        return sdpa_attention_forward
+    if impl == "eager":
+        fn = getattr(importlib.import_module(type(model).__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise CsrError(f"CSRCache works with the sdpa or eager attention implementations, not {impl!r}: load the model with attn_implementation='sdpa'")
+
+
+def _configs(model):
+    """The model's config and its decoder config (multimodal models nest it)."""
+    from csrtool.models import text_config
+
+    top = model.config
+    inner = text_config(top)
+    return [top] if inner is top else [top, inner]
+
+
+def installed(model) -> bool:
+    return all(str(getattr(c, "_attn_implementation", "")).startswith(PREFIX) for c in _configs(model))
+
+
+_USERS: dict[int, list] = {}  # id(model) -> [open caches, restore]
+
+
+def install(model):
+    """Route the model's attention through csr_attention; returns a function that undoes it once
+    every cache that installed it on this model has called its own."""
+    key = id(model)
+    if key in _USERS and installed(model):
+        _USERS[key][0] += 1
+    else:
+        _USERS[key] = [1, _switch(model)]
+    done = []
+
+    def release() -> None:
+        if done:
+            return
+        done.append(True)
+        entry = _USERS.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            entry[1]()
+            del _USERS[key]
+
+    return release
+
+
+def _switch(model):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    configs = _configs(model)
+    orig = [getattr(c, "_attn_implementation", None) for c in configs]
+    impl = orig[-1] or "sdpa"
+    name = PREFIX + impl + "_" + type(model).__name__
+    AttentionInterface.register(name, functools.partial(csr_attention, _inner(model, impl)))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    for c in configs:
+        c._attn_implementation = name
+
+    def restore() -> None:
+        for c, o in zip(configs, orig):
+            c._attn_implementation = o
+
+    return restore
