@@ -86,9 +86,11 @@ def test_data_parallel_training_matches_one_process_within_tolerance(collected):
         e2, e1 = two.errors[name], one.errors[name]
         # every rank's rows took part (90% of 512 tokens x 2 heads) and the global batch was --batch-size
         assert two.source["tokens"] == 512 and e2["epochs"] == e1["epochs"] == [[3]]
-        # different splits and seeds per rank: keys agree closely; on this tiny model the values vary by
-        # up to ~1.6x across one-process seeds (0.062-0.098 for layer 1), so they get that tolerance
-        tol = 0.1 if name.endswith(".k") else 0.6
+        # different splits and seeds per rank: on this tiny model the held-out error varies by up to
+        # ~2x across one-process seeds alone (6 seeds, batched k-means++ seeding: keys 0.042-0.102,
+        # values 0.045-0.084), so the two runs are compared with that spread; the all-reduced mean
+        # below is the exact check of the data-parallel reduction
+        tol = 0.6
         assert e2["mean_val_rel_err"] == pytest.approx(e1["mean_val_rel_err"], rel=tol)
         assert e2["mean_train_rel_err"] == pytest.approx(e1["mean_train_rel_err"], rel=tol)
         layer, kind = int(name.split(".")[1]), name.split(".")[2]
