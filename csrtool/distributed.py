@@ -67,7 +67,7 @@ class Dist:
         if not td.is_initialized():
             timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
             td.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
-            atexit.register(td.destroy_process_group)
+            atexit.register(_leave)
         return cls(rank, world, local, dev)
 
     @property
@@ -98,6 +98,13 @@ class Dist:
         td.all_reduce(out, op=td.ReduceOp.SUM)
         return out.to(t.device)
 
+    def close(self) -> None:
+        """Leave together: a barrier, then the process group is torn down while every rank is still alive
+        (left to interpreter exit, gloo's threads were sometimes destroyed mid-flight: SIGABRT on one rank)."""
+        if self.world > 1:
+            self.barrier()
+            _leave()
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as td
@@ -121,3 +128,10 @@ class Dist:
             raise CsrError(f"{what} failed on rank {r} of {self.world}{more}: {f}")
         return result
 
+
+def _leave() -> None:
+    """Destroy the process group if it is still up (idempotent; also the atexit fallback)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()

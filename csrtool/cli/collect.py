@@ -88,7 +88,7 @@ def collect(
         manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update, dist=dist)
     if dist.root:
         _show(manifest, loaded, output, json_out)
-    dist.barrier()  # ranks leave together, after rank 0 reported
+    dist.close()  # ranks leave together, after rank 0 reported
 
 
 def _show(manifest: dict, loaded, output: Path, json_out: Optional[Path]) -> None:

@@ -112,7 +112,7 @@ def train_dict(
         report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode)
     if dist.root:
         _show(report, cfg, output, json_out)
-    dist.barrier()  # ranks leave together, after rank 0 reported
+    dist.close()  # ranks leave together, after rank 0 reported
 
 
 def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:
