@@ -8,10 +8,11 @@ Each layer (CSRLayer, modelled on transformers' QuantizedLayer and its residual 
 holds: the first `sink` tokens dense, the coded tokens (indices in the smallest integer
 type that holds N, coefficients in the .csr's format with its per-(batch, head) float32
 scale per coded block), and a dense tail: the last `window` tokens plus at most `block`-1
-tokens waiting to be coded. At the start of an update, tail tokens older than the window
-are coded in one call once there are `block` of them (prefill included: a prompt is
-attended dense, then coded at the next step, as `eval` does with its chunks). With
-block=1 the schedule is exactly eval's CompressedFeed.age.
+tokens waiting to be coded. Right after a step's attention (cache_attention calls
+`age`), tail tokens older than the window are coded in one call once there are `block`
+of them. A prompt is attended dense, as `eval` attends its chunks, and coded at the end
+of its own prefill step, so prefill pays for coding it and decoding starts with the
+codes ready. With block=1 the schedule is exactly eval's CompressedFeed.age.
 
 The codes are made by the functions `compress --bits` and `eval` use (codec.encode_codes,
 codec.quantize_codes, codec.to_code_space with the token's real position, the
@@ -155,7 +156,6 @@ class CSRLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.age(self.cache.block)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.tokens += key_states.shape[2]

@@ -7,7 +7,8 @@
 The registered function looks at the key tensor it is given: a CSRLayer's update marks
 the dense tail it returns with the layer (`key._csr_layer`); for those calls it attends
 over sink + codes + tail with engine.attention.attend (attend_reference when the cache
-was made with reference=True). Any other call (another cache, no cache) goes to the
+was made with reference=True), then lets the layer code the tokens that left its window
+(CSRLayer.age), so a prompt is coded inside its own prefill step. Any other call (another cache, no cache) goes to the
 model's own implementation (sdpa or eager), so leaving it installed changes nothing else.
 
 The mask is the original implementation's (AttentionMaskInterface); the 2-D padding mask
@@ -50,7 +51,9 @@ def csr_attention(inner, module, query, key, value, attention_mask, scaling=None
     cache = layer.cache
     if not layer.k.tokens and not cache.reference:  # nothing coded yet (a prompt's prefill): the slots are sink + tail, dense
         k_all, v_all = torch.cat([layer.sink_k, key], 2), torch.cat([layer.sink_v, value], 2)
-        return inner(module, query, k_all, v_all, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = inner(module, query, k_all, v_all, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        layer.age(cache.block)  # code what left the window now: the step's attention has read it dense, as eval does
+        return out
     dense = [Segment(layer.sink_k, layer.sink_v, 0), Segment(key, value, layer.tail_start)]
     keys = values = None
     if layer.k.tokens:
@@ -61,6 +64,7 @@ def csr_attention(inner, module, query, key, value, attention_mask, scaling=None
         rope=cache.rope if keys is not None else None, key_pos0=layer.key_pos0() if keys is not None else None,
         valid=valid, q_start=layer.tokens - tq, scale=scaling,
     )
+    layer.age(cache.block)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -140,7 +140,6 @@ def test_chunked_pass_equals_eval_runner(key_space):
         want = torch.cat([feed.step(ids[:, s : s + chunk])[None] for s in range(0, ids.shape[1], chunk)], 1)
     with CSRCache.from_dicts(d, model, sparsity=(2, 1), window=window, sink=sink, block=1) as cache:
         got = _feed(model, cache, ids, chunk)
-        cache.layers[1].age(1)  # eval ages after a chunk, the cache before the next one
         assert cache.layers[1].k.tokens == feed.done - sink
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert float((got - _feed(model, None, ids, chunk)).abs().max()) > 1e-3  # the codes are lossy: the check has teeth
@@ -179,8 +178,6 @@ def test_nbytes_within_csr_payload():
     d = tiny_dicts("post-rope")
     with CSRCache.from_dicts(d, model, sparsity=(4, 2), block=1) as cache:
         _feed(model, cache, ids, 50)
-        cache.layers[0].age(1)
-        cache.layers[1].age(1)
         held = cache.nbytes()
         assert held["dicts"] == sum(a.numel() * 4 for a in d.atoms.values())
     payload = sum(
