@@ -3,6 +3,7 @@
     cache = CSRCache.from_dicts(dicts, model, bits=1.0)      # window, sink, block, coef, method
     out = model.generate(**inputs, past_key_values=cache)
     cache.nbytes() -> {"codes", "dense", "dicts", "total"}
+    cache.save("out.csr"); CSRCache.from_csr("out.csr", dicts, model)   # a .csr file and back (cache_file)
 
 Each layer (CSRLayer, modelled on transformers' QuantizedLayer and its residual buffer)
 holds: the first `sink` tokens dense, the coded tokens (indices in the smallest integer
@@ -36,6 +37,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from csrtool import codec
+from csrtool.engine import packing
 from csrtool.engine import rope as _rope
 from csrtool.engine.attention import Codes, Rope
 from csrtool.errors import CsrError
@@ -63,18 +65,41 @@ def _setting(dicts, model, bits, coef, method, uniform, sparsity=None):
     return CSR(dicts, n_layers, heads, head_dim, bits=bits, method=method, coef=coef, rope_info=rope_info(model), uniform=uniform, sparsity=sparsity)
 
 
+def packs_indices(n_atoms: int) -> bool:
+    """Whether a cache holds indices < n_atoms split-packed (engine.packing.pack_split) rather than in
+    index_dtype: when that type would waste more than 25% of its bits on ceil(log2 N)-bit indices and
+    the split layout saves some (N = 9..16 bits: 257..2048 atoms; N <= 16). Else the plain integers."""
+    bits = packing.index_bits(n_atoms)
+    width = torch.iinfo(index_dtype(n_atoms)).bits
+    return bits <= 15 and width - bits > width / 4 and packing.split_bits(bits) < width
+
+
 class _Side:
-    """Codes of one side (K or V) of a layer: idx, q [B, H, T, C, S], scale per block (and per token for int8)."""
+    """Codes of one side (K or V) of a layer: idx, q [B, H, T, C, S], scale per block (and per token for int8).
+
+    Indices are held in index_dtype, or split-packed (packs_indices: low bytes lo [B, H, T, C·S],
+    high fields hi [B, H, T, bytes]) and unpacked to index_dtype when read (`idx`, `codes()`)."""
 
     def __init__(self, atoms: torch.Tensor, mean: torch.Tensor | None, sparsity: int, fmt: str):
         self.atoms, self.mean, self.sparsity, self.fmt = atoms, mean, sparsity, fmt
-        self.idx = self.q = self.vscale = None  # vscale [B, H, T] float16 (int8 only)
+        self.q = self.vscale = None  # vscale [B, H, T] float16 (int8 only)
         self.g = None  # [B, H, blocks] float32
         self.lengths: list[int] = []
+        n = atoms.shape[2]
+        self.bits, self.packed = packing.index_bits(n), packs_indices(n)
+        self._idx = self._lo = self._hi = None  # plain [B, H, T, C, S], or split: lo, hi
 
     @property
     def tokens(self) -> int:
-        return 0 if self.idx is None else self.idx.shape[2]
+        return 0 if self.q is None else self.q.shape[2]
+
+    @property
+    def idx(self) -> torch.Tensor | None:
+        """Indices [B, H, T, C, S] in index_dtype (unpacked here when held packed)."""
+        if not self.packed or self._hi is None:
+            return self._idx
+        b, h, t, c, s = self.q.shape
+        return packing.unpack_split(self._lo, self._hi, c * s, self.bits, index_dtype(self.atoms.shape[2])).view(b, h, t, c, s)
 
     def add(self, x: torch.Tensor, method: str) -> None:
         """Code x [B, H, n, D] (code space, float32) as one block."""
@@ -84,14 +109,19 @@ class _Side:
     def _append(self, idx: torch.Tensor, c: torch.Tensor) -> None:
         b, h, n = idx.shape[:3]
         q, g, v = codec.quantize_codes(c, self.fmt)
-        idx = idx.to(index_dtype(self.atoms.shape[2]))
         q = q.reshape(c.shape)
         g = g.reshape(b, h, 1)
         v = None if v is None else v.reshape(b, h, n)
-        if self.idx is None:
-            self.idx, self.q, self.g, self.vscale = idx, q, g, v
+        if self.packed:
+            lo, hi = packing.pack_split(idx.reshape(b, h, n, -1), self.bits)
+            self._lo, self._hi = (x if old is None or x is None else torch.cat([old, x], 2) for old, x in ((self._lo, lo), (self._hi, hi)))
         else:
-            self.idx, self.q, self.g = torch.cat([self.idx, idx], 2), torch.cat([self.q, q], 2), torch.cat([self.g, g], 2)
+            idx = idx.to(index_dtype(self.atoms.shape[2]))
+            self._idx = idx if self._idx is None else torch.cat([self._idx, idx], 2)
+        if self.q is None:
+            self.q, self.g, self.vscale = q, g, v
+        else:
+            self.q, self.g = torch.cat([self.q, q], 2), torch.cat([self.g, g], 2)
             if v is not None:
                 self.vscale = torch.cat([self.vscale, v], 2)
         self.lengths.append(n)
@@ -100,8 +130,8 @@ class _Side:
         """Append one block of codes idx, coef [B, H, n, C, S] (float coefficients), quantised as a file section."""
         self._append(idx, coef)
 
-    def codes(self) -> Codes:
-        """The engine's view: scale [B, H] (one block) or [B, H, T]."""
+    def scale(self) -> torch.Tensor:
+        """The coefficient scale per token [B, H, T] float32 (int8: times the token's own), or [B, H] for one block of fp8/fp16."""
         if len(self.lengths) == 1:
             scale = self.g[:, :, 0]
         else:
@@ -109,13 +139,26 @@ class _Side:
             scale = self.g.repeat_interleave(lengths, dim=2)
         if self.vscale is not None:
             scale = scale[:, :, None] * self.vscale.float() if scale.dim() == 2 else scale * self.vscale.float()
-        return Codes(self.idx, self.q, self.atoms, scale, self.mean)
+        return scale
+
+    def codes(self) -> Codes:
+        """The engine's view: scale [B, H] (one block) or [B, H, T]."""
+        return Codes(self.idx, self.q, self.atoms, self.scale(), self.mean)
+
+    def coefficients(self) -> torch.Tensor:
+        """The coefficients as numbers, float32 [B, H, T, C, S] (each block's scale applied)."""
+        sc = self.scale()
+        sc = sc[:, :, None] if sc.dim() == 2 else sc
+        return self.q.to(torch.float32) * sc[..., None, None]
+
+    def _held(self) -> tuple:
+        return self._idx, self._lo, self._hi, self.q, self.g, self.vscale
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.idx, self.q, self.g, self.vscale) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._held() if t is not None)
 
     def map_batch(self, fn) -> None:
-        for name in ("idx", "q", "g", "vscale"):
+        for name in ("_idx", "_lo", "_hi", "q", "g", "vscale"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -303,6 +346,13 @@ class CSRCache(Cache):
 
             dicts = load_dicts(Path(dicts))
         return cache_file.load(path, dicts, model, block, reference)
+
+    def save(self, path, model_name: str | None = None) -> int:
+        """Write the cache's tokens to a .csr file (cache_file.save: the waiting tail tokens are coded first,
+        the coefficients quantised once more with one scale per (batch, head)); returns the file's size."""
+        from csrtool import cache_file
+
+        return cache_file.save(self, path, model_name)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         from csrtool import cache_attention

@@ -1,14 +1,26 @@
-"""A .csr file as a CSRCache: its codes are loaded as codes (no dense decompress), and generation continues.
+"""A .csr file as a CSRCache and back: its codes are loaded as codes (no dense decompress), and a
+live cache is written as a normal .csr file (csrtool inspect, decompress and from_csr read it).
 
     load(path, dicts, model, block=32, reference=False) -> CSRCache      (CSRCache.from_csr)
+    save(cache, path, model_name=None) -> bytes written                  (CSRCache.save)
 
-Each layer's key and value sections become: the sink tokens, one coded block (indices
+Loading: each layer's key and value sections become: the sink tokens, one coded block (indices
 in the cache's integer type, coefficients re-quantised to the file's format with the
 file's per-(batch, head) scale: q·g/g rounds back to q, so the codes are the file's),
 and the tail tokens as the dense window. The file's per-layer sparsities, coefficient
 format, window and sink become the cache's. Keys must be coded in the dictionaries' key
 space from a post-RoPE cache (what csrtool cache saves); the file's position offset
 shifts the positions like left padding would.
+
+Saving: the file's layout is sink, coded tokens, then exactly `window` tail tokens
+(codec.spans), and the live tail holds up to block - 1 more: those are coded first, by the
+layer's own `age` with block 1 (so the cache itself moves on: continuing with it or with
+the file gives the same tokens). The sections are built from the codes held, never coded
+again; but a live cache has one coefficient scale per coded block and a section one per
+(batch, head), so the coefficients are dequantised and quantised once more
+(codec.quantized_section): a second rounding, exact for fp16 (its scale is 1 unless a
+coefficient exceeds 32768), within fp8's / int8's step otherwise. The header is the one
+compress writes for a post-RoPE cache of these tokens (csrfile.make_header).
 """
 
 from __future__ import annotations
@@ -79,3 +91,86 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
         layer.tokens = sk[2]
         layer.pad = torch.full((b,), -offset, dtype=torch.int64, device=dev)
     return cache
+
+
+def save(cache, path: Path, model_name: str | None = None) -> int:
+    """Write `cache` (a CSRCache holding tokens) to `path` atomically; returns the file's size (see the module doc)."""
+    from csrtool.formats import csrfile
+
+    offset = _check_savable(cache)
+    for layer in cache.layers:
+        layer.age(1)  # the tail tokens older than the window are coded now: the file holds exactly `window` of them
+    header = _header(cache, offset, model_name)
+    st = cache.setting
+
+    def sections():
+        for i, layer in enumerate(cache.layers):
+            parts = [_section(side, sink, tail, st.coef) for side, sink, tail in ((layer.k, layer.sink_k, layer.keys), (layer.v, layer.sink_v, layer.values))]
+            for part in parts:
+                if not codec.finite_coefficients(part, st.coef):
+                    raise CsrError(f"layer {i}: the cache holds non-finite coefficients; it cannot be saved")
+            yield csrfile.layer_bytes(header, i, *parts)
+
+    return csrfile.write_csr(Path(path), header, sections())
+
+
+def _check_savable(cache) -> int:
+    """The file's position offset (one for the batch), or CsrError saying why the cache cannot be written."""
+    from csrtool.cache import CSRLayer
+
+    if not all(isinstance(x, CSRLayer) for x in cache.layers):
+        raise CsrError(
+            f"{type(cache.model).__name__} has sliding-window layers, which CSRCache keeps dense and a .csr file cannot hold: "
+            "saving (and resuming) works for models whose layers all use full attention"
+        )
+    first = cache.layers[0]
+    if not first.is_initialized or first.tokens == 0:
+        raise CsrError("the cache holds no tokens yet: run the prompt (model.generate) through it before saving it")
+    pads = sorted({int(p) for p in first.pad.tolist()}) if first.pad is not None else [0]
+    if len(pads) > 1:
+        raise CsrError(
+            f"the batch's sequences have different left padding ({pads[0]}..{pads[-1]} tokens) but a .csr file has one "
+            "position offset for all of them: save each sequence from its own cache (generate without padding)"
+        )
+    if pads[0] > 0:
+        raise CsrError(
+            f"every sequence starts with {pads[0]} padding tokens, which a .csr file cannot mark as padding: "
+            "generate without padding (or with at least one unpadded sequence) before saving"
+        )
+    return -pads[0]
+
+
+def _header(cache, offset: int, model_name: str | None):
+    """The header compress writes for these tokens (a post-RoPE cache), from shape-only tensors."""
+    from csrtool.formats import csrfile
+    from csrtool.formats.kvcache import KVCache
+
+    st = cache.setting
+    keys, values, plan = [], [], []
+    for layer in cache.layers:
+        b, h, _, dk = layer.keys.shape
+        keys.append(torch.empty(b, h, layer.tokens, dk, dtype=layer.keys.dtype, device="meta"))
+        values.append(torch.empty(b, h, layer.tokens, layer.values.shape[3], dtype=layer.values.dtype, device="meta"))
+        plan.append((layer.k.sparsity, layer.v.sparsity))
+    cfg = codec.CodecConfig(
+        max(p[0] for p in plan), max(p[1] for p in plan), st.coef, st.method, cache.window, cache.sink,
+        layer_sparsity=None if len(set(plan)) == 1 else tuple(plan),
+    )
+    if model_name is None:
+        model_name = getattr(cache.model, "name_or_path", None) or None
+    meta = {
+        "model": model_name, "dtype": codec.DTYPE_NAMES.get(keys[0].dtype, str(keys[0].dtype)), "key_space": "post-rope",
+        "rope": st.rope_info, "position_offset": offset, "tokens": cache.layers[0].tokens, "source": "CSRCache.save",
+    }
+    return csrfile.make_header(KVCache(keys, values, meta), st.dicts, cfg)
+
+
+def _section(side, sink: torch.Tensor, tail: torch.Tensor, coef: str) -> codec.SectionCodes:
+    """One side's section from the codes held (coefficients quantised again, one scale per (b, h))."""
+    b, h = tail.shape[:2]
+    if side.tokens:
+        idx, cf = side.idx, side.coefficients()
+    else:
+        shape = (b, h, 0, side.atoms.shape[1], side.sparsity)
+        idx, cf = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape)
+    return codec.quantized_section(idx, cf, torch.cat([sink, tail], 2), coef)

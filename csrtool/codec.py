@@ -287,12 +287,10 @@ def encode_section(
     b, h, tc, _ = x_code.shape
     if tc:
         idx, cf = encode_codes(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method)
-        q, g, v = quantize_codes(cf, coef)
     else:
-        idx = torch.zeros(b, h, 0, c, sparsity, dtype=torch.int64)
-        q, g, v = packing.quantize(torch.zeros(b * h, 0, c * sparsity), coef)
-    codes = SectionCodes(idx.cpu(), q.cpu(), g.to(torch.float32).cpu(), None if v is None else v.cpu(), x_tail.contiguous().cpu())
-    if not _finite_coefficients(codes, coef):
+        idx, cf = torch.zeros(b, h, 0, c, sparsity, dtype=torch.int64), torch.zeros(b, h, 0, c, sparsity)
+    codes = quantized_section(idx, cf, x_tail, coef)
+    if not finite_coefficients(codes, coef):
         big = float(x_code.abs().max()) if x_code.numel() else 0.0
         raise CsrError(
             f"values too large to code (max |x| = {big:.3g}; the coefficients overflow float32): "
@@ -301,7 +299,14 @@ def encode_section(
     return codes
 
 
-def _finite_coefficients(codes: SectionCodes, coef: str) -> bool:
+def quantized_section(idx: torch.Tensor, cf: torch.Tensor, verbatim: torch.Tensor, coef: str) -> SectionCodes:
+    """A section (on the CPU) from codes idx, cf [B, H, Tc, C, S] (float coefficients, quantised here with one
+    scale per (b, h) as the file stores them) and the verbatim tokens [B, H, s + w, D]."""
+    q, g, v = quantize_codes(cf, coef)
+    return SectionCodes(idx.to(torch.int64).cpu(), q.cpu(), g.to(torch.float32).cpu(), None if v is None else v.cpu(), verbatim.contiguous().cpu())
+
+
+def finite_coefficients(codes: SectionCodes, coef: str) -> bool:
     cf = packing.dequantize(codes.q, codes.g, codes.v, coef)
     return bool(torch.isfinite(codes.g).all() and torch.isfinite(cf).all())
 

@@ -190,6 +190,37 @@ def test_nbytes_within_csr_payload():
     assert held["total"] * 3 < dense
 
 
+def test_nbytes_within_csr_payload_with_packed_indices():
+    """N = 1024: 10-bit indices would waste 6 of int16's 16 bits (1.33x the payload); held split-packed, 10 bits."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (1, 200), generator=g)
+    with CSRCache.from_dicts(tiny_dicts("post-rope", n=1024), model, sparsity=(4, 2), block=1) as cache:
+        _feed(model, cache, ids, 50)
+        held = cache.nbytes()
+        side = cache.layers[0].k
+        assert side.packed and side._idx is None and side.idx.dtype == torch.int16 and int(side.idx.max()) >= 512
+    payload = sum(
+        csrsection.section_nbytes((1, 2, 200, 8), 1024, 1, 4, "fp8", codec.DEFAULT_WINDOW, torch.float32, codec.DEFAULT_SINK)
+        + csrsection.section_nbytes((1, 2, 200, 8), 1024, 2, 2, "fp8", codec.DEFAULT_WINDOW, torch.float32, codec.DEFAULT_SINK)
+        for _ in range(2)
+    )
+    assert payload <= held["total"] <= 1.05 * payload, (held, payload)  # the per-block scales are the difference
+
+
+@pytest.mark.parametrize("key_space", ["post-rope", "pre-rope"])
+def test_packed_indices_give_the_uncompressed_text(key_space):
+    """Exact codes over 1024 atoms (indices held split-packed, unpacked at every step): plain generate's text."""
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    plain = model.generate(**kw)
+    with CSRCache.from_dicts(tiny_dicts(key_space, n=1024, centred=True), model, sparsity=(8, 4), coef="fp16", block=3) as cache:
+        out = model.generate(**kw, past_key_values=cache)
+        assert cache.layers[1].v.packed and cache.layers[1].v.tokens > 40
+    assert torch.equal(out, plain)
+
+
 def test_unsupported_things_raise_clear_errors():
     model = tiny_model("llama")
     ids, mask = padded_batch(20)

@@ -5,6 +5,8 @@ Pure torch, device-agnostic, no Python loop per element:
     index_bits(N) -> b = ceil(log2 N)
     pack_indices(idx [n] int, b) -> uint8 [ceil(n*b/8)]      LSB-first bit stream
     unpack_indices(buf uint8, n, b) -> int64 [n]
+    pack_split(idx [..., K], b) -> (lo uint8 [..., K] | None, hi uint8 [..., ceil(K*w/8)])   in memory
+    unpack_split(lo, hi, K, b, dtype) -> [..., K]
     quantize(coef [G, M, K], fmt) -> (q [G, M, K], g [G] f32, v [G, M] f16 | None)
     dequantize(q, g, v, fmt) -> float32 [G, M, K]
 
@@ -82,6 +84,55 @@ def _unpack(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, bool]:
     weights = 1 << torch.arange(bits, device=buf.device, dtype=torch.int64)
     idx = (stream[: n * bits].reshape(n, bits).to(torch.int64) * weights).sum(dim=1)
     return idx, pad_ok
+
+
+# ---------------------------------------------------------------- split layout (indices held in memory)
+#
+# The file's bit stream is compact but slow to read back with torch ops (a gather per byte an
+# index spans). A cache that reads its indices at every decode step holds them split instead:
+# the low 8 bits as one byte per index (indices of b > 8 bits), the rest in w-bit fields
+# (w = 1, 2, 4 or 8: b - 8, or b itself when b <= 8, rounded up to a power of two) packed LSB
+# first into the bytes of each row of K indices. Reading back is a shift, a mask and a
+# multiply-add over bytes: ~0.07 ms for 49k 10-bit indices on one CPU core, against ~0.48 ms
+# for the stream (docs/generate.md, "Bytes").
+
+
+def split_fields(bits: int) -> tuple[int, int]:
+    """(low bytes: 1 if bits > 8 else 0, w: bits per high field) of the split layout, bits <= 16."""
+    assert 1 <= bits <= 16, bits
+    low = 1 if bits > 8 else 0
+    return low, 1 << (bits - 8 * low - 1).bit_length()
+
+
+def split_bits(bits: int) -> int:
+    """Bits the split layout spends on one index (rows padded to whole bytes not counted)."""
+    low, w = split_fields(bits)
+    return 8 * low + w
+
+
+def pack_split(idx: torch.Tensor, bits: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Indices [..., K] (non-negative, < 2**bits) -> (low bytes uint8 [..., K] or None, high fields uint8 [..., ceil(K·w/8)])."""
+    low, w = split_fields(bits)
+    x = idx.to(torch.int32)
+    lo = (x & 255).to(torch.uint8) if low else None
+    h = x >> 8 if low else x
+    per = 8 // w
+    pad = (-x.shape[-1]) % per
+    if pad:
+        h = torch.cat([h, h.new_zeros(*h.shape[:-1], pad)], -1)
+    shifts = torch.arange(0, 8, w, device=x.device, dtype=torch.int32)
+    hi = (h.view(*h.shape[:-1], -1, per) << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+    return lo, hi
+
+
+def unpack_split(lo: torch.Tensor | None, hi: torch.Tensor, k: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of pack_split: indices [..., K] in `dtype` (an integer type that holds 2**bits - 1)."""
+    low, w = split_fields(bits)
+    shifts = torch.arange(0, 8, w, device=hi.device, dtype=torch.uint8)
+    h = (hi[..., None] >> shifts).bitwise_and_((1 << w) - 1).flatten(-2)[..., :k]
+    if lo is None:
+        return h.to(dtype)
+    return h.to(dtype).mul_(256).add_(lo)
 
 
 def quantize(coef: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -6,6 +6,7 @@ this module frames them and reads them back.
     check_fit(cache, dicts) -> (shapes, G, C)    the dictionaries fit the cache, or CsrError
     make_header(cache, dicts, cfg) -> CsrHeader
     write_csr(path, header, sections)        sections: iterable of (key bytes, value bytes) per layer
+    layer_bytes(header, l, ck, cv) -> (key bytes, value bytes)   codec.SectionCodes -> bytes, parsed back
     open_csr(path) -> CsrReader              verifies everything before any payload is decoded
     CsrReader.layers(dicts) -> iter of (l, k, v)   decoded layer by layer (bounded memory)
     read_csr(path, dicts) -> KVCache
@@ -120,11 +121,20 @@ def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader) -> Iterat
                 k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.rope,
                 (dicts.mean(i, "k"), dicts.mean(i, "v")),
             )
-            kb, vb = section_bytes(ck, header.n_atoms), section_bytes(cv, header.n_atoms)
-            _parse_layer(header, i, kb, vb)
         except CsrError as exc:
             raise CsrError(f"cache layer {i}: {exc}") from None
-        yield kb, vb
+        yield layer_bytes(header, i, ck, cv)
+
+
+def layer_bytes(header: CsrHeader, i: int, ck: codec.SectionCodes, cv: codec.SectionCodes) -> tuple[bytes, bytes]:
+    """Layer i's (key bytes, value bytes), parsed back before they are handed out: nothing is
+    written that decompress would refuse (CsrError naming the layer instead)."""
+    try:
+        kb, vb = section_bytes(ck, header.n_atoms), section_bytes(cv, header.n_atoms)
+        _parse_layer(header, i, kb, vb)
+    except CsrError as exc:
+        raise CsrError(f"cache layer {i}: {exc}") from None
+    return kb, vb
 
 
 def _parse_layer(hd: CsrHeader, i: int, kb: bytes, vb: bytes) -> tuple[codec.SectionCodes, codec.SectionCodes]:
