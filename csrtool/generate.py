@@ -1,6 +1,6 @@
 """Generate text on a compressed cache (CSRCache), with its speed and bytes.
 
-    run(model, tokenizer, prompt, cache, max_new_tokens, on_text, do_sample=False) -> Generation
+    run(model, tokenizer, prompt, cache, max_new_tokens, on_text, do_sample=False, keep_last=False) -> Generation
 
 A cache that already holds tokens (CSRCache.from_csr) is continued: `prompt` follows them.
 
@@ -93,8 +93,14 @@ def dynamic_nbytes(model, tokens: int, batch: int = 1) -> int:
 
 
 @torch.no_grad()
-def run(model, tokenizer, prompt: str, cache, max_new_tokens: int, on_text: Callable[[str], None] | None = None, do_sample: bool = False) -> Generation:
-    """Generate up to max_new_tokens after `prompt` through `cache`, streaming the text to on_text."""
+def run(
+    model, tokenizer, prompt: str, cache, max_new_tokens: int, on_text: Callable[[str], None] | None = None, do_sample: bool = False,
+    keep_last: bool = False,
+) -> Generation:
+    """Generate up to max_new_tokens after `prompt` through `cache`, streaming the text to on_text.
+
+    generate() never runs its last new token through the model; keep_last=True does, after the
+    timings and byte counts, so the cache then holds the prompt and every new token (to save it)."""
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     stream = _Stream(tokenizer, on_text)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -110,4 +116,7 @@ def run(model, tokenizer, prompt: str, cache, max_new_tokens: int, on_text: Call
     new = out.shape[1] - enc["input_ids"].shape[1]
     first = stream.first_at or t1
     held = cache.nbytes() if hasattr(cache, "nbytes") else {"total": dynamic_nbytes(model, out.shape[1] - 1)}
-    return Generation(stream.shown, n_prompt, new, first - t0, t1 - first, held, dynamic_nbytes(model, cache.get_seq_length()))
+    result = Generation(stream.shown, n_prompt, new, first - t0, t1 - first, held, dynamic_nbytes(model, cache.get_seq_length()))
+    if keep_last and new:
+        model(input_ids=out[:, -1:], past_key_values=cache, use_cache=True)
+    return result

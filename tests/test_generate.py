@@ -118,3 +118,37 @@ def test_cli_generate_resume_from_csr(tiny_llama_dir, tmp_path):
     doc = json.loads(out_json.read_text())
     assert doc["prompt_tokens"] == len(", and then") and doc["new_tokens"] == 6
     assert doc["dynamic_cache_bytes"] == 2 * 2 * 2 * (ids.shape[1] + len(", and then") + 5) * 8 * 4
+
+
+def test_cli_generate_save_then_inspect_decompress_resume(tiny_llama_dir, tmp_path):
+    """`generate --save` writes a .csr that inspect and decompress read and `generate --resume` continues;
+    the file holds the prompt and every new token (the last one is run through the model before saving)."""
+    from csrtool.formats.kvcache import load_cache
+    from test_cache_save import file_dicts
+
+    d = file_dicts("pre-rope", n=1024)
+    dpath = tmp_path / "d.safetensors"
+    save_dicts(dpath, d.atoms, {"n_atoms": 1024}, {"key_space": "pre-rope", "model": "tiny"}, {}, means=d.means)
+    prompt, base = "a long prompt, compressed once and reused", ["--model", str(tiny_llama_dir), "--dicts", str(dpath), "--device", "cpu"]
+    saved, first = tmp_path / "p.csr", tmp_path / "g1.json"
+    res = CliRunner().invoke(app, ["generate", *base, "--bits", "4", "--max-new-tokens", "9", "--save", str(saved), "--json", str(first), prompt])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(first.read_text())
+    assert doc["saved"] == {"path": str(saved), "bytes": saved.stat().st_size, "tokens": len(prompt) + 9}
+    assert "saved 50 tokens" in res.stderr
+    res = CliRunner().invoke(app, ["generate", *base, "--max-new-tokens", "2", "--save", str(saved), "hi"])
+    assert res.exit_code == 1 and "already exists" in res.output  # before any generation
+    res = CliRunner().invoke(app, ["inspect", str(saved), "--json"])
+    assert res.exit_code == 0, res.output
+    header = json.loads(res.stdout)["header"]
+    assert header["layers"][0] == [1, 2, len(prompt) + 9, 8, 8] and header["codec"]["key_space"] == "pre-rope"
+    assert header["model"] == str(tiny_llama_dir) and header["rope"]["position_offset"] == 0
+    res = CliRunner().invoke(app, ["decompress", str(saved), "--dicts", str(dpath), "-o", str(tmp_path / "kv.pt")])
+    assert res.exit_code == 0, res.output
+    assert load_cache(tmp_path / "kv.pt").keys[1].shape == (1, 2, len(prompt) + 9, 8)
+    second = tmp_path / "g2.json"
+    res = CliRunner().invoke(app, ["generate", *base, "--resume", str(saved), "--max-new-tokens", "4", "--json", str(second), " and then"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(second.read_text())
+    assert doc["prompt_tokens"] == len(" and then") and doc["new_tokens"] == 4
+    assert doc["dynamic_cache_bytes"] == 2 * 2 * 2 * (len(prompt) + 9 + len(" and then") + 3) * 8 * 4

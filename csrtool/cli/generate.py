@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from csrtool.cli import app
-from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, err, guarded, write_json
+from csrtool.cli.common import AllowDownloadOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, err, guarded, write_json
 from csrtool.errors import CsrError
 
 
@@ -31,6 +31,8 @@ def generate(
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from this UTF-8 file.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample (the model's generation config) instead of greedy decoding.")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a .csr file (csrtool compress of this model's cache with these dictionaries): the prompt follows its tokens.")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the cache (prompt and new tokens) to this .csr file afterwards: --resume continues from it, csrtool inspect/decompress read it.")] = None,
+    force: ForceOpt = False,
     reference: Annotated[bool, typer.Option("--reference", help="Attend by reconstructing the history (slow reference path) instead of on the codes.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -43,6 +45,7 @@ def generate(
     compress --bits codes them (same per-layer plan, key space, coefficients);
     attention runs on the codes. The text streams to stdout; prefill and decode
     speed and the cache's bytes (next to an uncompressed cache's) go to stderr.
+    --save writes the cache as a .csr file (its codes, not coded again) for --resume.
     """
     from csrtool import codec
     from csrtool import generate as gen
@@ -59,6 +62,10 @@ def generate(
             raise CsrError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
     if max_new_tokens < 1:
         raise CsrError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if save is not None:
+        from csrtool.formats.io import check_output
+
+        check_output(save, force=force)
     ds = load_dicts(dicts)
     loaded = load_model(model, device, dtype, allow_download)
     blk = DEFAULT_BLOCK if block is None else block
@@ -78,7 +85,10 @@ def generate(
             sys.stdout.flush()
 
     with cache:
-        result = gen.run(loaded.model, loaded.tokenizer, prompt, cache, max_new_tokens, show, do_sample=sample)
+        result = gen.run(loaded.model, loaded.tokenizer, prompt, cache, max_new_tokens, show, do_sample=sample, keep_last=save is not None)
+        saved = None
+        if save is not None:
+            saved = {"path": str(save), "bytes": cache.save(save, loaded.name), "tokens": cache.get_seq_length()}
     if to_stdout:
         sys.stdout.write("\n")
     held = result.cache_bytes
@@ -88,5 +98,8 @@ def generate(
         f"vs {_mb(result.dynamic_bytes)} in a DynamicCache ({result.dynamic_bytes / max(1, held['total']):.1f}x smaller)",
         highlight=False,
     )
+    if saved is not None:
+        dyn = gen.dynamic_nbytes(loaded.model, saved["tokens"])
+        err.print(f"saved {saved['tokens']} tokens to {save}: {_mb(saved['bytes'])} ({dyn / saved['bytes']:.1f}x smaller than a DynamicCache)", highlight=False)
     if json_out is not None:
-        write_json(json_out, {**result.to_json(), "bits": bits, "model": model, "dicts": str(dicts), "plan": cache.setting.describe()})
+        write_json(json_out, {**result.to_json(), "bits": bits, "model": model, "dicts": str(dicts), "plan": cache.setting.describe(), "saved": saved})
