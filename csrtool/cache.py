@@ -7,7 +7,7 @@
 
 Each layer (CSRLayer, modelled on transformers' QuantizedLayer and its residual buffer)
 holds: the first `sink` tokens dense, the coded tokens (indices in the smallest integer
-type that holds N, coefficients in the .csr's format with its per-(batch, head) float32
+type that holds N, or split-packed where that type wastes > 25% (packs_indices), coefficients in the .csr's format with its per-(batch, head) float32
 scale per coded block), and a dense tail: the last `window` tokens plus at most `block`-1
 tokens waiting to be coded. Right after a step's attention (cache_attention calls
 `age`), tail tokens older than the window are coded in one call once there are `block`
