@@ -208,6 +208,13 @@ def test_nbytes_within_csr_payload_with_packed_indices():
     assert payload <= held["total"] <= 1.05 * payload, (held, payload)  # the per-block scales are the difference
 
 
+def test_indices_are_packed_where_the_integer_type_wastes_over_a_quarter():
+    from csrtool.cache import packs_indices
+
+    sizes = (2, 16, 17, 64, 256, 257, 512, 1024, 2048, 2049, 4096, 32768, 65536)
+    assert [n for n in sizes if packs_indices(n)] == [2, 16, 257, 512, 1024, 2048]  # 1-4 bits of uint8, 9-11 bits of int16
+
+
 @pytest.mark.parametrize("key_space", ["post-rope", "pre-rope"])
 def test_packed_indices_give_the_uncompressed_text(key_space):
     """Exact codes over 1024 atoms (indices held split-packed, unpacked at every step): plain generate's text."""

@@ -108,3 +108,19 @@ def test_fp8_group_scale_uses_full_range():
     q, g, _ = packing.quantize(c, "fp8")
     assert g.item() == pytest.approx(1000.0 / 448)
     assert q.float().abs().max().item() == 448.0
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_split_layout_roundtrip(bits):
+    """pack_split/unpack_split: every index value back, for rows of K indices whose high fields fill part of a byte or several."""
+    g = torch.Generator().manual_seed(bits)
+    dtype = torch.uint8 if bits <= 8 else torch.int32
+    for k in (1, 2, 3, 4, 5, 8, 12):
+        idx = torch.randint(0, 1 << bits, (2, 3, 7, k), generator=g)
+        idx[0, 0, 0] = (1 << bits) - 1  # the largest index
+        lo, hi = packing.pack_split(idx, bits)
+        low, w = packing.split_fields(bits)
+        assert (lo is None) == (bits <= 8) and hi.shape == (2, 3, 7, -(-k * w // 8)) and hi.dtype == torch.uint8
+        out = packing.unpack_split(lo, hi, k, bits, dtype)
+        assert out.dtype == dtype and torch.equal(out.long(), idx)
+    assert packing.split_bits(bits) == 8 * low + w and w in (1, 2, 4, 8) and 8 * low + w >= bits
