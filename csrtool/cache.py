@@ -7,8 +7,8 @@
 
 Each layer (CSRLayer, modelled on transformers' QuantizedLayer and its residual buffer)
 holds: the first `sink` tokens dense, the coded tokens (indices in the smallest integer
-type that holds N, or split-packed where that type wastes > 25% (packs_indices), coefficients in the .csr's format with its per-(batch, head) float32
-scale per coded block), and a dense tail: the last `window` tokens plus at most `block`-1
+type that holds N, or split-packed where that type wastes > 25% (packs_indices);
+coefficients in the .csr's format with its per-(batch, head) float32 scale per coded block), and a dense tail: the last `window` tokens plus at most `block`-1
 tokens waiting to be coded. Right after a step's attention (cache_attention calls
 `age`), tail tokens older than the window are coded in one call once there are `block`
 of them. A prompt is attended dense, as `eval` attends its chunks, and coded at the end
@@ -114,16 +114,10 @@ class _Side:
         v = None if v is None else v.reshape(b, h, n)
         if self.packed:
             lo, hi = packing.pack_split(idx.reshape(b, h, n, -1), self.bits)
-            self._lo, self._hi = (x if old is None or x is None else torch.cat([old, x], 2) for old, x in ((self._lo, lo), (self._hi, hi)))
+            self._lo, self._hi = _cat(self._lo, lo), _cat(self._hi, hi)
         else:
-            idx = idx.to(index_dtype(self.atoms.shape[2]))
-            self._idx = idx if self._idx is None else torch.cat([self._idx, idx], 2)
-        if self.q is None:
-            self.q, self.g, self.vscale = q, g, v
-        else:
-            self.q, self.g = torch.cat([self.q, q], 2), torch.cat([self.g, g], 2)
-            if v is not None:
-                self.vscale = torch.cat([self.vscale, v], 2)
+            self._idx = _cat(self._idx, idx.to(index_dtype(self.atoms.shape[2])))
+        self.q, self.g, self.vscale = _cat(self.q, q), _cat(self.g, g), _cat(self.vscale, v)
         self.lengths.append(n)
 
     def put(self, idx: torch.Tensor, coef: torch.Tensor) -> None:
@@ -151,17 +145,21 @@ class _Side:
         sc = sc[:, :, None] if sc.dim() == 2 else sc
         return self.q.to(torch.float32) * sc[..., None, None]
 
-    def _held(self) -> tuple:
-        return self._idx, self._lo, self._hi, self.q, self.g, self.vscale
+    _HELD = ("_idx", "_lo", "_hi", "q", "g", "vscale")
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._held() if t is not None)
+        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._HELD) if t is not None)
 
     def map_batch(self, fn) -> None:
-        for name in ("_idx", "_lo", "_hi", "q", "g", "vscale"):
+        for name in self._HELD:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+
+
+def _cat(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    """old then new along the tokens (dim 2); either may be None."""
+    return new if old is None else old if new is None else torch.cat([old, new], 2)
 
 
 class CSRLayer(DynamicLayer):
