@@ -177,7 +177,8 @@ class CSRLayer(DynamicLayer):
         self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, st.coef)
         self.sink_k = self.sink_v = None  # [B, H, <= sink, D]
         self.tokens = 0  # slots held (sink + coded + tail)
-        self.pad: torch.Tensor | None = None  # [B] left padding, learnt from the attention mask
+        self.pad: torch.Tensor | None = None  # [B] left padding, learnt from the attention mask (plus offset)
+        self.offset = 0  # slot - position of the first slot (a .csr file's -position_offset, see cache_file.load)
 
     # ------------------------------------------------------------ layout
     @property
@@ -248,7 +249,7 @@ class CSRLayer(DynamicLayer):
         if valid is None:
             return
         first = valid.to(torch.int8).argmax(dim=1)  # first real token; an all-padding row gives 0
-        self.pad = first.to(torch.int64)
+        self.pad = first.to(torch.int64) + self.offset
 
     # ------------------------------------------------------------ transformers' Cache API
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

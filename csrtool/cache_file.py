@@ -89,6 +89,7 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
         layer.sink_k, layer.sink_v = verb[0][:, :, :s], verb[1][:, :, :s]
         layer.keys, layer.values = verb[0][:, :, s:].contiguous(), verb[1][:, :, s:].contiguous()
         layer.tokens = sk[2]
+        layer.offset = -offset  # kept when the attention mask is learnt (note_valid)
         layer.pad = torch.full((b,), -offset, dtype=torch.int64, device=dev)
     return cache
 

@@ -309,3 +309,15 @@ def test_two_caches_on_one_model():
     torch.testing.assert_close(_feed(model, b, ids, 10), _feed(model, None, ids, 10), rtol=1e-3, atol=1e-3)
     b.close()
     assert not cache_attention.installed(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_learnt_padding_keeps_a_files_position_offset():
+    """A layer resumed from a .csr file with position_offset p sits at slot - (pad + offset); a mask must not drop p."""
+    model = tiny_model("llama")
+    with CSRCache.from_dicts(tiny_dicts("pre-rope"), model, sparsity=(2, 1)) as cache:
+        layer = cache.layers[0]
+        layer.offset = -5  # what cache_file.load sets for position_offset 5
+        layer.note_valid(torch.tensor([[True, True, True], [False, True, True]]))
+        assert layer.pad.tolist() == [-5, -4]
+        layer.keys = torch.zeros(2, 2, 0, 8)
+        assert layer.key_pos0().tolist() == [layer.n_sink + 5, layer.n_sink + 4]
