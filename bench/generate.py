@@ -2,8 +2,10 @@
 
 A prompt of --tokens tokens of the built-in held-out text, then --new greedy tokens, one
 forward per step (the loop generate() runs, timed per phase):
-- prefill: the prompt's forward (both caches attend densely; CSRCache keeps it dense);
-- first step: CSRCache codes the whole prompt there (one encode call per layer side);
+- prefill: the prompt's forward (both caches attend densely; CSRCache then codes the
+  prompt inside the same forward, one encode call per layer side, right after each
+  layer's attention);
+- first step: the first decode step, timed apart (warm-up);
 - decode: the remaining steps, tokens/s (CSRCache codes a block every --block steps).
 Rounds alternate the two caches; medians over rounds. Bytes: cache.nbytes() vs the
 DynamicCache's tensors after the last step.
