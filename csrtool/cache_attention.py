@@ -1,6 +1,6 @@
 """Attention on a CSRCache's codes inside a transformers model.
 
-    release = install(model)     # registers "csrtool_csr_<impl>" and switches the model to it (counted per model)
+    release = install(model)     # attention_hook.install(model, csr_attention), counted per model
     installed(model) -> bool
     release()                    # the model's own implementation again, once every cache released it
 
@@ -8,8 +8,9 @@ The registered function looks at the key tensor it is given: a CSRLayer's update
 the dense tail it returns with the layer (`key._csr_layer`); for those calls it attends
 over sink + codes + tail with engine.attention.attend (attend_reference when the cache
 was made with reference=True), then lets the layer code the tokens that left its window
-(CSRLayer.age), so a prompt is coded inside its own prefill step. Any other call (another cache, no cache) goes to the
-model's own implementation (sdpa or eager), so leaving it installed changes nothing else.
+(CSRLayer.age), so a prompt is coded inside its own prefill step. Any other call (another
+cache, no cache) goes to the implementation it wraps (sdpa or eager), so leaving it
+installed changes nothing else.
 
 The mask is the original implementation's (AttentionMaskInterface); the 2-D padding mask
 the engine needs is its last query row (that query sees every earlier key of its sequence).
@@ -17,15 +18,14 @@ the engine needs is its last query row (that query sees every earlier key of its
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 
+from csrtool import attention_hook
+from csrtool.attention_hook import current
 from csrtool.engine.attention import Segment, attend, attend_reference
 from csrtool.errors import CsrError
 
-PREFIX = "csrtool_csr_"
+PREFIX = attention_hook.FAMILY + "csr_"
 
 
 def _valid(mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
@@ -68,42 +68,21 @@ def csr_attention(inner, module, query, key, value, attention_mask, scaling=None
     return out.transpose(1, 2).contiguous(), None
 
 
-def _inner(model, impl: str):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if impl == "sdpa":
-        return sdpa_attention_forward
-    if impl == "eager":
-        fn = getattr(importlib.import_module(type(model).__module__), "eager_attention_forward", None)
-        if fn is not None:
-            return fn
-    raise CsrError(f"CSRCache works with the sdpa or eager attention implementations, not {impl!r}: load the model with attn_implementation='sdpa'")
-
-
-def _configs(model):
-    """The model's config and its decoder config (multimodal models nest it)."""
-    from csrtool.models import text_config
-
-    top = model.config
-    inner = text_config(top)
-    return [top] if inner is top else [top, inner]
-
-
 def installed(model) -> bool:
-    return all(str(getattr(c, "_attn_implementation", "")).startswith(PREFIX) for c in _configs(model))
+    return str(current(model)).startswith(PREFIX)
 
 
-_USERS: dict[int, list] = {}  # id(model) -> [open caches, restore]
+_USERS: dict[int, list] = {}  # id(model) -> [open caches, release]
 
 
 def install(model):
-    """Route the model's attention through csr_attention; returns a function that undoes it once
-    every cache that installed it on this model has called its own."""
+    """Route the model's attention through csr_attention (attention_hook.install); returns a function that
+    undoes it once every cache that installed it on this model has called its own."""
     key = id(model)
     if key in _USERS and installed(model):
         _USERS[key][0] += 1
     else:
-        _USERS[key] = [1, _switch(model)]
+        _USERS[key] = [1, attention_hook.install(model, csr_attention, prefix=PREFIX)]
     done = []
 
     def release() -> None:
@@ -119,23 +98,3 @@ def install(model):
             del _USERS[key]
 
     return release
-
-
-def _switch(model):
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    configs = _configs(model)
-    orig = [getattr(c, "_attn_implementation", None) for c in configs]
-    impl = orig[-1] or "sdpa"
-    name = PREFIX + impl + "_" + type(model).__name__
-    AttentionInterface.register(name, functools.partial(csr_attention, _inner(model, impl)))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
-    for c in configs:
-        c._attn_implementation = name
-
-    def restore() -> None:
-        for c, o in zip(configs, orig):
-            c._attn_implementation = o
-
-    return restore
