@@ -166,3 +166,20 @@ def test_cache_meta_naming_a_missing_layer_is_refused(gemma):
     cache = KVCache(gemma["post"], gemma["values"], {"key_space": "post-rope", "rope": rope})
     with pytest.raises(CsrError, match=r"cache meta.rope.layers\[0\].layer is 5 but there are only 2 layers: the cache meta is inconsistent"):
         csrfile.make_header(cache, identity_dicts(), codec.CodecConfig(4, 2, "fp16", "omp"))
+
+
+def test_eval_csr_codes_each_layer_before_its_own_rope(gemma):
+    """eval's CSR method (Reconstructor) on Gemma 3 with S = 4 of 8 unit-vector atoms: each key keeps its 4 largest
+    pre-RoPE coordinates (the k_norm output's, see test_collect), rotated back with the layer's own theta."""
+    from csrtool.engine import rope
+    from csrtool.eval.csr import CSR
+
+    method = CSR(identity_dicts(), 2, 2, 8, sparsity=(4, 2), method="omp", coef="fp16", rope_info=gemma["rope"])
+    t = gemma["post"][0].shape[2]
+    for layer, inv in ((0, SLIDING), (1, FULL)):
+        got = method.reconstruct(layer, "k", gemma["post"][layer][:, :, 10:], torch.arange(10, t))
+        pre = gemma["pre"][layer][:, :, 10:]
+        top = pre.abs().topk(4, dim=-1).indices
+        kept = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
+        want = rope.rotate(kept, torch.arange(10, t), torch.tensor(inv))
+        assert torch.allclose(got, want, atol=2e-3), layer
