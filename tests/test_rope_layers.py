@@ -142,7 +142,7 @@ def _edited(raw: bytes, edit, version: int | None = None) -> bytes:
 
 @pytest.mark.parametrize("edit,says", [
     (lambda o: o["rope"]["layers"][0].update(layer=2), "rope.layers[0].layer is 2 but there are only 2 layers"),
-    (lambda o: o["rope"].pop("layers"), "rope.layers is required in a version 3 header"),
+    (lambda o: o["rope"].pop("layers"), "rope.layers (per-layer rotations) is required in a version 3 header"),
     (lambda o: o.update(version=1), "rope.layers (per-layer rotations) is only allowed in a version 3 header"),
     (lambda o: o["rope"]["layers"][0]["inv_freq"].append(1.0), "rope.layers[0].inv_freq has 5 entries but rope.inv_freq has 4"),
 ])
@@ -183,3 +183,30 @@ def test_eval_csr_codes_each_layer_before_its_own_rope(gemma):
         kept = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
         want = rope.rotate(kept, torch.arange(10, t), torch.tensor(inv))
         assert torch.allclose(got, want, atol=2e-3), layer
+
+
+def test_cli_cache_compress_decompress_on_gemma3(tiny_model_dirs, tmp_path):
+    """csrtool cache saves the per-layer rotations in the cache meta; compress with pre-RoPE dictionaries writes
+    a version 3 file; decompress gives each layer exactly eval's round trip of its keys."""
+    from typer.testing import CliRunner
+
+    from csrtool.cli import app
+    from csrtool.formats.kvcache import load_cache
+
+    run = CliRunner().invoke
+    res = run(app, ["cache", "-m", str(tiny_model_dirs["gemma3"]), "--prompt", "The quick brown fox. " * 4, "-o", str(tmp_path / "c.pt")])
+    assert res.exit_code == 0, res.output
+    kv = load_cache(tmp_path / "c.pt")
+    assert [r["layer"] for r in kv.meta["rope"]["layers"]] == [1]
+    ds = identity_dicts()
+    save_dicts(tmp_path / "d.safetensors", ds.atoms, {"n_atoms": 16}, ds.source, {})
+    res = run(app, ["compress", str(tmp_path / "c.pt"), "--dicts", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "c.csr"),
+                    "--sparsity", "4,2", "--coef", "fp16", "--window", "3"])
+    assert res.exit_code == 0, res.output
+    assert csrfile.open_csr(tmp_path / "c.csr").header.version == 3
+    res = run(app, ["decompress", str(tmp_path / "c.csr"), "--dicts", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "b.pt")])
+    assert res.exit_code == 0, res.output
+    back, sink = load_cache(tmp_path / "b.pt"), codec.DEFAULT_SINK
+    for layer in range(2):
+        want = codec.roundtrip_keys(kv.keys[layer][:, :, sink:-3], ds.get(layer, "k"), 4, "fp16", "omp", sink, kv.meta["rope"], layer=layer)
+        assert torch.equal(back.keys[layer][:, :, sink:-3], want), layer

@@ -216,7 +216,7 @@ def header_from_json(obj: object) -> CsrHeader:
     rope_p = None if obj.get("rope") is None else RopeParams.from_json(obj["rope"])
     if rope_p is not None:
         if (version == 3) != bool(rope_p.layers):
-            raise CsrError("rope.layers is required in a version 3 header and allowed only there" if version == 3 else
+            raise CsrError("rope.layers (per-layer rotations) is required in a version 3 header" if version == 3 else
                            "rope.layers (per-layer rotations) is only allowed in a version 3 header")
         rope_p.check_layers(len(layers))
     elif version == 3:
