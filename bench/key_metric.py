@@ -78,7 +78,7 @@ class KeyAffineCSR:
     def reconstruct(self, layer, kind, x, positions):
         if kind == "v":
             return codec.roundtrip(x, self.vdicts.get(layer, "v"), self.s_v, "fp8", "omp")
-        rp = codec.RopeParams.from_meta({"rope": self.rope, "position_offset": int(positions[0])})
+        rp = codec.RopeParams.from_meta({"rope": self.rope, "position_offset": int(positions[0])}).for_layer(layer)
         kc = codec.to_code_space(x, "pre-rope", "post-rope", rp)  # [B, H, T, D]
         mu, s = self.mu[layer][None, :, None], self.scale[layer][None, :, None]
         y = codec.roundtrip((kc - mu) * s, self.katoms[layer], self.s_k, "fp8", "omp")

@@ -175,6 +175,7 @@ class CSRLayer(DynamicLayer):
         mk, mv = st.dicts.mean(layer_idx, "k"), st.dicts.mean(layer_idx, "v")
         self.k = _Side(st.dicts.get(layer_idx, "k").to(dev, torch.float32), None if mk is None else mk.to(dev, torch.float32), s_k, st.coef)
         self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, st.coef)
+        self.rope = cache.layer_rope(layer_idx)  # this layer's rotation (pre-RoPE keys), else None
         self.sink_k = self.sink_v = None  # [B, H, <= sink, D]
         self.tokens = 0  # slots held (sink + coded + tail)
         self.pad: torch.Tensor | None = None  # [B] left padding, learnt from the attention mask (plus offset)
@@ -232,7 +233,7 @@ class CSRLayer(DynamicLayer):
         kf = k.to(torch.float32)
         if st.key_space == "post-rope":
             return kf
-        rp = self.cache.rope  # the rotation codec.to_code_space applies (engine.rope.unrotate), per sequence
+        rp = self.rope  # the rotation codec.to_code_space applies (engine.rope.unrotate), per sequence
         pads = [0] * k.shape[0] if self.pad is None else [int(p) for p in self.pad]
         pos = torch.arange(slot0, slot0 + k.shape[2], device=k.device, dtype=torch.float32)
         return torch.cat([_rope.unrotate(kf[b : b + 1], pos - pad, rp.inv_freq.to(k.device), rp.scaling) for b, pad in enumerate(pads)])
@@ -304,18 +305,28 @@ class CSRCache(Cache):
         self.reference = reference  # attend by reconstruction (engine.history.attend_reference)
         self.device = model.device
         self.model = model
-        self.rope = None
-        if setting.key_space == "pre-rope":
-            info = setting.rope_info
-            self.rope = Rope(torch.tensor(info["inv_freq"], dtype=torch.float32, device=model.device), info["scaling"])
+        self.rope_params = setting.rope  # pre-RoPE keys: the rotations, per layer (keyspace.RopeParams), else None
+        self._ropes: dict[tuple, Rope] = {}  # one engine Rope per distinct rotation, shared by its layers (cos/sin tables too)
         n_layers = len(setting.layer_sparsity or ()) or _n_layers(model)
-        sliding = _sliding_layers(model, setting.key_space)
+        if self.rope_params is not None:
+            self.rope_params.check_layers(n_layers)
+        sliding = _sliding_layers(model)
         super().__init__(layers=[
             DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else CSRLayer(self, i) for i in range(n_layers)
         ])
         from csrtool import cache_attention
 
         self._restore = cache_attention.install(model)
+
+    def layer_rope(self, layer: int) -> Rope | None:
+        """The engine's rotation for layer `layer`'s pre-RoPE keys (shared by the layers that rotate alike), or None."""
+        if self.rope_params is None:
+            return None
+        rp = self.rope_params.for_layer(layer)
+        key = (rp.inv_freq, rp.scaling)
+        if key not in self._ropes:
+            self._ropes[key] = Rope(torch.tensor(rp.inv_freq, dtype=torch.float32, device=self.device), rp.scaling)
+        return self._ropes[key]
 
     @classmethod
     def from_dicts(
@@ -394,9 +405,8 @@ def _n_layers(model) -> int:
     return kv_shape(model.config)[0]
 
 
-def _sliding_layers(model, key_space: str) -> dict[int, int]:
+def _sliding_layers(model) -> dict[int, int]:
     """{layer: window} of the model's sliding-window layers (kept dense, as a DynamicCache keeps them: at most the window)."""
-    from csrtool.collect import key_rope
     from csrtool.models import text_config
 
     cfg = text_config(model.config)
@@ -404,5 +414,4 @@ def _sliding_layers(model, key_space: str) -> dict[int, int]:
     bad = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if bad:
         raise CsrError(f"{type(model).__name__} has {', '.join(bad)} layers: CSRCache supports full and sliding-window attention layers")
-    key_rope(model, key_space)  # pre-RoPE keys need one static rotary embedding (not Gemma): a clear error otherwise
     return {i: cfg.sliding_window for i, t in enumerate(types) if t == "sliding_attention"}

@@ -61,7 +61,7 @@ def csr_attention(inner, module, query, key, value, attention_mask, scaling=None
     fn = attend_reference if cache.reference else attend
     out = fn(
         query, keys, values, dense, layer.n_sink,
-        rope=cache.rope if keys is not None else None, key_pos0=layer.key_pos0() if keys is not None else None,
+        rope=layer.rope if keys is not None else None, key_pos0=layer.key_pos0() if keys is not None else None,
         valid=valid, q_start=layer.tokens - tq, scale=scaling,
     )
     layer.age(cache.block)

@@ -34,13 +34,6 @@ from csrtool.errors import CsrError
 from csrtool.formats.csrsection import parse_section
 
 
-def _rope_fields(rope) -> dict | None:
-    """The header's RoPE parameters as a dict (a dict, or an object with the same fields)."""
-    if rope is None or isinstance(rope, dict):
-        return rope
-    return {"inv_freq": rope.inv_freq, "scaling": rope.scaling, "position_offset": rope.position_offset}
-
-
 def load(path: Path, dicts, model, block: int, reference: bool = False):
     from csrtool.cache import CSRCache, _setting
     from csrtool.formats.csrfile import open_csr
@@ -54,9 +47,8 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
     if hd.key_space != dicts.source.get("key_space", "post-rope"):
         raise CsrError(f"{path} codes keys {hd.key_space} but the dictionaries say {dicts.source.get('key_space')}: pass the dictionaries used by compress")
     setting = _setting(dicts, model, None, cfg.coef, cfg.method, True, (cfg.sparsity_k, cfg.sparsity_v))
-    rope = _rope_fields(hd.rope)
-    if rope is not None:
-        setting.rope_info = {"inv_freq": list(rope["inv_freq"]), "scaling": rope["scaling"]}
+    if hd.rope is not None:  # the file's rotations (per layer where they differ); its position offset is the layers' pad
+        setting.rope_info = {k: v for k, v in hd.rope.to_json().items() if k != "position_offset"}
     cache = CSRCache(setting, model, cfg.window, cfg.sink, block, reference)
     if len(hd.layers) != len(cache.layers):
         raise CsrError(f"{path} has {len(hd.layers)} layers but the model has {len(cache.layers)}: pass the model the cache was saved from")
@@ -64,7 +56,7 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
 
     if not all(isinstance(x, CSRLayer) for x in cache.layers):
         raise CsrError("resuming from a .csr file is not supported for models with sliding-window layers: start from the prompt")
-    offset = int((rope or {}).get("position_offset", 0))
+    offset = 0 if hd.rope is None else hd.rope.position_offset
     dev, dtype = model.device, next(model.parameters()).dtype
     for i, kb, vb in reader.sections():
         layer = cache.layers[i]

@@ -7,9 +7,9 @@ No bytes here: formats/csrsection.py turns SectionCodes into the bytes of docs/f
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)              fits a bit budget
     roundtrip(x [B, H, T, D], atoms [G, C, N, Dc], S, coef, method) -> x_hat [B, H, T, D]
-    roundtrip_keys(k, atoms, S, coef, method, positions, rope, key_space, cache_key_space)
-    RopeParams(inv_freq, scaling, position_offset) frozen, validated; .from_meta(cache meta), .from_json(header)
-    encode_layer(k, v, atoms_k, atoms_v, cfg, ...) -> (SectionCodes, SectionCodes)   tensors, not bytes
+    roundtrip_keys(k, atoms, S, coef, method, positions, rope, key_space, cache_key_space, mean, layer)
+    RopeParams(inv_freq, scaling, position_offset, layers) frozen, validated; .from_meta(cache meta), .from_json(header)
+    encode_layer(k, v, atoms_k, atoms_v, cfg, ...) -> (SectionCodes, SectionCodes)   tensors, not bytes; rope_p: the layer's
     decode_layer(codes_k, codes_v, atoms_k, atoms_v, cfg, ...) -> k, v [B, H, T, D]
     decode_codes(idx, coef, atoms) -> x_hat (code space, float32)
 
@@ -251,15 +251,18 @@ def roundtrip_keys(
     key_space: str = "pre-rope",
     cache_key_space: str = "post-rope",
     mean: torch.Tensor | None = None,
+    layer: int | None = None,
 ) -> torch.Tensor:
-    """Keys k [B, H, T, D] as stored in a cache -> what decompress returns for them.
+    """Keys k [B, H, T, D] of layer `layer` as stored in a cache -> what decompress returns for them.
 
-    `rope_info` = {'inv_freq': [...], 'scaling': s} (the cache meta's `rope`); keys
-    sit at positions positions_offset + 0..T-1. Needed only when key spaces differ.
+    `rope_info` = {'inv_freq': [...], 'scaling': s, 'layers': [...]?} (the cache meta's `rope`,
+    models.rope_info); keys sit at positions positions_offset + 0..T-1. Needed only when key
+    spaces differ; `layer` picks the layer's rotation (needed when rope_info has 'layers').
     """
     rope_p = None
     if key_space != cache_key_space:
         rope_p = RopeParams.from_meta({"rope": rope_info, "position_offset": positions_offset})
+        rope_p = rope_p if layer is None else rope_p.for_layer(layer)
     kc = to_code_space(k, key_space, cache_key_space, rope_p)
     return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean), key_space, cache_key_space, rope_p), k.dtype)
 

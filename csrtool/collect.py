@@ -23,6 +23,7 @@ from csrtool.formats.acts import ActsWriter
 from csrtool.engine import rope
 from csrtool.errors import CsrError
 from csrtool.formats.kvcache import KVCache
+from csrtool.keyspace import RopeParams
 from csrtool.models import Loaded, kv_shape, rope_info
 
 KEY_SPACES = ("auto", "post-rope", "pre-rope")  # auto: pre-rope where the model allows it (codes better), else post-rope
@@ -66,23 +67,24 @@ def resolve_key_space(model, key_space: str) -> str:
 
 
 def key_rope(model, key_space: str) -> dict | None:
-    """RoPE parameters needed to un-rotate keys, or a clear error if unsupported."""
-    if key_space == "post-rope":
-        return rope_info(model)
+    """RoPE parameters needed to un-rotate keys (models.rope_info, per layer where layers differ), or a clear error."""
     info = rope_info(model)
+    if key_space == "post-rope" or info is not None:
+        return info
     mtype = getattr(getattr(model, "config", None), "model_type", "")
-    if info is None or mtype.startswith("gemma"):
-        raise CsrError(
-            f"--keys pre-rope is not supported for {mtype or type(model).__name__} models "
-            "(needs a single static rotary embedding, as Llama/Qwen2/Mistral have): use --keys post-rope"
-        )
-    return info
+    raise CsrError(
+        f"--keys pre-rope is not supported for {mtype or type(model).__name__} models "
+        "(needs static rotary embeddings, as Llama/Qwen2/Mistral/Gemma 3 have): use --keys post-rope"
+    )
 
 
 @torch.inference_mode()
 def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rope_params: dict | None = None,
                position_offset: int = 0):
-    """Run ids [B, T] and return (logits [B, T, V], keys, values) with L x [B, H, T, D] each."""
+    """Run ids [B, T] and return (logits [B, T, V], keys, values) with L x [B, H, T, D] each.
+
+    Pre-RoPE keys are the cached keys rotated back with each layer's own rotation (exactly the keys
+    before RoPE, k_norm included on models that normalise keys before rotating them, as Gemma 3 does)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -92,9 +94,11 @@ def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rop
     values = [layer.values for layer in cache.layers]
     if key_space == "pre-rope":
         assert rope_params is not None
-        pos = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
-        inv = torch.tensor(rope_params["inv_freq"], device=input_ids.device)
-        keys = [rope.unrotate(k, pos, inv, rope_params["scaling"]) for k in keys]
+        rp = RopeParams.from_meta({"rope": rope_params, "position_offset": position_offset})
+        rp.check_layers(len(keys))
+        rots = [rp.for_layer(i) for i in range(len(keys))]
+        dev = input_ids.device
+        keys = [rope.unrotate(k, r.positions(k.shape[2], dev), r.inv_freq_tensor(dev), r.scaling) for k, r in zip(keys, rots)]
     return out.logits, keys, values
 
 

@@ -220,14 +220,29 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 def rope_info(model) -> dict | None:
-    """inv_freq and attention scaling of the model's rotary embedding, or None."""
+    """The rotations of the model's rotary embedding, or None (no RoPE, or one that changes with the length).
+
+    {'inv_freq': [D/2 floats], 'scaling': s} is the rotation most layers use; models whose layers
+    rotate differently (Gemma 3: `{layer_type}_inv_freq` per config.layer_types, theta 10,000 on
+    sliding layers and 1,000,000 on full ones) add 'layers': [{'layer': i, 'inv_freq', 'scaling'}]
+    for the others, in increasing layer order (keyspace.RopeParams reads it)."""
     inner = getattr(model, "model", model)
-    rot = getattr(inner, "rotary_emb", None)
-    if rot is None or not hasattr(rot, "inv_freq"):
+    rot = getattr(inner, "rotary_emb", None) or getattr(getattr(inner, "language_model", None), "rotary_emb", None)
+    if rot is None:
         return None
-    if getattr(rot, "rope_type", "default") == "dynamic":
+    kinds = rot.rope_type if isinstance(getattr(rot, "rope_type", None), dict) else {None: getattr(rot, "rope_type", "default")}
+    if "dynamic" in kinds.values():
         return None  # inv_freq changes with sequence length: no fixed inverse
-    return {
-        "inv_freq": [float(v) for v in rot.inv_freq.detach().cpu().tolist()],
-        "scaling": float(getattr(rot, "attention_scaling", 1.0)),
-    }
+    if hasattr(rot, "inv_freq"):
+        return _rotation(rot.inv_freq, getattr(rot, "attention_scaling", 1.0))
+    types = getattr(text_config(model.config), "layer_types", None)
+    if not types or not all(hasattr(rot, f"{t}_inv_freq") for t in types):
+        return None
+    per_layer = [_rotation(getattr(rot, f"{t}_inv_freq"), getattr(rot, f"{t}_attention_scaling", 1.0)) for t in types]
+    common = max(per_layer, key=per_layer.count)  # the most used rotation (the first layer's on a tie)
+    layers = [{"layer": i, **r} for i, r in enumerate(per_layer) if r != common]
+    return {**common, "layers": layers} if layers else common
+
+
+def _rotation(inv_freq: torch.Tensor, scaling) -> dict:
+    return {"inv_freq": [float(v) for v in inv_freq.detach().cpu().tolist()], "scaling": float(scaling)}

@@ -3,7 +3,8 @@
 Evaluation (csrtool.eval) and calibration (csrtool.calibration) both simulate a
 cache whose old tokens are CSR-coded; this module is what they share, below both:
 
-    Reconstructor(dicts, config: codec.CodecConfig, rope_info=None)
+    Reconstructor(dicts, config: codec.CodecConfig, rope_info=None)   rope_info: models.rope_info(model)
+    Reconstructor.rope -> codec.RopeParams | None   (pre-RoPE dictionaries: the rotations, per layer)
     Reconstructor.sparsity(layer) -> (s_k, s_v)
     Reconstructor.reconstruct(layer, kind, x [B, H, T, D], positions [T]) -> x_hat [B, H, T, D]
 
@@ -39,7 +40,14 @@ class Reconstructor:
             raise CsrError(f"the dictionary file has unknown key_space {self.key_space!r}: re-run csrtool train-dict")
         if self.key_space == "pre-rope" and rope_info is None:
             raise CsrError("the dictionaries code keys before RoPE but this model has no fixed RoPE to undo: use post-RoPE dictionaries")
-        self.rope_info = rope_info
+        self.rope_info = rope_info  # models.rope_info's dict (per-layer rotations in 'layers')
+
+    @property
+    def rope(self) -> codec.RopeParams | None:
+        """rope_info validated (position 0) when keys are coded before RoPE, else None; .for_layer(i) is layer i's."""
+        if self.key_space != "pre-rope":
+            return None
+        return codec.RopeParams.from_meta({"rope": self.rope_info})
 
     def sparsity(self, layer: int) -> tuple[int, int]:
         cfg = self.config.for_layer(layer)
@@ -58,5 +66,5 @@ class Reconstructor:
         return codec.roundtrip_keys(
             x, atoms, s_k, coef, method,
             positions_offset=first, rope_info=self.rope_info,
-            key_space=self.key_space, cache_key_space="post-rope", mean=mean,
+            key_space=self.key_space, cache_key_space="post-rope", mean=mean, layer=layer,
         )

@@ -5,8 +5,9 @@ attention; every attention call of the chunk is captured with its output and tra
 own 4-D mask (causal, padding, Gemma 3's sliding window). The history is split into sink,
 coded and window tokens and the coded tokens are sparse-coded exactly (S = head_dim atoms,
 OMP), so the model's own attention output must equal engine.attention.attend on the codes.
-Pre-RoPE: the keys are taken from k_proj before the model rotates them (Llama, Qwen2), so
-the positions `attend` rotates them to are checked against the model's.
+Pre-RoPE: the keys are taken from k_proj (and Gemma 3's k_norm) before the model rotates them,
+with each layer's own rotation (Gemma 3's sliding and full layers differ), so the positions
+and frequencies `attend` rotates them with are checked against the model's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from csrtool import codec
 from csrtool.engine.attention import Codes, Rope, Segment, attend
+from csrtool.keyspace import RopeParams
+from csrtool.models import rope_info
 from tiny import tiny_model
 
 T0, TQ, SINK, WIN, PAD = 30, 3, 2, 5, 6
@@ -74,8 +77,6 @@ def _code(x: torch.Tensor, gen: torch.Generator) -> Codes:
 @pytest.mark.parametrize("key_space", ["post-rope", "pre-rope"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_codes_match_transformers_eager(arch, key_space):
-    if arch == "gemma3" and key_space == "pre-rope":
-        pytest.skip("Gemma 3 normalises keys after k_proj and rotates local/global layers differently: its pre-RoPE keys are the cache's concern")
     model = tiny_model(arch, layers=2)
     calls, hidden, valid = _capture(model)
     assert len(calls) == 2
@@ -86,12 +87,14 @@ def test_codes_match_transformers_eager(arch, key_space):
         assert t == T0 + TQ
         tc = t - SINK - WIN
         kc, extra = k[:, :, SINK : SINK + tc], {}
-        if key_space == "pre-rope":  # the keys before the model rotated them
+        if key_space == "pre-rope":  # the keys before the model rotated them (Gemma 3: k_norm'ed), with the layer's own rotation
             b, d = k.shape[0], k.shape[3]
             k_pre = module.k_proj(hidden[module.layer_idx]).view(b, t, -1, d).transpose(1, 2)
+            if hasattr(module, "k_norm"):
+                k_pre = module.k_norm(k_pre)
             kc = k_pre[:, :, SINK : SINK + tc].detach()
-            rot = model.model.rotary_emb
-            extra = dict(rope=Rope(rot.inv_freq, rot.attention_scaling), key_pos0=torch.tensor([SINK, SINK - PAD]))
+            rp = RopeParams.from_meta({"rope": rope_info(model)}).for_layer(module.layer_idx)
+            extra = dict(rope=Rope(torch.tensor(rp.inv_freq), rp.scaling), key_pos0=torch.tensor([SINK, SINK - PAD]))
         keys, values = _code(kc, gen), _code(v[:, :, SINK : SINK + tc], gen)
         window = getattr(module, "sliding_window", None)
         windows.add(window)

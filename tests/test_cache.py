@@ -76,6 +76,39 @@ def test_gemma3_sliding_layer_stays_dense_full_layer_coded():
     assert torch.equal(out, plain)
 
 
+def test_gemma3_pre_rope_codes_hold_each_layers_pre_rope_keys():
+    """Gemma 3 with pre-RoPE dictionaries: the full layer (theta 1,000,000, not the sliding layer's 10,000) is coded
+    with its own rotation: exact codes give the plain text, and they decode to the layer's own pre-RoPE keys."""
+    from csrtool.collect import capture_kv
+    from csrtool.engine.history import reconstruct
+
+    model = tiny_model("gemma3")
+    ids, mask = padded_batch(40)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    plain = model.generate(**kw)
+    with CSRCache.from_dicts(tiny_dicts("pre-rope", centred=True), model, sparsity=(8, 4), coef="fp16", block=2) as cache:
+        out = model.generate(**kw, past_key_values=cache)
+        layer = cache.layers[1]
+        assert layer.rope.inv_freq.tolist() == pytest.approx(rope_info(model)["layers"][0]["inv_freq"])
+        coded = reconstruct(layer.k.codes())[0]  # sequence 0 (no padding): positions n_sink.. of its tokens
+    assert torch.equal(out, plain)
+    _, pre, _ = capture_kv(model, out[:1], "pre-rope", rope_info(model))
+    t0, tc = layer.n_sink, coded.shape[1]
+    assert tc > 40
+    assert torch.allclose(coded, pre[1][0, :, t0 : t0 + tc], atol=2e-3)
+
+
+def _dynamic_rope_llama():
+    """A tiny Llama whose RoPE changes with the sequence length (no fixed inverse)."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def test_sampling_with_exact_codes_equals_plain_sampling():
     model = tiny_model("llama")
     ids, mask = padded_batch()
@@ -237,7 +270,7 @@ def test_unsupported_things_raise_clear_errors():
     with pytest.raises(CsrError, match="make a new CSRCache"):  # closed: the model attends as before, the cache refuses
         _feed(model, cache, ids, 10)
     with pytest.raises(CsrError, match="no fixed RoPE"):
-        CSRCache.from_dicts(tiny_dicts("pre-rope"), tiny_model("gemma3"), sparsity=(2, 1))
+        CSRCache.from_dicts(tiny_dicts("pre-rope"), _dynamic_rope_llama(), sparsity=(2, 1))
     with pytest.raises(CsrError, match="window must be"):
         CSRCache.from_dicts(tiny_dicts("post-rope"), model, sparsity=(2, 1), window=-1)
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # the model works again

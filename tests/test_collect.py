@@ -15,6 +15,7 @@ from csrtool.errors import CsrError
 from csrtool.formats.io import parse_layers
 from csrtool.formats.kvcache import load_cache
 from csrtool.models import load_model, rope_info
+from tiny import tiny_model
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # ~1.8k byte tokens
@@ -40,8 +41,9 @@ def test_collect_writes_shards_per_layer_and_head(tiny_model_dirs, tmp_path, tex
     assert k.shape == (300, 2, 8) and torch.isfinite(k).all()
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["tokens"] == 300 and report["tokens_per_s"] > 0
-    # the default --keys auto codes keys before RoPE where the model allows it
-    assert reader.manifest["key_space"] == ("post-rope" if arch == "gemma3" else "pre-rope")
+    # the default --keys auto codes keys before RoPE where the model allows it (every one here, Gemma 3 with its per-layer rotations)
+    assert reader.manifest["key_space"] == "pre-rope"
+    assert ("layers" in reader.manifest["rope"]) == (arch == "gemma3")
 
 
 def test_collect_matches_a_direct_forward_pass(tiny_llama_dir, tmp_path, text_file):
@@ -89,12 +91,48 @@ def test_pre_rope_keys_equal_the_key_projection(tiny_llama_dir):
     assert torch.allclose(again, post[1], atol=1e-5)
 
 
-def test_pre_rope_refused_for_gemma(tiny_model_dirs, tmp_path, text_file):
+def test_gemma3_rope_info_lists_the_full_layer_rotation():
+    """Tiny Gemma 3: layer 0 slides (theta 10,000), layer 1 is full (theta 1,000,000): one common rotation, one override."""
+    model = tiny_model("gemma3")
+    info = rope_info(model)
+    d = 8
+    sliding = [10_000.0 ** (-i / d) for i in range(0, d, 2)]
+    full = [1_000_000.0 ** (-i / d) for i in range(0, d, 2)]
+    assert info["inv_freq"] == pytest.approx(sliding) and info["scaling"] == 1.0
+    assert [r["layer"] for r in info["layers"]] == [1]
+    assert info["layers"][0]["inv_freq"] == pytest.approx(full) and info["layers"][0]["scaling"] == 1.0
+    assert "layers" not in rope_info(tiny_model("llama"))  # one rotation for every layer: today's dict
+
+
+def test_gemma3_pre_rope_keys_equal_the_normed_keys_per_layer():
+    """Gemma 3 normalises keys (k_norm) before RoPE: rotating the cached keys back with each layer's own
+    rotation gives exactly k_norm's output; the common rotation would not on the full layer."""
+    model = tiny_model("gemma3")
+    ids = torch.arange(3, 60)[None]
+    captured = {}
+    hooks = [model.model.layers[i].self_attn.k_norm.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, o))
+             for i in range(2)]
+    try:
+        _, pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in range(2):
+        assert captured[i].shape == pre[i].shape == (1, 2, ids.shape[1], 8)  # k_norm runs on [B, H, T, D]
+        assert torch.allclose(pre[i], captured[i], atol=1e-5), i
+    _, post, _ = capture_kv(model, ids)
+    common = torch.tensor(rope_info(model)["inv_freq"])
+    wrong = rope.unrotate(post[1], torch.arange(ids.shape[1]), common)
+    assert not torch.allclose(wrong, captured[1], atol=1e-2)
+
+
+def test_gemma3_collect_pre_rope_records_the_per_layer_rotation(tiny_model_dirs, tmp_path, text_file):
     res = runner.invoke(app, ["collect", "-m", str(tiny_model_dirs["gemma3"]), "-t", str(text_file),
                               "--max-tokens", "64", "--keys", "pre-rope", "-o", str(tmp_path / "a")])
-    assert res.exit_code == 1
-    assert "--keys pre-rope is not supported for gemma3_text models" in res.stderr
-    assert not (tmp_path / "a").exists()
+    assert res.exit_code == 0, res.output
+    reader = ActsReader(tmp_path / "a")
+    assert reader.manifest["key_space"] == "pre-rope"
+    assert reader.manifest["rope"] == rope_info(load_model(str(tiny_model_dirs["gemma3"])).model)
 
 
 def test_cache_command_writes_weights_only_loadable_dict(tiny_llama_dir, tmp_path):

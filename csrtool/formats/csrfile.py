@@ -87,6 +87,10 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
     rope_p = None
     if key_space != cache_key_space:
         rope_p = codec.RopeParams.from_meta(cache.meta)
+        try:
+            rope_p.check_layers(len(layers), "cache meta.rope")
+        except CsrError as exc:
+            raise CsrError(f"{exc}: the cache meta is inconsistent, save the cache again with csrtool cache") from None
         for i, (_, _, _, dk, _) in enumerate(layers):
             if len(rope_p.inv_freq) * 2 != dk:
                 raise CsrError(f"cache meta rope covers {2 * len(rope_p.inv_freq)} channels but layer {i} keys have {dk}: the cache meta is inconsistent")
@@ -118,7 +122,7 @@ def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader) -> Iterat
         cfg = header.config.for_layer(i)
         try:
             ck, cv = codec.encode_layer(
-                k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.rope,
+                k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.layer_rope(i),
                 (dicts.mean(i, "k"), dicts.mean(i, "v")),
             )
         except CsrError as exc:
@@ -227,7 +231,7 @@ class CsrReader:
                 ck, cv = _parse_layer(hd, i, kb, vb)
                 k, v = codec.decode_layer(
                     ck, cv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
-                    hd.key_space, hd.cache_key_space, hd.rope, hd.torch_dtype, (dicts.mean(i, "k"), dicts.mean(i, "v")),
+                    hd.key_space, hd.cache_key_space, hd.layer_rope(i), hd.torch_dtype, (dicts.mean(i, "k"), dicts.mean(i, "v")),
                 )
             except CsrError as exc:
                 raise CsrError(f"{self.path} layer {i}: {exc}") from None

@@ -21,7 +21,7 @@ from csrtool.formats import csrsection
 from csrtool.keyspace import RopeParams
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
-VERSION = 2  # version 1 files (one sparsity for all layers) are still read and written
+VERSION = 3  # the newest; every version is still read and written (see CsrHeader.version)
 FORMAT = "csrtool-csr"
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len
 DIGEST = 32
@@ -64,9 +64,16 @@ class CsrHeader:
             csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, c, w, dt, s),
         )
 
+    def layer_rope(self, layer: int) -> RopeParams | None:
+        """Layer `layer`'s own rotation (RopeParams.for_layer), or None when the file has none."""
+        return None if self.rope is None else self.rope.for_layer(layer)
+
     @property
     def version(self) -> int:
-        """1 for one sparsity for all layers, 2 with per-layer sparsities (docs/format.md §2)."""
+        """1 for one sparsity for all layers, 2 with per-layer sparsities, 3 with per-layer rotations
+        (rope.layers; the sparsities as in 1 or 2) (docs/format.md §2)."""
+        if self.rope is not None and self.rope.layers:
+            return 3
         return 1 if self.config.layer_sparsity is None else 2
 
     @property
@@ -207,6 +214,13 @@ def header_from_json(obj: object) -> CsrHeader:
     key_space = _choice(cd, "key_space", codec.KEY_SPACES, "codec.")
     cache_key_space = _choice(cd, "cache_key_space", codec.KEY_SPACES, "codec.")
     rope_p = None if obj.get("rope") is None else RopeParams.from_json(obj["rope"])
+    if rope_p is not None:
+        if (version == 3) != bool(rope_p.layers):
+            raise CsrError("rope.layers (per-layer rotations) is required in a version 3 header" if version == 3 else
+                           "rope.layers (per-layer rotations) is only allowed in a version 3 header")
+        rope_p.check_layers(len(layers))
+    elif version == 3:
+        raise CsrError("rope must hold per-layer rotations (rope.layers) in a version 3 header, got null")
     if key_space != cache_key_space:
         if rope_p is None:
             raise CsrError("rope is missing: the key codes and the cache use different key spaces")
@@ -243,7 +257,7 @@ def header_from_json(obj: object) -> CsrHeader:
 
 def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
     per_layer = None
-    if version == 2:
+    if version == 2 or (version == 3 and "layer_sparsity" in cd):
         rows = cd.get("layer_sparsity")
         if not isinstance(rows, list) or len(rows) != n_layers:
             raise CsrError(f"codec.layer_sparsity must list one [S_k, S_v] per layer ({n_layers}), got {_show(rows)}")
@@ -254,7 +268,7 @@ def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
             pairs.append(tuple(_int_value(v, f"codec.layer_sparsity[{i}]", 1, MAX_SPARSITY) for v in r))
         per_layer = tuple(pairs)
     elif "layer_sparsity" in cd:
-        raise CsrError("codec.layer_sparsity is only allowed in a version 2 header")
+        raise CsrError("codec.layer_sparsity is only allowed in a version 2 or 3 header")
     return codec.CodecConfig(
         sparsity_k=_int(cd, "sparsity_k", 1, MAX_SPARSITY, "codec."),
         sparsity_v=_int(cd, "sparsity_v", 1, MAX_SPARSITY, "codec."),
