@@ -163,3 +163,17 @@ def test_half_precision_queries_and_dense_tokens():
     assert out.dtype == torch.bfloat16
     want = attend_reference(q.to(torch.bfloat16).float(), keys, values, [Segment(s.k.float(), s.v.float(), s.start) for s in dense16], **kw)
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_balanced_block_leaves_no_tiny_remainder():
+    """Default blocks are round(T / target) equal parts: 4,120 tokens at a 4,096 target are one block, not 4,096 + 24."""
+    from csrtool.engine.attention import balanced_block
+
+    assert balanced_block(4120, 4096) == 4120
+    assert balanced_block(6200, 4096) == 3100  # two equal blocks
+    assert balanced_block(100, 4096) == 100
+    assert balanced_block(0, 4096) == 4096
+    for t in (1, 255, 4097, 6143, 6145, 10000, 40000):
+        blk = balanced_block(t, 4096)
+        n = -(-t // blk)
+        assert blk <= 1.5 * 4096 + 1 and n * blk >= t and (n - 1) * blk < t  # covers t, no empty block

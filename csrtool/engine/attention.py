@@ -207,6 +207,16 @@ class _AtomMass:
         return out
 
 
+def balanced_block(tokens: int, target: int) -> int:
+    """Block size for `tokens` coded tokens near `target`: round(tokens / target) equal blocks (at least one),
+    so no block is a tiny remainder (each block costs ~40 torch calls whatever its size; a block is at
+    most 1.5x the target)."""
+    if tokens <= 0:
+        return target
+    n = max(1, round(tokens / target))
+    return -(-tokens // n)
+
+
 def _mask_rows(s: torch.Tensor, ok: torch.Tensor | None, rep: int, tq: int, b: int) -> torch.Tensor:
     """Scores s [R, BH, T] with -inf where ok [B, Tq, T] is False (rows are (rep, tq), heads (b, h))."""
     if ok is None:
@@ -296,7 +306,7 @@ def attend(
     valid: None or bool [B, ≥ last slot + 1], False for padding. Causal: a key is seen
         by a query iff key slot <= query slot (and > query slot - window when `window`).
     scale: softmax scale (default D^-0.5). block: coded tokens per step of the online
-        softmax (default from POST_BLOCK_ELEMS / PRE_BLOCK_ELEMS and the batch, heads, rows).
+        softmax (default: near POST_BLOCK_ELEMS / PRE_BLOCK_ELEMS over the batch, heads, rows, in equal blocks).
     Returns [B, Hq, Tq, D] in q's dtype; a query that sees no key gets zeros.
     """
     b, hq, tq, d = q.shape
@@ -308,7 +318,7 @@ def attend(
     qr = (q.to(torch.float32) * sc).reshape(b * heads, r, d)
     if block is None:
         per_token = b * heads * (r if rope is None else 1)
-        block = max(256, (POST_BLOCK_ELEMS if rope is None else PRE_BLOCK_ELEMS) // per_token)
+        block = balanced_block(keys.tokens if keys is not None else 0, max(256, (POST_BLOCK_ELEMS if rope is None else PRE_BLOCK_ELEMS) // per_token))
     parts = []  # (m [R, BH], l [R, BH], unnormalised output [R, BH, D])
     if keys is not None and keys.tokens:
         parts.append(_coded(qr, keys, values, coded_start, rope, key_pos0, valid, q_start, window, rep, tq, block, b))
