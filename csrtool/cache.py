@@ -234,7 +234,7 @@ class CSRLayer(DynamicLayer):
         if st.key_space == "post-rope":
             return kf
         rp = self.rope  # the rotation codec.to_code_space applies (engine.rope.unrotate), per sequence
-        pads = [0] * k.shape[0] if self.pad is None else [int(p) for p in self.pad]
+        pads = [int(p) for p in self.pads()]
         pos = torch.arange(slot0, slot0 + k.shape[2], device=k.device, dtype=torch.float32)
         return torch.cat([_rope.unrotate(kf[b : b + 1], pos - pad, rp.inv_freq.to(k.device), rp.scaling) for b, pad in enumerate(pads)])
 
@@ -242,8 +242,13 @@ class CSRLayer(DynamicLayer):
         """[B] position of the first coded token of each sequence (pre-RoPE keys), else None."""
         if self.cache.setting.key_space == "post-rope":
             return None
-        pad = self.pad if self.pad is not None else torch.zeros(self.keys.shape[0], dtype=torch.int64, device=self.keys.device)
-        return self.n_sink - pad
+        return self.n_sink - self.pads()
+
+    def pads(self) -> torch.Tensor:
+        """[B] slot - position of each sequence's tokens: the learnt left padding, or the offset alone before any mask."""
+        if self.pad is not None:
+            return self.pad
+        return torch.full((self.keys.shape[0],), self.offset, dtype=torch.int64, device=self.keys.device)
 
     def note_valid(self, valid: torch.Tensor | None) -> None:
         """Learn the left padding from the 2-D mask valid [B, slots] (None: no padding)."""

@@ -75,14 +75,12 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
             if tc:
                 side.put(idx.to(dev), cf.to(dev))
             verb.append(tail.to(dev, dtype))
-        b = sk[0]
         layer.is_initialized = True
         layer.dtype, layer.device = dtype, dev
         layer.sink_k, layer.sink_v = verb[0][:, :, :s], verb[1][:, :, :s]
         layer.keys, layer.values = verb[0][:, :, s:].contiguous(), verb[1][:, :, s:].contiguous()
         layer.tokens = sk[2]
-        layer.offset = -offset  # kept when the attention mask is learnt (note_valid)
-        layer.pad = torch.full((b,), -offset, dtype=torch.int64, device=dev)
+        layer.offset = -offset  # the positions before any mask, and kept when the mask is learnt (CSRLayer.pads)
     return cache
 
 
@@ -119,7 +117,7 @@ def _check_savable(cache) -> int:
     first = cache.layers[0]
     if not first.is_initialized or first.tokens == 0:
         raise CsrError("the cache holds no tokens yet: run the prompt (model.generate) through it before saving it")
-    pads = sorted({int(p) for p in first.pad.tolist()}) if first.pad is not None else [0]
+    pads = sorted({int(p) - first.offset for p in first.pads().tolist()})
     if len(pads) > 1:
         raise CsrError(
             f"the batch's sequences have different left padding ({pads[0]}..{pads[-1]} tokens) but a .csr file has one "
@@ -130,7 +128,7 @@ def _check_savable(cache) -> int:
             f"every sequence starts with {pads[0]} padding tokens, which a .csr file cannot mark as padding: "
             "generate without padding (or with at least one unpadded sequence) before saving"
         )
-    return -pads[0]
+    return -first.offset - pads[0]  # pads[0] is 0 here: the offset a resumed file brought, else 0
 
 
 def _header(cache, offset: int, model_name: str | None):
@@ -160,10 +158,8 @@ def _header(cache, offset: int, model_name: str | None):
 
 def _section(side, sink: torch.Tensor, tail: torch.Tensor, coef: str) -> codec.SectionCodes:
     """One side's section from the codes held (coefficients quantised again, one scale per (b, h))."""
-    b, h = tail.shape[:2]
     if side.tokens:
         idx, cf = side.idx, side.coefficients()
     else:
-        shape = (b, h, 0, side.atoms.shape[1], side.sparsity)
-        idx, cf = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape)
+        idx, cf = codec.no_codes(*tail.shape[:2], side.atoms.shape[1], side.sparsity)
     return codec.quantized_section(idx, cf, torch.cat([sink, tail], 2), coef)

@@ -291,7 +291,7 @@ def encode_section(
     if tc:
         idx, cf = encode_codes(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method)
     else:
-        idx, cf = torch.zeros(b, h, 0, c, sparsity, dtype=torch.int64), torch.zeros(b, h, 0, c, sparsity)
+        idx, cf = no_codes(b, h, c, sparsity)
     codes = quantized_section(idx, cf, x_tail, coef)
     if not finite_coefficients(codes, coef):
         big = float(x_code.abs().max()) if x_code.numel() else 0.0
@@ -300,6 +300,11 @@ def encode_section(
             "the cache looks broken, check it or keep such layers out of the cache"
         )
     return codes
+
+
+def no_codes(b: int, h: int, c: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx, coef [B, H, 0, C, S] of a section with no coded tokens (the cache fits in sink + window)."""
+    return torch.zeros(b, h, 0, c, s, dtype=torch.int64), torch.zeros(b, h, 0, c, s)
 
 
 def quantized_section(idx: torch.Tensor, cf: torch.Tensor, verbatim: torch.Tensor, coef: str) -> SectionCodes:
