@@ -21,6 +21,7 @@ default 1800) on collectives.
 from __future__ import annotations
 
 import atexit
+import gc
 import datetime
 import os
 from dataclasses import dataclass
@@ -135,3 +136,4 @@ def _leave() -> None:
 
     if td.is_available() and td.is_initialized():
         td.destroy_process_group()
+        gc.collect()  # free gloo's finished work objects now, not in interpreter finalisation (SIGABRT there)
