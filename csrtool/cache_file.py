@@ -46,6 +46,9 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
         raise CsrError(f"{path} holds keys saved {hd.cache_key_space}; CSRCache needs a cache saved post-RoPE (csrtool cache)")
     if hd.key_space != dicts.source.get("key_space", "post-rope"):
         raise CsrError(f"{path} codes keys {hd.key_space} but the dictionaries say {dicts.source.get('key_space')}: pass the dictionaries used by compress")
+    if cfg.adaptive:
+        raise CsrError(f"{path} holds adaptive codes (per-vector atom counts); CSRCache holds S atoms per vector: "
+                       "compress the cache with --fixed to resume generation from it")
     setting = _setting(dicts, model, None, cfg.coef, cfg.method, True, (cfg.sparsity_k, cfg.sparsity_v))
     if hd.rope is not None:  # the file's rotations (per layer where they differ); its position offset is the layers' pad
         setting.rope_info = {k: v for k, v in hd.rope.to_json().items() if k != "position_offset"}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from csrtool.engine import adaptive as adaptive_counts
 from csrtool.engine import packing, pursuit
 from csrtool.errors import CsrError
 from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
@@ -33,6 +34,7 @@ METHODS = pursuit.METHODS
 KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")
 DEFAULT_SINK = 4  # first tokens kept uncompressed: they draw a large share of attention (attention sinks; docs/quality.md §1)
+ADAPTIVE_DEFAULT = False  # the CLI's codes (compress, eval): per-vector adaptive counts or S atoms for every vector
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -46,6 +48,7 @@ class CodecConfig:
     window: int = DEFAULT_WINDOW
     sink: int = DEFAULT_SINK
     layer_sparsity: tuple[tuple[int, int], ...] | None = None  # per layer (s_k, s_v), overriding the two above
+    adaptive: bool = False  # per-vector atom counts (0..adaptive_max(S)), mean within S's bits (engine/adaptive.py)
 
     def __post_init__(self) -> None:
         for name in ("sparsity_k", "sparsity_v"):
@@ -60,6 +63,8 @@ class CodecConfig:
             raise CsrError(f"window must be an integer >= 0 (tokens kept uncompressed), got {self.window!r}")
         if not isinstance(self.sink, int) or isinstance(self.sink, bool) or self.sink < 0:
             raise CsrError(f"sink must be an integer >= 0 (first tokens kept uncompressed), got {self.sink!r}")
+        if not isinstance(self.adaptive, bool):
+            raise CsrError(f"adaptive must be true or false, got {self.adaptive!r}")
         if self.layer_sparsity is not None:
             for i, pair in enumerate(self.layer_sparsity):
                 ok = isinstance(pair, tuple) and len(pair) == 2
@@ -71,7 +76,7 @@ class CodecConfig:
         if self.layer_sparsity is None:
             return self
         s_k, s_v = self.layer_sparsity[layer]
-        return CodecConfig(s_k, s_v, self.coef, self.method, self.window, self.sink)
+        return CodecConfig(s_k, s_v, self.coef, self.method, self.window, self.sink, adaptive=self.adaptive)
 
 
 def spans(t: int, window: int, sink: int) -> tuple[int, int, int]:
@@ -103,6 +108,34 @@ def max_sparsity(dim: int) -> int:
     least-squares fit on a nearly full-rank support turns ill-conditioned: huge
     cancelling coefficients that fp8 and int8 cannot hold (docs/quality.md, "Sparsity cap")."""
     return max(1, dim // 2)
+
+
+ADAPTIVE_LEAST = 2  # adaptive codes apply where S >= this; at S = 1 the count costs a tenth of the atoms and
+                    # the error rises (1.27x on held-out text, 1.19x on another domain; docs/quality.md)
+
+
+def adaptive_for(adaptive: bool, sparsity: int) -> bool:
+    """Whether a side coded at `sparsity` uses adaptive counts in an adaptive plan (S >= ADAPTIVE_LEAST)."""
+    return adaptive and sparsity >= ADAPTIVE_LEAST
+
+
+def adaptive_max(sparsity: int, dim: int, n_atoms: int) -> int:
+    """Most atoms an adaptive code gives one vector (chunk) of `dim` channels: twice S, within
+    max_sparsity(dim) and the dictionary (never below S)."""
+    return max(sparsity, min(2 * sparsity, max_sparsity(dim), n_atoms))
+
+
+def adaptive_slots(vectors: int, sparsity: int, dim: int, n_atoms: int, coef: str) -> int:
+    """Atoms that `vectors` adaptive codes (chunks of `dim` channels) may use in all: with their count
+    fields (count_bits(adaptive_max) each) they cost no more than S fixed atoms per vector. A file
+    section stores exactly this many atom slots (docs/format.md §3)."""
+    atom_bits = packing.index_bits(n_atoms) + packing.COEF_BITS[coef]
+    return adaptive_counts.slots(vectors, sparsity, atom_bits, adaptive_max(sparsity, dim, n_atoms))
+
+
+def count_bits(sparsity: int, dim: int, n_atoms: int) -> int:
+    """Bits of one adaptive code's atom count."""
+    return adaptive_counts.count_bits(adaptive_max(sparsity, dim, n_atoms))
 
 
 def check_sparsity(sparsity: int, dim: int, what: str, n_atoms: int) -> None:
@@ -169,8 +202,25 @@ def _check_atoms(x_shape: tuple[int, ...], atoms: torch.Tensor, what: str = "cac
         raise CsrError(f"dictionary/cache shape mismatch: the dictionary has {g} head groups but the {what} has {h} KV heads: use a dictionary trained for this model")
 
 
-def encode_codes(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, T, D] -> idx, coef [B, H, T, C, S] (float32 coefficients, not quantised)."""
+def encode_codes(
+    x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, adaptive: bool = False, coef: str = "fp8",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, T, D] -> idx, coef [B, H, T, C, S] (float32 coefficients, not quantised).
+
+    adaptive: per-vector counts (encode_counted, budget in `coef`'s bits); S is then adaptive_max(S)
+    and coefficients past a vector's count are zero."""
+    idx, cf, _ = encode_counted(x, atoms, sparsity, method, adaptive, coef)
+    return idx, cf
+
+
+def encode_counted(
+    x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, adaptive: bool = True, coef: str = "fp8",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, H, T, D] -> idx, coef [B, H, T, C, S'] and counts [B, H, T, C] (atoms used per vector chunk).
+
+    Fixed (adaptive False, or S < ADAPTIVE_LEAST): S' = S and every count is S. Adaptive: S' = adaptive_max(S); each chunk
+    gets 0..S' atoms, at most adaptive_slots(...) over the whole call, so the codes with their counts
+    cost no more bits than S fixed atoms; coefficients (and indices) past a count are zero."""
     _check_atoms(tuple(x.shape), atoms)
     b, h, t, d = x.shape
     g, c, n, dc = atoms.shape
@@ -179,13 +229,22 @@ def encode_codes(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: st
         xg = xf.permute(1, 3, 0, 2, 4).reshape(h * c, b * t, dc)  # [H*C, B*T, Dc]
     else:
         xg = xf.permute(3, 0, 1, 2, 4).reshape(c, b * h * t, dc)  # [C, B*H*T, Dc]
-    idx, coef = _encode_groups(xg, atoms.reshape(g * c, n, dc).to(torch.float32), sparsity, method)
-    s = sparsity
-    if g == h:
-        idx, coef = (z.reshape(h, c, b, t, s).permute(2, 0, 3, 1, 4) for z in (idx, coef))
+    ag = atoms.reshape(g * c, n, dc).to(torch.float32)
+    if adaptive_for(adaptive, sparsity):
+        s = adaptive_max(sparsity, dc, n)
+        total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, coef)
+        idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method)
     else:
-        idx, coef = (z.reshape(c, b, h, t, s).permute(1, 2, 3, 0, 4) for z in (idx, coef))
-    return idx.contiguous(), coef.contiguous()
+        s = sparsity
+        idx, cf = _encode_groups(xg, ag, s, method)
+        counts = torch.full(idx.shape[:2], s, dtype=torch.long, device=idx.device)
+    if g == h:
+        idx, cf = (z.reshape(h, c, b, t, s).permute(2, 0, 3, 1, 4) for z in (idx, cf))
+        counts = counts.reshape(h, c, b, t).permute(2, 0, 3, 1)
+    else:
+        idx, cf = (z.reshape(c, b, h, t, s).permute(1, 2, 3, 0, 4) for z in (idx, cf))
+        counts = counts.reshape(c, b, h, t).permute(1, 2, 3, 0)
+    return idx.contiguous(), cf.contiguous(), counts.contiguous()
 
 
 def decode_codes(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
@@ -225,13 +284,14 @@ def shift(x: torch.Tensor, mean: torch.Tensor | None, sign: float) -> torch.Tens
 
 def roundtrip(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str = "fp8", method: str = "omp", mean: torch.Tensor | None = None,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """What compress -> decompress gives for x [B, H, T, D] coded in place: x_hat in x's dtype.
 
     Coefficient scales are per (batch, head) over the T tokens given, as in a file
     section, so pass the coded tokens only (without the window) to match a file.
     `mean` [G, D] (the dictionary's, if it has one) is subtracted before coding."""
-    idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method)
+    idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef)
     q, g, v = quantize_codes(c, coef)
     c_hat = dequantize_codes(q, g, v, coef, tuple(c.shape))
     return to_dtype(shift(decode_codes(idx, c_hat, atoms), mean, 1.0), x.dtype)
@@ -252,6 +312,7 @@ def roundtrip_keys(
     cache_key_space: str = "post-rope",
     mean: torch.Tensor | None = None,
     layer: int | None = None,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """Keys k [B, H, T, D] of layer `layer` as stored in a cache -> what decompress returns for them.
 
@@ -264,7 +325,7 @@ def roundtrip_keys(
         rope_p = RopeParams.from_meta({"rope": rope_info, "position_offset": positions_offset})
         rope_p = rope_p if layer is None else rope_p.for_layer(layer)
     kc = to_code_space(k, key_space, cache_key_space, rope_p)
-    return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean), key_space, cache_key_space, rope_p), k.dtype)
+    return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean, adaptive), key_space, cache_key_space, rope_p), k.dtype)
 
 
 # ---------------------------------------------------------------- sections (tensors; formats/csrsection.py makes the bytes)
@@ -279,20 +340,24 @@ class SectionCodes:
     g: torch.Tensor  # [B*H] float32 group scales
     v: torch.Tensor | None  # [B*H, Tc] float16 vector scales (int8 only)
     verbatim: torch.Tensor  # [B, H, s + w, D] the sink then the tail tokens, in the cache's dtype
+    counts: torch.Tensor | None = None  # [B, H, Tc, C] atoms used per vector chunk (adaptive codes; idx/q hold S_max slots, zero past a count)
 
 
 def encode_section(
     x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str, method: str, mean: torch.Tensor | None = None,
+    adaptive: bool = False,
 ) -> SectionCodes:
     """Codes of the coded tokens x_code [B, H, Tc, D] (code space, float; `mean` subtracted here) and the
     verbatim tokens x_tail [B, H, s + w, D]. CsrError when the values are too large to code."""
-    _, c, _, _ = atoms.shape
+    _, c, n, dc = atoms.shape
     b, h, tc, _ = x_code.shape
+    adaptive = adaptive_for(adaptive, sparsity)
     if tc:
-        idx, cf = encode_codes(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method)
+        idx, cf, counts = encode_counted(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef)
     else:
-        idx, cf = no_codes(b, h, c, sparsity)
-    codes = quantized_section(idx, cf, x_tail, coef)
+        idx, cf = no_codes(b, h, c, adaptive_max(sparsity, dc, n) if adaptive else sparsity)
+        counts = idx.new_zeros(b, h, 0, c)
+    codes = quantized_section(idx, cf, x_tail, coef, counts if adaptive else None)
     if not finite_coefficients(codes, coef):
         big = float(x_code.abs().max()) if x_code.numel() else 0.0
         raise CsrError(
@@ -307,11 +372,13 @@ def no_codes(b: int, h: int, c: int, s: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.zeros(b, h, 0, c, s, dtype=torch.int64), torch.zeros(b, h, 0, c, s)
 
 
-def quantized_section(idx: torch.Tensor, cf: torch.Tensor, verbatim: torch.Tensor, coef: str) -> SectionCodes:
+def quantized_section(idx: torch.Tensor, cf: torch.Tensor, verbatim: torch.Tensor, coef: str, counts: torch.Tensor | None = None) -> SectionCodes:
     """A section (on the CPU) from codes idx, cf [B, H, Tc, C, S] (float coefficients, quantised here with one
-    scale per (b, h) as the file stores them) and the verbatim tokens [B, H, s + w, D]."""
+    scale per (b, h) as the file stores them), the verbatim tokens [B, H, s + w, D] and, for adaptive
+    codes, the counts [B, H, Tc, C]."""
     q, g, v = quantize_codes(cf, coef)
-    return SectionCodes(idx.to(torch.int64).cpu(), q.cpu(), g.to(torch.float32).cpu(), None if v is None else v.cpu(), verbatim.contiguous().cpu())
+    return SectionCodes(idx.to(torch.int64).cpu(), q.cpu(), g.to(torch.float32).cpu(), None if v is None else v.cpu(),
+                        verbatim.contiguous().cpu(), None if counts is None else counts.to(torch.int64).cpu())
 
 
 def finite_coefficients(codes: SectionCodes, coef: str) -> bool:
@@ -362,8 +429,9 @@ def encode_layer(
             f"keys too large to rotate into the dictionary's key space (max |k| = {float(k.abs().max()):.3g}; "
             "RoPE overflows float32): the cache looks broken, check it"
         )
-    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0])
-    cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1])
+    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0], cfg.adaptive)
+    cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1],
+                        cfg.adaptive)
     return ck, cv
 
 

@@ -60,11 +60,11 @@ class Reconstructor:
         s_k, s_v = self.sparsity(layer)
         coef, method = self.config.coef, self.config.method
         if kind == "v" or self.key_space == "post-rope":
-            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, coef, method, mean)
+            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, coef, method, mean, self.config.adaptive)
         first = int(positions[0])
         assert bool((positions == torch.arange(first, first + x.shape[2], device=positions.device)).all())
         return codec.roundtrip_keys(
             x, atoms, s_k, coef, method,
             positions_offset=first, rope_info=self.rope_info,
-            key_space=self.key_space, cache_key_space="post-rope", mean=mean, layer=layer,
+            key_space=self.key_space, cache_key_space="post-rope", mean=mean, layer=layer, adaptive=self.config.adaptive,
         )

@@ -291,6 +291,13 @@ def test_chunked_prefill_codes_the_prompt_in_blocks():
     assert blocks[:2] == [16 - codec.DEFAULT_WINDOW - codec.DEFAULT_SINK, 16]  # chunk 1 (less window and sink), then chunk 2
 
 
+def _per_head(d: DictSet) -> DictSet:
+    """Head-scope copies of tiny_dicts' layer-scope tensors (.csr needs one scope for K and V)."""
+    per_head = lambda a: a if a.shape[0] == 2 else a.expand(2, *a.shape[1:]).clone()  # noqa: E731
+    atoms = {n: per_head(a) for n, a in d.atoms.items()}
+    return DictSet(atoms=atoms, source=d.source, means={n: per_head(m) for n, m in d.means.items()}, fingerprint=fingerprint(atoms))
+
+
 @pytest.mark.parametrize("key_space", ["post-rope", "pre-rope"])
 def test_from_csr_continues_like_the_decompressed_file(key_space, tmp_path):
     """compress a prompt's cache to .csr; CSRCache.from_csr holds its codes and continues as a DynamicCache of decompress's output."""
@@ -302,10 +309,7 @@ def test_from_csr_continues_like_the_decompressed_file(key_space, tmp_path):
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 256, (1, 60), generator=g)
-    d = tiny_dicts(key_space, centred=True)
-    per_head = lambda a: a if a.shape[0] == 2 else a.expand(2, *a.shape[1:]).clone()  # noqa: E731  (.csr: one scope for K and V)
-    atoms = {n: per_head(a) for n, a in d.atoms.items()}
-    d = DictSet(atoms=atoms, source=d.source, means={n: per_head(m) for n, m in d.means.items()}, fingerprint=fingerprint(atoms))
+    d = _per_head(tiny_dicts(key_space, centred=True))
     dyn = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids[:, :48], past_key_values=dyn, use_cache=True)
@@ -354,3 +358,24 @@ def test_learnt_padding_keeps_a_files_position_offset():
         assert layer.pad.tolist() == [-5, -4]
         layer.keys = torch.zeros(2, 2, 0, 8)
         assert layer.key_pos0().tolist() == [layer.n_sink + 5, layer.n_sink + 4]
+
+
+def test_from_csr_refuses_an_adaptive_file(tmp_path):
+    """CSRCache holds S atoms per vector: a version 4 file (adaptive counts) is refused with the fix, not misread."""
+    from transformers import DynamicCache
+
+    from csrtool.formats import csrfile
+    from csrtool.formats.kvcache import KVCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    d = _per_head(tiny_dicts("post-rope"))
+    dyn = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=dyn, use_cache=True)
+    kv = KVCache([layer.keys for layer in dyn.layers], [layer.values for layer in dyn.layers], {"key_space": "post-rope", "rope": rope_info(model)})
+    header = csrfile.make_header(kv, d, codec.CodecConfig(2, 2, "fp8", "omp", adaptive=True))
+    path = tmp_path / "a.csr"
+    csrfile.write_csr(path, header, csrfile.encode_sections(kv, d, header))
+    with pytest.raises(CsrError, match="adaptive codes .* compress the cache with --fixed"):
+        CSRCache.from_csr(path, d, model)

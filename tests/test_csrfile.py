@@ -229,9 +229,9 @@ def test_bad_magic(env, tmp_path):
 
 def test_newer_version(env, tmp_path):
     raw = bytearray(env["bytes"])
-    raw[8:10] = struct.pack("<H", 4)
+    raw[8:10] = struct.pack("<H", 5)
     p = corrupt(env, tmp_path, bytes(raw))
-    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 4, newer than this csrtool (3): upgrade csrtool"
+    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 5, newer than this csrtool (4): upgrade csrtool"
 
 
 def test_flipped_payload_byte(env, tmp_path):

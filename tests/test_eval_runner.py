@@ -277,3 +277,17 @@ def test_cli_errors(tiny_llama_dir, dicts_file, args, message):
     assert res.exit_code == 1, res.output
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_run_eval_fixed_and_adaptive_rows(model, ids):
+    """--codes fixed,adaptive: both CSR rows at the same honest bits, each matching the codec it names."""
+    cfg = suite.EvalConfig(bits=(8.0,), baselines=(), solvers=("omp",), tokens=T, chunk=CHUNK, window=WINDOW, needle=False,
+                           codes=("fixed", "adaptive"))
+    doc = suite.run_eval(model, ids, cfg, tiny_dicts(), calib_ids=ids, meta={"model": "tiny"})
+    rows = {m["name"]: m for m in doc["methods"][1:]}
+    assert list(rows) == ["csr-omp-8b", "csr-omp-8b-adaptive"]
+    fixed, adapt = rows["csr-omp-8b"], rows["csr-omp-8b-adaptive"]
+    assert adapt["bits_per_channel"] == fixed["bits_per_channel"] <= 8.0
+    assert adapt["rel_err_k"] != fixed["rel_err_k"]  # a different code, really run
+    with pytest.raises(CsrError, match="--codes takes fixed and/or adaptive"):
+        suite.EvalConfig(codes=("sometimes",))

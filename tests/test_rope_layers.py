@@ -143,7 +143,7 @@ def _edited(raw: bytes, edit, version: int | None = None) -> bytes:
 @pytest.mark.parametrize("edit,says", [
     (lambda o: o["rope"]["layers"][0].update(layer=2), "rope.layers[0].layer is 2 but there are only 2 layers"),
     (lambda o: o["rope"].pop("layers"), "rope.layers (per-layer rotations) is required in a version 3 header"),
-    (lambda o: o.update(version=1), "rope.layers (per-layer rotations) is only allowed in a version 3 header"),
+    (lambda o: o.update(version=1), "rope.layers (per-layer rotations) is only allowed in a version 3 or 4 header"),
     (lambda o: o["rope"]["layers"][0]["inv_freq"].append(1.0), "rope.layers[0].inv_freq has 5 entries but rope.inv_freq has 4"),
 ])
 def test_edited_per_layer_rotation_is_refused(gemma, tmp_path, edit, says):

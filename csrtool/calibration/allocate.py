@@ -97,6 +97,7 @@ def codec_plan(
     window: int | None = None,
     sink: int | None = None,
     uniform: bool = False,
+    adaptive: bool = False,
 ) -> codec.CodecConfig:
     """The codec configuration for a cache of n_layers x kv_heads x head_dim coded with `dicts`.
 
@@ -104,8 +105,8 @@ def codec_plan(
     ((s_k, s_v), every layer the same) is given. With `bits`, dictionaries that carry
     train-dict's sensitivity calibration for exactly these layers get per-layer
     sparsities (`plan`; the config's sparsity_k/v are then the maxima), unless
-    `uniform`; otherwise every layer gets `codec.choose_sparsity`'s pair. window/sink
-    None: the codec's defaults."""
+    `uniform`; otherwise every layer gets `codec.choose_sparsity`'s pair. `adaptive`: per-vector
+    atom counts within each layer's budget (codec.encode_counted). window/sink None: the codec's defaults."""
     if (bits is None) == (sparsity is None):
         raise CsrError("pass either --bits or --sparsity, not both" if bits is not None else "give a bit budget (--bits) or explicit sparsities (--sparsity)")
     n_atoms, value_split = check_dicts(dicts, n_layers, kv_heads, head_dim)
@@ -129,7 +130,7 @@ def codec_plan(
             s_k, s_v = max(p[0] for p in per_layer), max(p[1] for p in per_layer)
     return codec.CodecConfig(
         s_k, s_v, coef, method, codec.DEFAULT_WINDOW if window is None else window, codec.DEFAULT_SINK if sink is None else sink,
-        layer_sparsity=per_layer,
+        layer_sparsity=per_layer, adaptive=adaptive,
     )
 
 

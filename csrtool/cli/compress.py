@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from csrtool.cli import app
 from csrtool.cli.common import ForceOpt, JsonOpt, err, guarded, out, write_json
+from csrtool.codec import ADAPTIVE_DEFAULT
 from csrtool.errors import CsrError
 from csrtool.formats.io import check_input, check_json_output, check_output
 from csrtool.formats.kvcache import open_cache
@@ -56,6 +57,7 @@ def compress(
     sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
     uniform: Annotated[bool, typer.Option("--uniform", help="With --bits: same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration.")] = False,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed", help="Adaptive: each vector gets as many atoms as its fit needs (up to twice S), the same bits on average with the counts paid for (format version 4). Fixed: S atoms for every vector.")] = ADAPTIVE_DEFAULT,
     force: ForceOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
@@ -82,7 +84,7 @@ def compress(
         ds, len(kv.keys), kv_heads, head_dim,
         bits=1.0 if bits is None and sparsity is None else bits,
         sparsity=parsed,
-        coef=coef, method=method, window=window, sink=sink, uniform=uniform,
+        coef=coef, method=method, window=window, sink=sink, uniform=uniform, adaptive=adaptive,
     )
     s_k, s_v, per_layer = cfg.sparsity_k, cfg.sparsity_v, cfg.layer_sparsity
     header = csrfile.make_header(kv, ds, cfg)
@@ -90,13 +92,14 @@ def compress(
         _note_capped(1.0 if bits is None else bits, header)
     with _bar(len(header.layers), "compress") as bar:
         size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
-    report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method,
+    report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method, "adaptive": adaptive,
               "layer_sparsity": None if per_layer is None else [list(p) for p in per_layer],
               "window": cfg.window, "sink": cfg.sink, "target_bits": bits, **csrfile.size_report(header, size)}
     cb = report["code_bits_per_channel"]
     (err if str(json_out) == "-" else out).print(
         f"wrote {output}: {size:,} bytes, {report['ratio_vs_fp16']:.2f}x smaller than fp16; "
-        f"{'S_k/S_v per layer ' + ' '.join(f'{a}/{b}' for a, b in per_layer) if per_layer else f'S_k={s_k} S_v={s_v}'} ({coef}), code bits/channel K {cb['k']:.4f} V {cb['v']:.4f} avg {cb['avg']:.4f}; "
+        f"{'S_k/S_v per layer ' + ' '.join(f'{a}/{b}' for a, b in per_layer) if per_layer else f'S_k={s_k} S_v={s_v}'} ({coef}"
+        f"{', adaptive' if adaptive else ''}), code bits/channel K {cb['k']:.4f} V {cb['v']:.4f} avg {cb['avg']:.4f}; "
         f"file bits/channel {report['bits_per_channel']['with_header']:.4f} (window {cfg.window}, sink {cfg.sink})"
     )
     write_json(json_out, report)
@@ -157,7 +160,8 @@ def inspect(
     out.print(f"[bold]{file}[/bold]  .csr v{hd.version}  model {hd.model or '?'}  dtype {hd.dtype}")
     out.print(f"  shape     {len(hd.layers)} layers x [B={b}, H={h}, T={t}, Dk={dk}, Dv={dv}]")
     out.print(f"  codec     N={hd.n_atoms} ({report['header']['codec']['index_bits']}-bit indices), S_k={cfg.sparsity_k}, "
-              f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}, sink {cfg.sink}")
+              f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}, sink {cfg.sink}"
+              f"{', adaptive counts (up to twice S per vector, S on average)' if cfg.adaptive else ''}")
     if cfg.layer_sparsity is not None:
         out.print("  per layer S_k/S_v " + " ".join(f"{a}/{b}" for a, b in cfg.layer_sparsity) + " (the two above are the maxima)")
     out.print(f"  keys      coded {hd.key_space}, cache {hd.cache_key_space}; dictionary {hd.dict_fingerprint[:16]} ({hd.dict_scope} scope)")

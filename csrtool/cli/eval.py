@@ -52,6 +52,7 @@ def eval_cmd(
     sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = EvalConfig.sink,
     coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16 or int8.")] = EvalConfig.coef,
     uniform: Annotated[bool, typer.Option("--uniform", help="CSR: the same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration (as compress --uniform).")] = EvalConfig.uniform,
+    codes: Annotated[str, typer.Option("--codes", help="CSR codes: 'fixed' (S atoms for every vector), 'adaptive' (each vector as many atoms as its fit needs, the same bits on average, counts paid for) or both, comma-separated.")] = ",".join(EvalConfig.codes),
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = EvalConfig.calib_tokens,
     needle: Annotated[bool, typer.Option("--needle/--no-needle", help="Run the passkey retrieval test.")] = EvalConfig.needle,
     needle_context: Annotated[int, typer.Option("--needle-context", help="Tokens of filler around the pass key.")] = EvalConfig.needle_context,
@@ -86,7 +87,7 @@ def eval_cmd(
     cfg = EvalConfig(
         bits=_csv(bits, "--bits", float), baselines=_csv(baselines, "--baselines"), solvers=_csv(methods, "--methods"),
         tokens=tokens, chunk=chunk, window=window, sink=sink, coef=coef, calib_tokens=calib_tokens,
-        needle=needle, needle_context=needle_context, uniform=uniform,
+        needle=needle, needle_context=needle_context, uniform=uniform, codes=_csv(codes, "--codes"),
     )
     if threads < 0:
         raise CsrError(f"--threads must be >= 0, got {threads}")

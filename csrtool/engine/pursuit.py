@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from csrtool.engine import adaptive
+
 METHODS = ("mp", "omp")
 _CHUNK_ELEMS = 1 << 18  # default chunk: about this many [vector, atom] entries (a [B, N] slab that fits in L2)
 
@@ -123,6 +125,37 @@ def encode_groups(
     All groups go through one bmm per chunk (e.g. one dictionary per KV head).
     `gram` as in `encode`, with a precomputed Gram of shape [G, N, N].
     """
+    idx, coef, _ = _encode_all(x, atoms, sparsity, method, chunk, gram, keep_chol=False)
+    g, b = x.shape[0], x.shape[1]
+    return idx.view(g, b, idx.shape[1]), coef.float().view(g, b, idx.shape[1])
+
+
+def encode_groups_adaptive(
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    max_sparsity: int,
+    total: int,
+    method: str = "omp",
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adaptive sparsity (engine/adaptive.py): each vector of x [G, B, D] gets 0..max_sparsity atoms,
+    at most `total` over all G·B vectors. Returns idx, coef [G, B, S_max] (coefficients zero and
+    indices 0 past a vector's count) and counts [G, B]."""
+    idx, gamma, chol = _encode_all(x, atoms, max_sparsity, method, chunk, None, keep_chol=True)
+    counts = adaptive.choose_counts(gamma.pow(2), total)
+    idx = idx * (torch.arange(max_sparsity, device=idx.device)[None, :] < counts[:, None])
+    coef = adaptive.truncate(gamma, chol, counts)
+    g, b = x.shape[0], x.shape[1]
+    return idx.view(g, b, max_sparsity), coef.float().view(g, b, max_sparsity), counts.view(g, b)
+
+
+def _encode_all(
+    x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, chunk: int | None, gram: torch.Tensor | bool | None,
+    keep_chol: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """idx [G*B, S] and, rows group-major (group g's vectors are rows g*B .. g*B+B-1):
+    keep_chol False: the coefficients [G*B, S] and None;
+    keep_chol True: gamma [G*B, S] and, for OMP, the supports' Cholesky factors [G*B, S, S] (coef = L⁻ᵀγ)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if x.dim() != 3 or atoms.dim() != 3 or x.shape[0] != atoms.shape[0] or x.shape[2] != atoms.shape[2]:
@@ -133,11 +166,12 @@ def encode_groups(
     if s < 1 or (method == "omp" and s > n):
         raise ValueError(f"sparsity must be in 1..N={n} for {method}, got {sparsity}")
     dev = x.device
-    idx = torch.empty(g, b, s, dtype=torch.long, device=dev)
-    coef = torch.empty(g, b, s, dtype=torch.float32, device=dev)
-    if b == 0:
-        return idx, coef
     cd = _compute_dtype(torch.promote_types(x.dtype, atoms.dtype))
+    idx = torch.empty(g, b, s, dtype=torch.long, device=dev)
+    gamma = torch.empty(g, b, s, dtype=cd, device=dev)
+    chol = torch.empty(g, b, s, s, dtype=cd, device=dev) if method == "omp" and keep_chol else None
+    if b == 0:
+        return idx.view(0, s), gamma.view(0, s), None if chol is None else chol.view(0, s, s)  # G*B = 0 rows
     with torch.no_grad():
         atoms_c = atoms.to(device=dev, dtype=cd).contiguous()
         if gram is None:
@@ -152,10 +186,14 @@ def encode_groups(
         for start in range(0, b, per):
             stop = min(b, start + per)
             xb = x[:, start:stop].to(cd)
-            i, c = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method)
+            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method)
             idx[:, start:stop] = i.view(g, stop - start, s)
-            coef[:, start:stop] = c.view(g, stop - start, s)
-    return idx, coef
+            if l is not None and not keep_chol:  # OMP's least-squares coefficients, chunk by chunk
+                gm = torch.linalg.solve_triangular(l.transpose(1, 2), gm[:, :, None], upper=True)[:, :, 0]
+            gamma[:, start:stop] = gm.view(g, stop - start, s)
+            if chol is not None:
+                chol[:, start:stop] = l.view(g, stop - start, s, s)
+    return idx.view(g * b, s), gamma.view(g * b, s), None if chol is None else chol.view(g * b, s, s)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,8 +223,9 @@ def _argmax_abs(a: torch.Tensor, buf: torch.Tensor | None = None, chosen: torch.
 
 def _pursuit(
     x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk: x [G, B, D], atoms [G, N, D], gram [G, N, N] or None -> idx, coef [G*B, S]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk: x [G, B, D], atoms [G, N, D], gram [G, N, N] or None -> idx [G*B, S], gamma [G*B, S]
+    and L [G*B, S, S] (OMP; coef = L⁻ᵀγ) or None (MP; gamma are the coefficients)."""
     g, b, d = x.shape
     n = atoms.shape[1]
     m = g * b  # rows of the flat layout
@@ -213,7 +252,7 @@ def _pursuit(
             idx[:, k], coef[:, k] = i, c[:, 0]
             if k + 1 < s:
                 a.addcmul_(gram_rows(i), c, value=-1)
-        return idx, coef.float()
+        return idx, coef, None
 
     diag = gram.diagonal(dim1=1, dim2=2).reshape(-1) if gram is not None else atoms_flat.pow(2).sum(1)  # [G*N]
     tol = 100 * torch.finfo(dt).eps
@@ -257,5 +296,4 @@ def _pursuit(
             basis[:, k] = q * scale
             u = torch.bmm(basis[:, k].view(g, b, d), atoms_t).view(m, n)
         a.addcmul_(u, gk[:, None], value=-1)
-    coef = torch.linalg.solve_triangular(chol.transpose(1, 2), gamma[:, :, None], upper=True)[:, :, 0]
-    return idx, coef.float()
+    return idx, gamma, chol

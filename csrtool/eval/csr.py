@@ -41,11 +41,12 @@ class CSR(Reconstructor):
         sparsity: tuple[int, int] | None = None,
         name: str | None = None,
         uniform: bool = False,
+        adaptive: bool = False,
     ):
         if method not in codec.METHODS:
             raise CsrError(f"CSR method must be one of {', '.join(codec.METHODS)}, got {method!r}")
         config = allocate.codec_plan(
-            dicts, n_layers, num_kv_heads, head_dim, bits=bits, sparsity=sparsity, coef=coef, method=method, uniform=uniform
+            dicts, n_layers, num_kv_heads, head_dim, bits=bits, sparsity=sparsity, coef=coef, method=method, uniform=uniform, adaptive=adaptive
         )
         super().__init__(dicts, config, rope_info)
         self.method = method
@@ -72,4 +73,5 @@ class CSR(Reconstructor):
             "key_space": self.key_space,
             "target_bits": self.target_bits,
             "layer_sparsity": None if self.layer_sparsity is None else [list(p) for p in self.layer_sparsity],
+            "adaptive": self.config.adaptive,
         }

@@ -30,6 +30,9 @@ DEFAULT_BASELINES = ("fp16", "kivi2", "kivi1", "pq", "quanto2", "quanto4")
 BASELINE_HELP = "fp16, kiviB (B in 1,2,3,4,8), pq (at each --bits) or pqB, quantoB (2,4), hqqB (1,2,3,4,8), fp8 (transformers QuantizedCache)"
 
 
+CODES = ("fixed", "adaptive")  # the first is the default code and names its rows plainly (csr-omp-1b)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     bits: tuple[float, ...] = (1.0, 2.0)
@@ -47,6 +50,7 @@ class EvalConfig:
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     seed: int = 0
     uniform: bool = False  # CSR: same sparsity in every layer even with calibrated dictionaries
+    codes: tuple[str, ...] = ("fixed",)  # CSR rows: 'fixed' S atoms per vector and/or 'adaptive' counts (same bits)
 
     def __post_init__(self) -> None:
         for b in self.bits:
@@ -62,6 +66,11 @@ class EvalConfig:
             raise CsrError(f"--tokens {self.tokens} must exceed --chunk {self.chunk} by at least 2 (predictions after the first chunk are scored)")
         for b in self.baselines:
             parse_baseline(b)
+        for c in self.codes:
+            if c not in CODES:
+                raise CsrError(f"--codes takes {' and/or '.join(CODES)}, got {c!r}")
+        if not self.codes:
+            raise CsrError(f"--codes needs at least one of {', '.join(CODES)}")
         for d in self.needle_depths:
             if not 0.0 <= d <= 1.0:
                 raise CsrError(f"needle depths must lie in [0, 1], got {d}")
@@ -134,7 +143,10 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
         rope = rope_info(model)
         for b in cfg.bits:
             for solver in cfg.solvers:
-                methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope, uniform=cfg.uniform))
+                for mode in cfg.codes:
+                    name = None if mode == CODES[0] else f"csr-{solver}-{b:g}b-{mode}"
+                    methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope,
+                                       uniform=cfg.uniform, adaptive=mode == "adaptive", name=name))
     return methods, skipped
 
 

@@ -134,7 +134,8 @@ def layer_bytes(header: CsrHeader, i: int, ck: codec.SectionCodes, cv: codec.Sec
     """Layer i's (key bytes, value bytes), parsed back before they are handed out: nothing is
     written that decompress would refuse (CsrError naming the layer instead)."""
     try:
-        kb, vb = section_bytes(ck, header.n_atoms), section_bytes(cv, header.n_atoms)
+        c = header.config.for_layer(i)
+        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, c.coef), section_bytes(cv, header.n_atoms, c.sparsity_v, c.coef)
         _parse_layer(header, i, kb, vb)
     except CsrError as exc:
         raise CsrError(f"cache layer {i}: {exc}") from None
@@ -145,8 +146,8 @@ def _parse_layer(hd: CsrHeader, i: int, kb: bytes, vb: bytes) -> tuple[codec.Sec
     sk, sv = hd.shapes(i)
     c = hd.config.for_layer(i)
     return (
-        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, c.coef, c.window, hd.torch_dtype, c.sink),
-        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, c.coef, c.window, hd.torch_dtype, c.sink),
+        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, c.coef, c.window, hd.torch_dtype, c.sink, c.adaptive),
+        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, c.coef, c.window, hd.torch_dtype, c.sink, c.adaptive),
     )
 
 

@@ -21,7 +21,7 @@ from csrtool.formats import csrsection
 from csrtool.keyspace import RopeParams
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
-VERSION = 3  # the newest; every version is still read and written (see CsrHeader.version)
+VERSION = 4  # the newest; every version is still read and written (see CsrHeader.version)
 FORMAT = "csrtool-csr"
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len
 DIGEST = 32
@@ -60,8 +60,8 @@ class CsrHeader:
         cfg = self.config.for_layer(layer)
         c, n, w, dt, s = cfg.coef, self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
         return (
-            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, c, w, dt, s),
-            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, c, w, dt, s),
+            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, c, w, dt, s, cfg.adaptive),
+            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, c, w, dt, s, cfg.adaptive),
         )
 
     def layer_rope(self, layer: int) -> RopeParams | None:
@@ -71,7 +71,10 @@ class CsrHeader:
     @property
     def version(self) -> int:
         """1 for one sparsity for all layers, 2 with per-layer sparsities, 3 with per-layer rotations
-        (rope.layers; the sparsities as in 1 or 2) (docs/format.md §2)."""
+        (rope.layers; the sparsities as in 1 or 2), 4 with adaptive codes (per-vector atom counts,
+        §3.3; sparsities and rotations as in 1-3) (docs/format.md §2, §6)."""
+        if self.config.adaptive:
+            return 4
         if self.rope is not None and self.rope.layers:
             return 3
         return 1 if self.config.layer_sparsity is None else 2
@@ -115,6 +118,8 @@ class CsrHeader:
         }
         if self.config.layer_sparsity is not None:
             obj["codec"]["layer_sparsity"] = [list(p) for p in self.config.layer_sparsity]
+        if self.config.adaptive:
+            obj["codec"]["adaptive"] = True
         return obj
 
     def encode(self) -> bytes:
@@ -215,9 +220,9 @@ def header_from_json(obj: object) -> CsrHeader:
     cache_key_space = _choice(cd, "cache_key_space", codec.KEY_SPACES, "codec.")
     rope_p = None if obj.get("rope") is None else RopeParams.from_json(obj["rope"])
     if rope_p is not None:
-        if (version == 3) != bool(rope_p.layers):
+        if version < 4 and (version == 3) != bool(rope_p.layers):
             raise CsrError("rope.layers (per-layer rotations) is required in a version 3 header" if version == 3 else
-                           "rope.layers (per-layer rotations) is only allowed in a version 3 header")
+                           "rope.layers (per-layer rotations) is only allowed in a version 3 or 4 header")
         rope_p.check_layers(len(layers))
     elif version == 3:
         raise CsrError("rope must hold per-layer rotations (rope.layers) in a version 3 header, got null")
@@ -257,7 +262,7 @@ def header_from_json(obj: object) -> CsrHeader:
 
 def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
     per_layer = None
-    if version == 2 or (version == 3 and "layer_sparsity" in cd):
+    if version == 2 or (version >= 3 and "layer_sparsity" in cd):
         rows = cd.get("layer_sparsity")
         if not isinstance(rows, list) or len(rows) != n_layers:
             raise CsrError(f"codec.layer_sparsity must list one [S_k, S_v] per layer ({n_layers}), got {_show(rows)}")
@@ -268,7 +273,11 @@ def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
             pairs.append(tuple(_int_value(v, f"codec.layer_sparsity[{i}]", 1, MAX_SPARSITY) for v in r))
         per_layer = tuple(pairs)
     elif "layer_sparsity" in cd:
-        raise CsrError("codec.layer_sparsity is only allowed in a version 2 or 3 header")
+        raise CsrError("codec.layer_sparsity is only allowed in a version 2, 3 or 4 header")
+    if version == 4 and cd.get("adaptive") is not True:
+        raise CsrError(f"codec.adaptive must be true in a version 4 header, got {_show(cd.get('adaptive'))}")
+    if version < 4 and "adaptive" in cd:
+        raise CsrError("codec.adaptive is only allowed in a version 4 header")
     return codec.CodecConfig(
         sparsity_k=_int(cd, "sparsity_k", 1, MAX_SPARSITY, "codec."),
         sparsity_v=_int(cd, "sparsity_v", 1, MAX_SPARSITY, "codec."),
@@ -277,6 +286,7 @@ def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
         window=_int(cd, "window", 0, MAX_DIM, "codec."),
         sink=_int(cd, "sink", 0, MAX_DIM, "codec."),
         layer_sparsity=per_layer,
+        adaptive=version == 4,
     )
 
 

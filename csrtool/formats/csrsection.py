@@ -1,19 +1,26 @@
 """The bytes of one `.csr` layer section (docs/format.md §3): codes in, bytes out, and back.
 
-    section_nbytes(shape, N, C, S, coef, window, dtype, sink) -> bytes of a section of shape [B, H, T, D]
-    section_bytes(codes, N) -> bytes                  codec.SectionCodes -> group scales, vector scales,
-                                                      packed indices, coefficients, verbatim tokens
-    parse_section(buf, shape, N, C, S, coef, window, dtype, sink) -> codec.SectionCodes
+    section_nbytes(shape, N, C, S, coef, window, dtype, sink, adaptive) -> bytes of a section of shape [B, H, T, D]
+    section_bytes(codes, N, S, coef) -> bytes              codec.SectionCodes -> group scales, vector scales,
+                                                      [packed counts,] packed indices, coefficients, verbatim tokens
+    parse_section(buf, shape, N, C, S, coef, window, dtype, sink, adaptive) -> codec.SectionCodes
 
 The codec (csrtool/codec.py) makes and consumes the tensors; this module owns their
 byte layout. parse_section rejects what a valid writer never produces (an index >= N,
-nonzero padding, an int8 coefficient of -128).
+nonzero padding, an int8 coefficient of -128, adaptive counts above S_max or over the
+section's atom slots, nonzero unused slots).
+
+Adaptive sections (docs/format.md §3.3) store each vector chunk's atom count and then
+a fixed number of atom slots, codec.adaptive_slots(M·C, S, ...), filled in vector order
+with each chunk's first `count` atoms and zero after: the size still follows from the
+header alone.
 """
 
 from __future__ import annotations
 
 import torch
 
+from csrtool import codec
 from csrtool.codec import SectionCodes, spans
 from csrtool.engine import packing
 from csrtool.errors import CsrError
@@ -23,39 +30,70 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _layout(shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, adaptive: bool, window: int, sink: int):
+    """(m vectors, atom slots, count bits or 0, slots per chunk in memory) of a section."""
+    b, h, t, d = shape
+    _, tc, _ = spans(t, window, sink)
+    m = b * h * tc
+    if not codec.adaptive_for(adaptive, sparsity):
+        return m, m * chunks * sparsity, 0, sparsity
+    dc = d // chunks
+    return m, codec.adaptive_slots(m * chunks, sparsity, dc, n_atoms, coef), codec.count_bits(sparsity, dc, n_atoms), codec.adaptive_max(sparsity, dc, n_atoms)
+
+
 def section_nbytes(
-    shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype, sink: int = 0
+    shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype, sink: int = 0,
+    adaptive: bool = False,
 ) -> int:
     """Bytes of one section (docs/format.md §3) for a tensor of shape [B, H, T, D]."""
     b, h, t, d = shape
     s, tc, w = spans(t, window, sink)
-    m = b * h * tc
-    n = m * chunks * sparsity
+    m, n, cbits, _ = _layout(shape, n_atoms, chunks, sparsity, coef, adaptive, window, sink)
     coef_bytes = n * packing.COEF_BITS[coef] // 8
     vscale = 2 * m if coef == "int8" else 0
-    return 4 * b * h + vscale + packing.packed_nbytes(n, packing.index_bits(n_atoms)) + coef_bytes + b * h * (s + w) * d * _elem(dtype)
+    counts = packing.packed_nbytes(m * chunks, cbits) if cbits else 0
+    return 4 * b * h + vscale + counts + packing.packed_nbytes(n, packing.index_bits(n_atoms)) + coef_bytes + b * h * (s + w) * d * _elem(dtype)
 
 
-def section_bytes(codes: SectionCodes, n_atoms: int) -> bytes:
-    """The section's bytes, parts in the order of docs/format.md §3, no padding between them."""
+def _ints(q: torch.Tensor) -> torch.Tensor:
+    """The coefficients' bits as an integer tensor of the same element size (for masking and scattering)."""
+    return q.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[q.element_size()])
+
+
+def section_bytes(codes: SectionCodes, n_atoms: int, sparsity: int | None = None, coef: str | None = None) -> bytes:
+    """The section's bytes, parts in the order of docs/format.md §3, no padding between them.
+    Adaptive codes (codes.counts) need the plan's `sparsity` and `coef`, which fix the atom slots."""
     parts = [codes.g.to(torch.float32).numpy().tobytes()]
     if codes.v is not None:
         parts.append(codes.v.to(torch.float16).numpy().tobytes())
-    parts.append(packing.pack_indices(codes.idx.reshape(-1), packing.index_bits(n_atoms)).numpy().tobytes())
-    parts.append(packing.to_bytes_view(codes.q).numpy().tobytes())
+    idx, q = codes.idx.reshape(-1), codes.q
+    if codes.counts is not None:
+        if sparsity is None or coef is None:
+            raise ValueError("adaptive codes need the plan's sparsity and coefficient format to size their atom slots")
+        b, h, tc, c, smax = codes.idx.shape
+        dc = codes.verbatim.shape[3] // c
+        slots = codec.adaptive_slots(b * h * tc * c, sparsity, dc, n_atoms, coef)
+        used = (torch.arange(smax)[None, :] < codes.counts.reshape(-1, 1)).reshape(-1)
+        pad = slots - int(used.sum())
+        assert pad >= 0, (int(used.sum()), slots)
+        qi = _ints(codes.q).reshape(-1)
+        idx, q = torch.cat([idx[used], idx.new_zeros(pad)]), torch.cat([qi[used], qi.new_zeros(pad)])
+        parts.append(packing.pack_indices(codes.counts.reshape(-1), codec.count_bits(sparsity, dc, n_atoms)).numpy().tobytes())
+    parts.append(packing.pack_indices(idx, packing.index_bits(n_atoms)).numpy().tobytes())
+    parts.append(packing.to_bytes_view(q).numpy().tobytes())
     parts.append(codes.verbatim.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return b"".join(parts)
 
 
 def parse_section(
     buf: bytes | memoryview, shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int,
-    dtype: torch.dtype, sink: int = 0,
+    dtype: torch.dtype, sink: int = 0, adaptive: bool = False,
 ) -> SectionCodes:
-    """Section bytes -> SectionCodes (idx [B, H, Tc, C, S], verbatim [B, H, s + w, D]: sink then tail)."""
+    """Section bytes -> SectionCodes (idx [B, H, Tc, C, S], verbatim [B, H, s + w, D]: sink then tail;
+    adaptive: S = S_max slots per chunk, zero past each count, and counts [B, H, Tc, C])."""
     b, h, t, d = shape
     s, tc, w = spans(t, window, sink)
-    m = b * h * tc
-    n = m * chunks * sparsity
+    m, n, cbits, smax = _layout(shape, n_atoms, chunks, sparsity, coef, adaptive, window, sink)
     raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
     pos = 0
 
@@ -67,13 +105,31 @@ def parse_section(
 
     g = packing.from_bytes_view(take(4 * b * h), torch.float32, (b * h,))
     v = packing.from_bytes_view(take(2 * m), torch.float16, (b * h, tc)) if coef == "int8" else None
+    counts = None
+    if cbits:
+        counts, cnt_ok = packing.unpack_indices(take(packing.packed_nbytes(m * chunks, cbits)), m * chunks, cbits)
+        if not cnt_ok or (counts.numel() and (int(counts.max()) > smax or int(counts.sum()) > n)):
+            raise CsrError("corrupted codes (atom count out of range)")
     bits = packing.index_bits(n_atoms)
     idx, pad_ok = packing.unpack_indices(take(packing.packed_nbytes(n, bits)), n, bits)
-    q = packing.from_bytes_view(take(n * packing.COEF_BITS[coef] // 8), coef, (b * h, tc, chunks * sparsity))
+    q = packing.from_bytes_view(take(n * packing.COEF_BITS[coef] // 8), coef, (n,) if cbits else (b * h, tc, chunks * sparsity))
     verbatim = packing.from_bytes_view(take(b * h * (s + w) * d * _elem(dtype)), dtype, (b, h, s + w, d))
     assert pos == len(buf), (pos, len(buf))
     if not pad_ok or (n and int(idx.max()) >= n_atoms):
         raise CsrError("corrupted codes (atom index out of range)")
     if coef == "int8" and bool((q == -128).any()):
         raise CsrError("corrupted codes (int8 coefficient -128)")
-    return SectionCodes(idx.reshape(b, h, tc, chunks, sparsity), q, g, v, verbatim)
+    if counts is None:
+        return SectionCodes(idx.reshape(b, h, tc, chunks, sparsity), q, g, v, verbatim)
+    k = int(counts.sum())
+    if bool(idx[k:].any()) or bool(_ints(q)[k:].any()):
+        raise CsrError("corrupted codes (unused atom slots are not zero)")
+    used = (torch.arange(smax)[None, :] < counts[:, None]).reshape(-1)
+    full_idx = idx.new_zeros(m * chunks * smax)
+    full_idx[used] = idx[:k]
+    full_q = _ints(q).new_zeros(m * chunks * smax)
+    full_q[used] = _ints(q)[:k]
+    return SectionCodes(
+        full_idx.reshape(b, h, tc, chunks, smax), full_q.view(q.dtype).reshape(b * h, tc, chunks * smax), g, v, verbatim,
+        counts.reshape(b, h, tc, chunks),
+    )
