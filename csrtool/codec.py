@@ -34,7 +34,7 @@ METHODS = pursuit.METHODS
 KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")
 DEFAULT_SINK = 4  # first tokens kept uncompressed: they draw a large share of attention (attention sinks; docs/quality.md §1)
-ADAPTIVE_DEFAULT = False  # the CLI's codes (compress, eval): per-vector adaptive counts or S atoms for every vector
+ADAPTIVE_DEFAULT = True  # the CLI's codes (compress, eval): per-vector adaptive counts or S atoms for every vector
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -352,6 +352,8 @@ def encode_section(
     _, c, n, dc = atoms.shape
     b, h, tc, _ = x_code.shape
     adaptive = adaptive_for(adaptive, sparsity)
+    if tc and not bool(torch.isfinite(x_code.to(torch.float32).pow(2).sum(-1)).all()):
+        _too_large(x_code)  # adaptive counts rank vectors by their squared errors: these would overflow
     if tc:
         idx, cf, counts = encode_counted(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef)
     else:
@@ -359,12 +361,16 @@ def encode_section(
         counts = idx.new_zeros(b, h, 0, c)
     codes = quantized_section(idx, cf, x_tail, coef, counts if adaptive else None)
     if not finite_coefficients(codes, coef):
-        big = float(x_code.abs().max()) if x_code.numel() else 0.0
-        raise CsrError(
-            f"values too large to code (max |x| = {big:.3g}; the coefficients overflow float32): "
-            "the cache looks broken, check it or keep such layers out of the cache"
-        )
+        _too_large(x_code)
     return codes
+
+
+def _too_large(x_code: torch.Tensor) -> None:
+    big = float(x_code.abs().max()) if x_code.numel() else 0.0
+    raise CsrError(
+        f"values too large to code (max |x| = {big:.3g}; the coefficients overflow float32): "
+        "the cache looks broken, check it or keep such layers out of the cache"
+    )
 
 
 def no_codes(b: int, h: int, c: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:

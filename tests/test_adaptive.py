@@ -191,7 +191,7 @@ def test_compress_cli_adaptive_inspect_and_decompress(files, tmp_path):
     cache_path = tmp_path / "c.pt"
     save_cache(cache_path, files["cache"])
     d = make_dicts(tmp_path / "d.safetensors")
-    res = runner.invoke(app, ["compress", str(cache_path), "-d", str(d), "-o", str(tmp_path / "a.csr"), "--sparsity", "3,2", "--adaptive"])
+    res = runner.invoke(app, ["compress", str(cache_path), "-d", str(d), "-o", str(tmp_path / "a.csr"), "--sparsity", "3,2"])  # adaptive is the default
     assert res.exit_code == 0, res.output
     assert "adaptive" in res.output
     res = runner.invoke(app, ["inspect", str(tmp_path / "a.csr")])

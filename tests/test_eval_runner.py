@@ -285,8 +285,9 @@ def test_run_eval_fixed_and_adaptive_rows(model, ids):
                            codes=("fixed", "adaptive"))
     doc = suite.run_eval(model, ids, cfg, tiny_dicts(), calib_ids=ids, meta={"model": "tiny"})
     rows = {m["name"]: m for m in doc["methods"][1:]}
-    assert list(rows) == ["csr-omp-8b", "csr-omp-8b-adaptive"]
-    fixed, adapt = rows["csr-omp-8b"], rows["csr-omp-8b-adaptive"]
+    assert list(rows) == ["csr-omp-8b-fixed", "csr-omp-8b"]  # the default code (adaptive) is named plainly
+    fixed, adapt = rows["csr-omp-8b-fixed"], rows["csr-omp-8b"]
+    assert suite.EvalConfig().codes == ("adaptive",)
     assert adapt["bits_per_channel"] == fixed["bits_per_channel"] <= 8.0
     assert adapt["rel_err_k"] != fixed["rel_err_k"]  # a different code, really run
     with pytest.raises(CsrError, match="--codes takes fixed and/or adaptive"):

@@ -201,7 +201,7 @@ def test_cli_cache_compress_decompress_on_gemma3(tiny_model_dirs, tmp_path):
     ds = identity_dicts()
     save_dicts(tmp_path / "d.safetensors", ds.atoms, {"n_atoms": 16}, ds.source, {})
     res = run(app, ["compress", str(tmp_path / "c.pt"), "--dicts", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "c.csr"),
-                    "--sparsity", "4,2", "--coef", "fp16", "--window", "3"])
+                    "--sparsity", "4,2", "--coef", "fp16", "--window", "3", "--fixed"])
     assert res.exit_code == 0, res.output
     assert csrfile.open_csr(tmp_path / "c.csr").header.version == 3
     res = run(app, ["decompress", str(tmp_path / "c.csr"), "--dicts", str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "b.pt")])

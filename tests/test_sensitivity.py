@@ -133,14 +133,14 @@ def test_train_dict_stores_calibrated_curves(pipeline):
 
 def test_compress_spends_bits_per_layer(pipeline):
     d, dicts = pipeline, pipeline / "dicts.safetensors"
-    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "-o", str(d / "a.csr"), "--json", str(d / "a.json")])
+    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--fixed", "-o", str(d / "a.csr"), "--json", str(d / "a.json")])
     assert res.exit_code == 0, res.output
     rep = json.loads((d / "a.json").read_text())
     plan = [tuple(p) for p in rep["layer_sparsity"]]
     assert len(plan) == 2 and rep["code_bits_per_channel"]["avg"] <= 4.0
     header = csrfile.open_csr(d / "a.csr").header
     assert header.version == 2 and header.config.layer_sparsity == tuple(plan)
-    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--uniform", "-o", str(d / "u.csr"), "--json", str(d / "u.json")])
+    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--uniform", "--fixed", "-o", str(d / "u.csr"), "--json", str(d / "u.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((d / "u.json").read_text())["layer_sparsity"] is None
     assert csrfile.open_csr(d / "u.csr").header.version == 1
@@ -151,7 +151,7 @@ def test_compress_spends_bits_per_layer(pipeline):
     uniform = csrfile.open_csr(d / "u.csr").header.config
     assert any(p != (uniform.sparsity_k, uniform.sparsity_v) for p in plan)  # calibration moved atoms
     for layer, (s_k, s_v) in enumerate(plan):
-        res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--sparsity", f"{s_k},{s_v}", "-o", str(d / f"s{layer}.csr")])
+        res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--sparsity", f"{s_k},{s_v}", "--fixed", "-o", str(d / f"s{layer}.csr")])
         assert res.exit_code == 0, res.output
         s = csrfile.read_csr(d / f"s{layer}.csr", ds)
         assert torch.equal(a.keys[layer], s.keys[layer]) and torch.equal(a.values[layer], s.values[layer])

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from csrtool import codec
 from csrtool.errors import CsrError
 from csrtool.eval import bootstrap, kivi, metrics, needle, pooling, pq, quanto, runner
 from csrtool.eval.csr import CSR
@@ -30,7 +31,8 @@ DEFAULT_BASELINES = ("fp16", "kivi2", "kivi1", "pq", "quanto2", "quanto4")
 BASELINE_HELP = "fp16, kiviB (B in 1,2,3,4,8), pq (at each --bits) or pqB, quantoB (2,4), hqqB (1,2,3,4,8), fp8 (transformers QuantizedCache)"
 
 
-CODES = ("fixed", "adaptive")  # the first is the default code and names its rows plainly (csr-omp-1b)
+CODES = ("fixed", "adaptive")
+DEFAULT_CODE = "adaptive" if codec.ADAPTIVE_DEFAULT else "fixed"  # compress's default; its rows are named plainly (csr-omp-1b)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class EvalConfig:
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     seed: int = 0
     uniform: bool = False  # CSR: same sparsity in every layer even with calibrated dictionaries
-    codes: tuple[str, ...] = ("fixed",)  # CSR rows: 'fixed' S atoms per vector and/or 'adaptive' counts (same bits)
+    codes: tuple[str, ...] = (DEFAULT_CODE,)  # CSR rows: 'fixed' S atoms per vector and/or 'adaptive' counts (same bits)
 
     def __post_init__(self) -> None:
         for b in self.bits:
@@ -144,7 +146,7 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
         for b in cfg.bits:
             for solver in cfg.solvers:
                 for mode in cfg.codes:
-                    name = None if mode == CODES[0] else f"csr-{solver}-{b:g}b-{mode}"
+                    name = None if mode == DEFAULT_CODE else f"csr-{solver}-{b:g}b-{mode}"
                     methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope,
                                        uniform=cfg.uniform, adaptive=mode == "adaptive", name=name))
     return methods, skipped
