@@ -60,7 +60,7 @@ class Reconstructor:
         s_k, s_v = self.sparsity(layer)
         coef, method = self.config.coef, self.config.method
         if kind == "v" or self.key_space == "post-rope":
-            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, coef, method, mean, self.config.adaptive)
+            return codec.roundtrip(x, atoms, s_v if kind == "v" else s_k, coef, method, mean, self.config.adaptive, kind)
         first = int(positions[0])
         assert bool((positions == torch.arange(first, first + x.shape[2], device=positions.device)).all())
         return codec.roundtrip_keys(

@@ -91,6 +91,22 @@ def test_adaptive_codes_beat_fixed_ones_at_no_more_bits():
     assert torch.equal(codec.roundtrip(x, a, 1, "fp8", "omp", adaptive=True), codec.roundtrip(x, a, 1, "fp8", "omp"))
 
 
+def test_values_spend_atoms_by_relative_error_keys_by_absolute_error():
+    """Same-shaped vectors at two scales: keys (absolute error) give the large ones the atoms, values
+    (error relative to each vector) give both scales about the same counts."""
+    atoms = unit(256, 32, 4)
+    x = torch.randn(1, 1, 200, 32, generator=torch.Generator().manual_seed(5))
+    x[:, :, :100] *= 0.05
+    a = atoms[None, None]
+    _, _, ck = codec.encode_counted(x, a, 4, "omp", True, "fp8", "k")
+    _, _, cv = codec.encode_counted(x, a, 4, "omp", True, "fp8", "v")
+    small_k, large_k = ck[0, 0, :100].float().mean(), ck[0, 0, 100:].float().mean()
+    small_v, large_v = cv[0, 0, :100].float().mean(), cv[0, 0, 100:].float().mean()
+    assert small_k < 1.0 and large_k > 6.0
+    assert abs(float(small_v - large_v)) < 1.0
+    assert int(ck.sum()) == int(cv.sum()) == codec.adaptive_slots(200, 4, 32, 256, "fp8")
+
+
 # ---------------------------------------------------------------- the .csr file
 
 
@@ -119,7 +135,7 @@ def test_adaptive_file_round_trips_to_the_in_memory_codec(files):
         k, v = cache.keys[layer], cache.values[layer]
         want_k = codec.roundtrip_keys(k[:, :, s:end], ds.get(layer, "k"), 3, "fp8", "omp", 3 + s, cache.meta["rope"], adaptive=True)
         assert torch.equal(dec.keys[layer][:, :, s:end], want_k)
-        assert torch.equal(dec.values[layer][:, :, s:end], codec.roundtrip(v[:, :, s:end], ds.get(layer, "v"), 2, "fp8", "omp", adaptive=True))
+        assert torch.equal(dec.values[layer][:, :, s:end], codec.roundtrip(v[:, :, s:end], ds.get(layer, "v"), 2, "fp8", "omp", adaptive=True, kind="v"))
         assert torch.equal(dec.keys[layer][:, :, :s], k[:, :, :s]) and torch.equal(dec.values[layer][:, :, end:], v[:, :, end:])
 
 

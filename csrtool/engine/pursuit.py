@@ -137,12 +137,17 @@ def encode_groups_adaptive(
     total: int,
     method: str = "omp",
     chunk: int | None = None,
+    relative: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adaptive sparsity (engine/adaptive.py): each vector of x [G, B, D] gets 0..max_sparsity atoms,
-    at most `total` over all G·B vectors. Returns idx, coef [G, B, S_max] (coefficients zero and
-    indices 0 past a vector's count) and counts [G, B]."""
+    at most `total` over all G·B vectors, minimising the summed squared error (relative: the summed
+    error of each vector relative to its own energy). Returns idx, coef [G, B, S_max] (coefficients
+    zero and indices 0 past a vector's count) and counts [G, B]."""
     idx, gamma, chol = _encode_all(x, atoms, max_sparsity, method, chunk, None, keep_chol=True)
-    counts = adaptive.choose_counts(gamma.pow(2), total)
+    gains = gamma.pow(2)
+    if relative:
+        gains = gains / x.reshape(-1, x.shape[-1]).to(gains.dtype).pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(gains.dtype).tiny)
+    counts = adaptive.choose_counts(gains, total)
     idx = idx * (torch.arange(max_sparsity, device=idx.device)[None, :] < counts[:, None])
     coef = adaptive.truncate(gamma, chol, counts)
     g, b = x.shape[0], x.shape[1]
