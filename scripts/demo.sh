@@ -16,7 +16,7 @@ csrtool train-dict "$OUT/acts" -o "$OUT/dicts.safetensors" --force --json "$OUT/
 step "3/6 save the KV cache of a 2,048-token held-out prompt"
 csrtool cache --heldout --max-tokens 2048 -o "$OUT/cache.pt" --force
 
-step "4/6 compress it at ~1 bit per channel and inspect the file"
+step "4/6 compress it at ~1 bit per channel (adaptive: atoms per vector where the fit needs them) and inspect the file"
 csrtool compress "$OUT/cache.pt" --dicts "$OUT/dicts.safetensors" --bits 1 -o "$OUT/cache.csr" --force
 csrtool inspect "$OUT/cache.csr" --dicts "$OUT/dicts.safetensors"
 csrtool inspect "$OUT/cache.csr" --dicts "$OUT/dicts.safetensors" --json > "$OUT/inspect.json"
