@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from csrtool.engine import pursuit
-from csrtool.engine.kmeans import kmeans, kmeans_pp, kmeans_pp_batched
+from csrtool.engine.kmeans import assign, kmeans, kmeans_pp, kmeans_pp_batched
 from csrtool.engine.neuraldict import (
     TrainConfig, coefficients, diversity_beta, diversity_loss, reconstruct, rel_err, train_dictionary,
 )
@@ -109,6 +109,33 @@ def test_kmeans_recovers_separated_clusters():
     torch.testing.assert_close(cs.norm(dim=1), torch.ones(12))
     cos = (torch.nn.functional.normalize(centers, dim=1) @ cs.T).abs().max(1).values
     assert float(cos.min()) > 0.99
+
+
+def test_argmax_rows_is_argmax_with_ties_to_the_lowest_index():
+    g = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 5, (40, 512), generator=g).float()  # many ties per row
+    score[7] = 2.0  # a row of equal values: index 0
+    assert torch.equal(pursuit.argmax_rows(score), score.argmax(1))
+    odd = torch.randn(9, 100, generator=g)  # no block width divides 100: torch's argmax
+    assert torch.equal(pursuit.argmax_rows(odd), odd.argmax(1))
+
+
+@pytest.mark.parametrize("unit, signed", [(True, True), (True, False), (False, True), (False, False)])
+def test_assign_is_the_nearest_centroid_in_any_chunking(unit, signed):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, 8, generator=g)
+    c = torch.randn(256, 8, generator=g) * 2
+    if unit:
+        c = torch.nn.functional.normalize(c, dim=1)
+    dist = torch.cdist(x, c).pow(2)
+    if signed:
+        dist = torch.minimum(dist, torch.cdist(x, -c).pow(2))
+    want = dist.argmin(1)
+    for chunk in (None, 333, 4096):
+        lab, sign = assign(x, c, signed=signed, chunk=chunk)
+        assert torch.equal(lab, want), chunk
+        near = (x - sign[:, None] * c[lab]).pow(2).sum(1)
+        torch.testing.assert_close(near, dist.min(1).values, rtol=1e-4, atol=1e-4)
 
 
 def test_kmeans_pp_distinct_and_seeded():

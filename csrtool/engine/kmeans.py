@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from csrtool.engine.comm import LOCAL, Comm, bcast
+from csrtool.engine.pursuit import argmax_rows
 
 
 def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -108,19 +109,27 @@ def kmeans_pp_batched(x: torch.Tensor, k: int, rounds: int = 64, generator: torc
         picked = torch.cat([picked, new])
 
 
-def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid per row: (labels [B], sign [B] of the match, +1 if not signed)."""
+def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid per row: (labels [B], sign [B] of the match, +1 if not signed).
+
+    Rows go in chunks whose [b, k] scores stay in cache (`chunk` None: about 2M entries;
+    8,192 rows x 4,096 centroids took 3x as long per row on one core, bench/ndspeed.py), and
+    the argmax is pursuit.argmax_rows (block maxima; torch's row argmax is a scalar loop).
+    """
     labels, signs = [], []
     c_sq = (c * c).sum(1)  # [k]
     unit = bool(((c_sq - 1).abs() < 1e-4).all())
+    if chunk is None:
+        chunk = max(256, (1 << 21) // max(1, c.shape[0]))
     for s in range(0, x.shape[0], chunk):
         dot = x[s : s + chunk] @ c.T  # [b, k]
         if unit:  # all |c| = 1: nearest is simply the largest (absolute) dot product
-            lab = (dot.abs() if signed else dot).argmax(1)
+            score = dot.abs() if signed else dot
         elif signed:
-            lab = (2 * dot.abs() - c_sq).argmax(1)  # maximise -|x ∓ c|² up to a per-row constant
+            score = 2 * dot.abs() - c_sq  # maximise -|x ∓ c|² up to a per-row constant
         else:
-            lab = (2 * dot - c_sq).argmax(1)
+            score = 2 * dot - c_sq
+        lab = argmax_rows(score)
         labels.append(lab)
         sg = dot.gather(1, lab[:, None])[:, 0].sign() if signed else torch.ones_like(lab, dtype=x.dtype)
         signs.append(torch.where(sg == 0, torch.ones_like(sg), sg))

@@ -216,13 +216,18 @@ def _argmax_abs(a: torch.Tensor, buf: torch.Tensor | None = None, chosen: torch.
     score = torch.abs(a, out=buf) if buf is not None else a.abs()
     if chosen is not None:
         score.scatter_(1, chosen, -1.0)
+    return argmax_rows(score)
+
+
+def argmax_rows(score: torch.Tensor) -> torch.Tensor:
+    """score.argmax(dim=1) for [M, N] (lowest index on ties), by block maxima: see _argmax_abs."""
     m, n = score.shape
     w = next((w for w in (64, 32) if n % w == 0 and n >= 4 * w), 0)
     if not w:
         return score.argmax(dim=1)
     blocks = score.view(m, n // w, w)
     best = blocks.amax(dim=2).argmax(dim=1)  # [M] winning block
-    lane = blocks[torch.arange(m, device=a.device), best].argmax(dim=1)  # [M]
+    lane = blocks[torch.arange(m, device=score.device), best].argmax(dim=1)  # [M]
     return best * w + lane
 
 
