@@ -186,6 +186,26 @@ def test_adaptive_section_parses_back_and_rejects_bad_counts_and_dirty_slots():
         _parse(bad)
 
 
+@pytest.mark.parametrize("coef", ["fp8", "fp16", "int8"])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_adaptive_sections_round_trip_in_every_coefficient_format(coef, chunks):
+    """Bytes -> codes -> bytes for each coefficient format and value split; the size is the one the header implies
+    and never more than the fixed section's."""
+    atoms = unit(2 * chunks * N, D // chunks, 6).reshape(2, chunks, N, D // chunks)
+    x = torch.randn(1, 2, 20, D, generator=torch.Generator().manual_seed(7))
+    tail = torch.randn(1, 2, 5, D, generator=torch.Generator().manual_seed(8)).half()
+    sec = codec.encode_section(x, tail, atoms, 3, coef, "omp", None, True, "v")
+    buf = csrsection.section_bytes(sec, N, 3, coef)
+    shape = (1, 2, 25, D)
+    assert len(buf) == csrsection.section_nbytes(shape, N, chunks, 3, coef, 1, torch.float16, 4, True)
+    assert len(buf) <= csrsection.section_nbytes(shape, N, chunks, 3, coef, 1, torch.float16, 4, False)
+    back = csrsection.parse_section(buf, shape, N, chunks, 3, coef, 1, torch.float16, 4, True)
+    assert torch.equal(back.idx, sec.idx) and torch.equal(back.counts, sec.counts) and torch.equal(back.verbatim, sec.verbatim)
+    assert csrsection.section_bytes(back, N, 3, coef) == buf
+    got = codec.decode_section(back, atoms, coef)
+    assert torch.equal(got, codec.decode_section(sec, atoms, coef))
+
+
 def test_adaptive_header_fields_are_validated(files):
     from csrtool.formats.csrheader import header_from_json
 
