@@ -6,6 +6,10 @@ layer / kind stays exact), on the same held-out tokens, chunks and window as
 layers (docs/quality.md §5).
 
     python bench/ablate.py --dicts out/demo/dicts.safetensors --sparsity 5/2 --per-layer --json out/bench/ablate.json
+    python bench/ablate.py --dicts D --bits 1 --kinds k --layers 0-29 --text /usr/share/common-licenses/GPL-3 --json k.json
+
+--bits B uses compress's plan (calibrated per-layer sparsities, default adaptive codes) instead
+of one --sparsity; --text FILE evaluates its first --tokens tokens instead of the built-in held-out text.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dicts", required=True)
     ap.add_argument("--sparsity", default="5/2")
+    ap.add_argument("--bits", type=float, default=None, help="compress's plan at this budget (adaptive codes) instead of --sparsity")
+    ap.add_argument("--text", type=Path, default=None, help="a text file instead of the built-in held-out text")
     ap.add_argument("--solver", default="omp")
     ap.add_argument("--per-layer", action="store_true", help="one pass per layer, K and V compressed")
     ap.add_argument("--kinds", default="kv", help="kv, k or v: which kinds the subsets compress")
@@ -51,10 +57,14 @@ def main() -> None:
     add_eval_args(ap)
     args = ap.parse_args()
 
-    loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk)
+    loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk, args.text)
     model = loaded.model
     sk, sv = (int(v) for v in args.sparsity.split("/"))
-    csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), sparsity=(sk, sv))
+    if args.bits is not None:
+        csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, bits=args.bits, method=args.solver, rope_info=rope_info(model),
+                  adaptive=True)
+    else:
+        csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), sparsity=(sk, sv))
     subsets: list[tuple[str, set[int]]] = []
     if args.per_layer:
         subsets += [(f"L{i}", {i}) for i in range(n_layers)]
@@ -65,7 +75,7 @@ def main() -> None:
     for label, layers in subsets:
         m = Subset(csr, layers, set(args.kinds), f"{label}-{args.kinds}")
         res = runner.method_pass(model, ids, m, ref, args.chunk, args.window, sink=args.sink)
-        row = {"subset": label, "layers": sorted(layers), "kinds": args.kinds, "sparsity": [sk, sv],
+        row = {"subset": label, "layers": sorted(layers), "kinds": args.kinds, "sparsity": [sk, sv] if args.bits is None else None, "bits": args.bits,
                "ppl": res.ppl, "dppl": res.ppl / ref.ppl - 1, "kl": res.kl, "top1": res.top1}
         rows.append(row)
         print(f"{m.name:12s} ppl {res.ppl:.3f} d {100 * row['dppl']:+.2f}% KL {res.kl:.4f} top1 {res.top1:.3f}", flush=True)

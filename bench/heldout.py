@@ -12,10 +12,11 @@ from csrtool.eval import runner
 from csrtool.models import Loaded, kv_shape, load_model
 
 
-def heldout_reference(tokens: int, chunk: int) -> tuple[Loaded, tuple[int, int, int], torch.Tensor, runner.Reference]:
-    """(loaded SmolLM2, (layers, KV heads, head_dim), ids [1, tokens] of the held-out text, its reference pass)."""
+def heldout_reference(tokens: int, chunk: int, text_file: Path | None = None) -> tuple[Loaded, tuple[int, int, int], torch.Tensor, runner.Reference]:
+    """(loaded SmolLM2, (layers, KV heads, head_dim), ids [1, tokens] of the held-out text (or of
+    `text_file`), its reference pass)."""
     loaded = load_model("smollm2-135m", "auto", "auto")
-    text = load_text(None, "heldout")
+    text = load_text([text_file] if text_file else None, "heldout")
     ids = torch.tensor([loaded.tokenizer(text[: tokens * 16]).input_ids[:tokens]], dtype=torch.long)
     ref = runner.reference_pass(loaded.model, ids, chunk)
     print(f"reference ppl {ref.ppl:.4f} ({ref.seconds:.0f} s)", flush=True)

@@ -24,9 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-from csrtool.engine import adaptive as adaptive_counts
 from csrtool.engine import packing, pursuit
 from csrtool.errors import CsrError
+from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes lives in budget.py)
+    vector_bits,
+    bits_per_channel,
+    max_sparsity,
+    ADAPTIVE_LEAST,
+    adaptive_for,
+    adaptive_max,
+    adaptive_slots,
+    count_bits,
+    check_sparsity,
+    choose_sparsity,
+)
 from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
 
 COEF_FORMATS = packing.COEF_FORMATS
@@ -84,101 +95,6 @@ def spans(t: int, window: int, sink: int) -> tuple[int, int, int]:
     w = min(window, t)
     s = min(sink, t - w)
     return s, t - w - s, w
-
-
-# ---------------------------------------------------------------- accounting
-
-
-def vector_bits(n_atoms: int, sparsity: int, chunks: int, coef: str) -> int:
-    """Bits of one coded vector: C*S*(index + coefficient) + vector scale."""
-    return chunks * sparsity * (packing.index_bits(n_atoms) + packing.COEF_BITS[coef]) + packing.VECTOR_SCALE_BITS[coef]
-
-
-def bits_per_channel(n_atoms: int, head_dim: int, sparsity_k: int, sparsity_v: int, value_split: int, coef: str) -> float:
-    """Code bits per channel, keys and values averaged (group scales, padding and tail excluded)."""
-    k = vector_bits(n_atoms, sparsity_k, 1, coef)
-    v = vector_bits(n_atoms, sparsity_v, value_split, coef)
-    return (k + v) / (2 * head_dim)
-
-
-def max_sparsity(dim: int) -> int:
-    """Most atoms worth spending on a vector (chunk) of `dim` channels: dim / 2.
-
-    Beyond it the codes cost more bits than storing the vector in 8 bits, and OMP's
-    least-squares fit on a nearly full-rank support turns ill-conditioned: huge
-    cancelling coefficients that fp8 and int8 cannot hold (docs/quality.md, "Sparsity cap")."""
-    return max(1, dim // 2)
-
-
-ADAPTIVE_LEAST = 2  # adaptive codes apply where S >= this; at S = 1 the count costs a tenth of the atoms and
-                    # the error rises (1.27x on held-out text, 1.19x on another domain; docs/quality.md)
-
-
-def adaptive_for(adaptive: bool, sparsity: int) -> bool:
-    """Whether a side coded at `sparsity` uses adaptive counts in an adaptive plan (S >= ADAPTIVE_LEAST)."""
-    return adaptive and sparsity >= ADAPTIVE_LEAST
-
-
-def adaptive_max(sparsity: int, dim: int, n_atoms: int) -> int:
-    """Most atoms an adaptive code gives one vector (chunk) of `dim` channels: twice S, within
-    max_sparsity(dim) and the dictionary (never below S)."""
-    return max(sparsity, min(2 * sparsity, max_sparsity(dim), n_atoms))
-
-
-def adaptive_slots(vectors: int, sparsity: int, dim: int, n_atoms: int, coef: str) -> int:
-    """Atoms that `vectors` adaptive codes (chunks of `dim` channels) may use in all: with their count
-    fields (count_bits(adaptive_max) each) they cost no more than S fixed atoms per vector. A file
-    section stores exactly this many atom slots (docs/format.md §3)."""
-    atom_bits = packing.index_bits(n_atoms) + packing.COEF_BITS[coef]
-    return adaptive_counts.slots(vectors, sparsity, atom_bits, adaptive_max(sparsity, dim, n_atoms))
-
-
-def count_bits(sparsity: int, dim: int, n_atoms: int) -> int:
-    """Bits of one adaptive code's atom count."""
-    return adaptive_counts.count_bits(adaptive_max(sparsity, dim, n_atoms))
-
-
-def check_sparsity(sparsity: int, dim: int, what: str, n_atoms: int) -> None:
-    """CsrError when `sparsity` atoms exceed the atoms or max_sparsity(dim) for `what` (e.g. "layer 3 keys")."""
-    if sparsity > n_atoms:
-        raise CsrError(f"sparsity {sparsity} for {what} is more than the dictionary's {n_atoms} atoms: use at most {min(n_atoms, max_sparsity(dim))} (--sparsity)")
-    if sparsity > max_sparsity(dim):
-        raise CsrError(
-            f"sparsity {sparsity} for {what} is more than half its {dim} channels: such codes cost more than "
-            f"8-bit storage and their coefficients cannot be quantised (a near full-rank fit): use at most "
-            f"{max_sparsity(dim)} (--sparsity) or a lower --bits"
-        )
-
-
-def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, coef: str) -> tuple[int, int]:
-    """Largest (s_k, s_v) whose average code bits per channel fit `bits`.
-
-    Among the pairs that use the most of the budget, prefer the one whose key cost
-    is closest to twice the value cost, then the one with more key atoms: key errors
-    pass through the softmax and dominate perplexity (measured splits: docs/quality.md §2).
-    """
-    if coef not in COEF_FORMATS:
-        raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {coef!r}")
-    if not (bits > 0 and math.isfinite(bits)):
-        raise CsrError(f"--bits must be a positive number, got {bits}")
-    budget = bits * 2 * head_dim
-    best = None
-    for s_k in range(1, min(n_atoms, max_sparsity(head_dim)) + 1):
-        ck = vector_bits(n_atoms, s_k, 1, coef)
-        for s_v in range(1, min(n_atoms, max_sparsity(head_dim // value_split)) + 1):
-            cv = vector_bits(n_atoms, s_v, value_split, coef)
-            if ck + cv > budget + 1e-9:
-                break
-            key = (ck + cv, -abs(ck - 2 * cv), s_k)
-            if best is None or key > best[0]:
-                best = (key, s_k, s_v)
-    if best is None:
-        least = bits_per_channel(n_atoms, head_dim, 1, 1, value_split, coef)
-        raise CsrError(
-            f"--bits {bits} is below the smallest code ({least:.4f} bits per channel with one atom for K and V "
-            f"at {n_atoms} atoms, {coef}): raise --bits or use --sparsity"
-        )
-    return best[1], best[2]
 
 
 # ---------------------------------------------------------------- coding
