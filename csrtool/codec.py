@@ -131,10 +131,10 @@ def encode_codes(
 
 def encode_counted(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, adaptive: bool = True, coef: str = "fp8", kind: str = "k",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [B, H, T, D] -> idx, coef [B, H, T, C, S'] and counts [B, H, T, C] (atoms used per vector chunk).
 
-    Fixed (adaptive False, or S < ADAPTIVE_LEAST): S' = S and every count is S. Adaptive: S' = adaptive_max(S); each chunk
+    Fixed (adaptive False, or S < ADAPTIVE_LEAST): S' = S and counts None (every count is S). Adaptive: S' = adaptive_max(S); each chunk
     gets 0..S' atoms, at most adaptive_slots(...) over the whole call, so the codes with their counts
     cost no more bits than S fixed atoms; coefficients (and indices) past a count are zero. The counts
     minimise the summed squared error for keys (`kind` "k": a logit error is q·e, absolute) and the
@@ -157,14 +157,14 @@ def encode_counted(
     else:
         s = sparsity
         idx, cf = _encode_groups(xg, ag, s, method)
-        counts = torch.full(idx.shape[:2], s, dtype=torch.long, device=idx.device)
+        counts = None
     if g == h:
         idx, cf = (z.reshape(h, c, b, t, s).permute(2, 0, 3, 1, 4) for z in (idx, cf))
-        counts = counts.reshape(h, c, b, t).permute(2, 0, 3, 1)
+        counts = None if counts is None else counts.reshape(h, c, b, t).permute(2, 0, 3, 1).contiguous()
     else:
         idx, cf = (z.reshape(c, b, h, t, s).permute(1, 2, 3, 0, 4) for z in (idx, cf))
-        counts = counts.reshape(c, b, h, t).permute(1, 2, 3, 0)
-    return idx.contiguous(), cf.contiguous(), counts.contiguous()
+        counts = None if counts is None else counts.reshape(c, b, h, t).permute(1, 2, 3, 0).contiguous()
+    return idx.contiguous(), cf.contiguous(), counts
 
 
 def decode_codes(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
@@ -273,14 +273,14 @@ def encode_section(
     _, c, n, dc = atoms.shape
     b, h, tc, _ = x_code.shape
     adaptive = adaptive_for(adaptive, sparsity)
-    if tc and not bool(torch.isfinite(x_code.to(torch.float32).pow(2).sum(-1)).all()):
-        _too_large(x_code)  # adaptive counts rank vectors by their squared errors: these would overflow
     if tc:
+        if not bool(torch.isfinite(x_code.to(torch.float32).pow(2).sum(-1)).all()):
+            _too_large(x_code)  # adaptive counts rank vectors by their squared errors: these would overflow
         idx, cf, counts = encode_counted(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind)
     else:
         idx, cf = no_codes(b, h, c, adaptive_max(sparsity, dc, n) if adaptive else sparsity)
-        counts = idx.new_zeros(b, h, 0, c)
-    codes = quantized_section(idx, cf, x_tail, coef, counts if adaptive else None)
+        counts = idx.new_zeros(b, h, 0, c) if adaptive else None
+    codes = quantized_section(idx, cf, x_tail, coef, counts)
     if not finite_coefficients(codes, coef):
         _too_large(x_code)
     return codes

@@ -5,6 +5,7 @@
                                      cost no more than S fixed atoms each
     choose_counts(gains [M, S_max], total) -> counts [M] in 0..S_max, sum <= total
     truncate(gamma [M, S], chol [M, S, S] | None, counts [M]) -> coef [M, S], zero past each count
+    used_slots(counts [M], S) -> bool [M, S], True for each vector's first counts[t] slots
 
 A greedy pursuit removes energy one atom at a time: with unit atoms, MP's k-th step
 lowers ‖r‖² by c_k², OMP's by γ_k² (its k-th coefficient over the orthonormalised
@@ -67,13 +68,18 @@ def choose_counts(gains: torch.Tensor, total: int) -> torch.Tensor:
     return best
 
 
+def used_slots(counts: torch.Tensor, s: int) -> torch.Tensor:
+    """bool [M, S]: slot j of vector t holds an atom (j < counts[t])."""
+    return torch.arange(s, device=counts.device)[None, :] < counts.reshape(-1, 1)
+
+
 def truncate(gamma: torch.Tensor, chol: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
     """Coefficients [M, S] of each vector's first counts[t] atoms, zeros after.
 
     MP (chol None): gamma are the coefficients themselves. OMP: gamma [M, S] and the
     support's Cholesky factor L [M, S, S] (lower); the prefix solution is L⁻ᵀ·γ with γ
     zeroed past the count."""
-    keep = torch.arange(gamma.shape[1], device=gamma.device)[None, :] < counts[:, None]
+    keep = used_slots(counts, gamma.shape[1])
     g = torch.where(keep, gamma, 0.0)  # where, not a product: unused slots are +0, never -0
     if chol is None:
         return g

@@ -148,7 +148,7 @@ def encode_groups_adaptive(
     if relative:
         gains = gains / x.reshape(-1, x.shape[-1]).to(gains.dtype).pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(gains.dtype).tiny)
     counts = adaptive.choose_counts(gains, total)
-    idx = idx * (torch.arange(max_sparsity, device=idx.device)[None, :] < counts[:, None])
+    idx = idx * adaptive.used_slots(counts, max_sparsity)
     coef = adaptive.truncate(gamma, chol, counts)
     g, b = x.shape[0], x.shape[1]
     return idx.view(g, b, max_sparsity), coef.float().view(g, b, max_sparsity), counts.view(g, b)

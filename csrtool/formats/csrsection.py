@@ -23,6 +23,7 @@ import torch
 from csrtool import codec
 from csrtool.codec import SectionCodes, spans
 from csrtool.engine import packing
+from csrtool.engine.adaptive import used_slots
 from csrtool.errors import CsrError
 
 
@@ -73,7 +74,7 @@ def section_bytes(codes: SectionCodes, n_atoms: int, sparsity: int | None = None
         b, h, tc, c, smax = codes.idx.shape
         dc = codes.verbatim.shape[3] // c
         slots = codec.adaptive_slots(b * h * tc * c, sparsity, dc, n_atoms, coef)
-        used = (torch.arange(smax)[None, :] < codes.counts.reshape(-1, 1)).reshape(-1)
+        used = used_slots(codes.counts, smax).reshape(-1)
         pad = slots - int(used.sum())
         assert pad >= 0, (int(used.sum()), slots)
         qi = _ints(codes.q).reshape(-1)
@@ -124,7 +125,7 @@ def parse_section(
     k = int(counts.sum())
     if bool(idx[k:].any()) or bool(_ints(q)[k:].any()):
         raise CsrError("corrupted codes (unused atom slots are not zero)")
-    used = (torch.arange(smax)[None, :] < counts[:, None]).reshape(-1)
+    used = used_slots(counts, smax).reshape(-1)
     full_idx = idx.new_zeros(m * chunks * smax)
     full_idx[used] = idx[:k]
     full_q = _ints(q).new_zeros(m * chunks * smax)
