@@ -60,11 +60,8 @@ def main() -> None:
     loaded, (n_layers, heads, head_dim), ids, ref = heldout_reference(args.tokens, args.chunk, args.text)
     model = loaded.model
     sk, sv = (int(v) for v in args.sparsity.split("/"))
-    if args.bits is not None:
-        csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, bits=args.bits, method=args.solver, rope_info=rope_info(model),
-                  adaptive=True)
-    else:
-        csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), sparsity=(sk, sv))
+    plan = {"sparsity": (sk, sv)} if args.bits is None else {"bits": args.bits, "adaptive": True}
+    csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), **plan)
     subsets: list[tuple[str, set[int]]] = []
     if args.per_layer:
         subsets += [(f"L{i}", {i}) for i in range(n_layers)]
