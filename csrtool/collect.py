@@ -12,7 +12,7 @@ writes the cache of one prompt in the format `csrtool compress` reads.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,23 +28,41 @@ from csrtool.models import Loaded, kv_shape, rope_info
 
 KEY_SPACES = ("auto", "post-rope", "pre-rope")  # auto: pre-rope where the model allows it (codes better), else post-rope
 PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
+# Without --max-tokens: up to this many. train-dict still trains on 16,384 vectors per dictionary, but
+# drawn from 4x the text they cover 2.3x the distinct tokens, and the atoms code every text measured
+# better, other domains too (docs/quality.md, fifth pass); the cost is collect time and disk only.
+DEFAULT_TOKENS = 32768
+
+
+def tokens_to_collect(max_tokens: int | None, available: int) -> int:
+    """Tokens collect takes from a text of `available` tokens: max_tokens (an error when the text is
+    shorter), or by default up to DEFAULT_TOKENS, leaving up to PROBE_TOKENS after them for calibration."""
+    if max_tokens is not None:
+        if available < max_tokens:
+            raise CsrError(f"the text has only {available} tokens, fewer than --max-tokens {max_tokens}: pass more text or lower --max-tokens")
+        return max_tokens
+    return min(DEFAULT_TOKENS, available - min(PROBE_TOKENS, available // 2))
 
 
 @dataclass(frozen=True)
 class CollectConfig:
-    max_tokens: int = 8192  # 4,096 atoms per layer need this many tokens (docs/quality.md §7-§8)
+    max_tokens: int | None = None  # None: tokens_to_collect's default
     seq_len: int = 512
     key_space: str = "auto"
     layers: tuple[int, ...] | None = None  # None: all
     shard_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        if self.max_tokens <= 0:
+        if self.max_tokens is not None and self.max_tokens <= 0:
             raise CsrError(f"--max-tokens must be positive, got {self.max_tokens}")
         if self.seq_len <= 0:
             raise CsrError(f"--seq-len must be positive, got {self.seq_len}")
         if self.key_space not in KEY_SPACES:
             raise CsrError(f"--keys {self.key_space!r} is not one of {', '.join(KEY_SPACES)}")
+
+    def resolved(self, available: int) -> "CollectConfig":
+        """This config with max_tokens fixed for a text of `available` tokens (tokens_to_collect)."""
+        return replace(self, max_tokens=tokens_to_collect(self.max_tokens, available))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -111,8 +129,7 @@ def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_s
     key_space = resolve_key_space(loaded.model, cfg.key_space)
     rope_params = key_rope(loaded.model, key_space)
     ids = tokenize(loaded.tokenizer, text)
-    if ids.numel() < cfg.max_tokens:
-        raise CsrError(f"the text has only {ids.numel()} tokens, fewer than --max-tokens {cfg.max_tokens}: pass more text or lower --max-tokens")
+    cfg = cfg.resolved(ids.numel())
     meta = {
         "model": loaded.name,
         "model_type": getattr(loaded.config, "model_type", ""),

@@ -7,7 +7,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo; echo "== $* ($(( $(date +%s) - start )) s elapsed)"; }
 
-step "1/6 collect K/V activations (defaults: 8,192 calibration tokens, keys before RoPE, which code better)"
+step "1/6 collect K/V activations (defaults: 32,768 calibration tokens, keys before RoPE, which code better)"
 csrtool collect -o "$OUT/acts" --force --json "$OUT/collect.json"
 
 step "2/6 train dictionaries (defaults: 4,096 atoms per layer, k-means; docs/quality.md §8) and calibrate layer sensitivities"

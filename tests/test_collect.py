@@ -231,3 +231,30 @@ def test_force_refuses_to_delete_an_unrelated_directory(tiny_llama_dir, tmp_path
                                   "-o", str(out), "--force"])
         assert res.exit_code == 0, res.output
     assert ActsReader(out).tokens == 32
+
+
+
+def test_default_token_count_keeps_the_probe_and_explicit_counts_are_strict(tiny_llama_dir, tmp_path):
+    """Without --max-tokens collect takes up to 32,768 tokens and leaves up to 512 after them for
+    train-dict's calibration probe, taking fewer from a shorter text; --max-tokens N stays exact."""
+    from csrtool.collect import DEFAULT_TOKENS, PROBE_TOKENS, CollectConfig, collect, tokens_to_collect
+
+    assert DEFAULT_TOKENS == 32768
+    assert tokens_to_collect(None, 100_000) == 32768 and tokens_to_collect(None, 32768 + 512) == 32768
+    assert tokens_to_collect(None, 20_000) == 20_000 - PROBE_TOKENS and tokens_to_collect(None, 600) == 300
+    assert tokens_to_collect(300, 20_000) == 300
+    with pytest.raises(CsrError, match="fewer than --max-tokens 400"):
+        tokens_to_collect(400, 399)
+    loaded = load_model(str(tiny_llama_dir))
+    n = tokenize(loaded.tokenizer, TEXT).numel()
+    manifest = collect(loaded, TEXT, tmp_path / "acts", CollectConfig(seq_len=512, layers=(0,)), "test")
+    assert manifest["tokens"] == n - PROBE_TOKENS and len(manifest["probe_ids"]) == PROBE_TOKENS
+    assert ActsReader(tmp_path / "acts").load(0, "k").shape == (n - PROBE_TOKENS, 2, 8)
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(_write(tmp_path / "t.txt", TEXT)), "-o", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert ActsReader(tmp_path / "cli").tokens == n - PROBE_TOKENS
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -43,7 +43,9 @@ def collect(
     model: ModelOpt = "smollm2-135m",
     text: TextOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="NAME[:CONFIG]:SPLIT from a local datasets cache.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to collect.")] = _DEF.max_tokens,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", help="Tokens to collect. Default: up to 32,768 (fewer if the text is shorter, keeping 512 after them "
+        "for train-dict's calibration); train-dict samples its 16,384 vectors per dictionary from them.")] = _DEF.max_tokens,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per forward window.")] = _DEF.seq_len,
     layers: LayersOpt = None,
     keys: Annotated[str, typer.Option("--keys", help="Key space: pre-rope (codes better), post-rope (as cached), or auto: pre-rope where the model allows it.")] = _DEF.key_space,
@@ -60,7 +62,7 @@ def collect(
     Several processes or GPUs: torchrun --nproc-per-node P -m csrtool collect ... (each rank
     runs its share of the text windows into its own shards; docs/scaling.md).
     """
-    from csrtool.collect import collect as run_collect
+    from csrtool.collect import collect as run_collect, tokenize
     from csrtool.corpus import load_text, text_source
     from csrtool.distributed import Dist, launched
     from csrtool.models import kv_shape, load_model, resolve_device
@@ -76,6 +78,7 @@ def collect(
         loaded = load_model(model, str(dist.device) if device_map is None else device, dtype, allow_download, device_map=device_map)
         n_layers = kv_shape(loaded.config)[0]
         cfg = CollectConfig(max_tokens=max_tokens, seq_len=seq_len, key_space=keys, layers=tuple(parse_layers(layers, n_layers)))
+        cfg = cfg.resolved(tokenize(loaded.tokenizer, body).numel())  # the bar's total; collect resolves the same
         return body, loaded, cfg
 
     body, loaded, cfg = dist.settle(setup, "loading")
