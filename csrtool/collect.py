@@ -29,8 +29,9 @@ from csrtool.models import Loaded, kv_shape, rope_info
 KEY_SPACES = ("auto", "post-rope", "pre-rope")  # auto: pre-rope where the model allows it (codes better), else post-rope
 PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
 # Without --max-tokens: up to this many. train-dict still trains on 16,384 vectors per dictionary, but
-# drawn from 4x the text they cover 2.3x the distinct tokens, and the atoms code every text measured
-# better, other domains too (docs/quality.md, fifth pass); the cost is collect time and disk only.
+# drawn from 4x the text they cover 2.3x the distinct tokens: both models' held-out and development
+# texts code better, Gemma-3's licence check too, SmolLM2's not (docs/quality.md, fifth pass); the
+# cost is collect time and disk only.
 DEFAULT_TOKENS = 32768
 
 
@@ -120,15 +121,18 @@ def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rop
     return out.logits, keys, values
 
 
-def collect(loaded: Loaded, text: str, out_dir: Path, cfg: CollectConfig, text_source: str,
+def collect(loaded: Loaded, text: str | torch.Tensor, out_dir: Path, cfg: CollectConfig, text_source: str,
             progress: Callable[[int], None] | None = None, dist: Dist | None = None) -> dict:
-    """Collect K/V activations into shards under out_dir; returns the manifest (every rank's shards with `dist`)."""
+    """Collect K/V activations into shards under out_dir; returns the manifest (every rank's shards with `dist`).
+
+    `text`: the text, or its token ids [T] from `tokenize` (a caller that sized its progress bar
+    with cfg.resolved has them already)."""
     dist = dist or Dist()
     n_layers, n_kv, head_dim = kv_shape(loaded.config)
     layers = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
     key_space = resolve_key_space(loaded.model, cfg.key_space)
     rope_params = key_rope(loaded.model, key_space)
-    ids = tokenize(loaded.tokenizer, text)
+    ids = text if isinstance(text, torch.Tensor) else tokenize(loaded.tokenizer, text)
     cfg = cfg.resolved(ids.numel())
     meta = {
         "model": loaded.name,

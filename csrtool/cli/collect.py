@@ -78,17 +78,17 @@ def collect(
         loaded = load_model(model, str(dist.device) if device_map is None else device, dtype, allow_download, device_map=device_map)
         n_layers = kv_shape(loaded.config)[0]
         cfg = CollectConfig(max_tokens=max_tokens, seq_len=seq_len, key_space=keys, layers=tuple(parse_layers(layers, n_layers)))
-        cfg = cfg.resolved(tokenize(loaded.tokenizer, body).numel())  # the bar's total; collect resolves the same
-        return body, loaded, cfg
+        ids = tokenize(loaded.tokenizer, body)  # tokenized once: the bar's total needs the resolved count
+        return ids, loaded, cfg.resolved(ids.numel())
 
-    body, loaded, cfg = dist.settle(setup, "loading")
+    ids, loaded, cfg = dist.settle(setup, "loading")
     if dist.root and output.exists():
         dist.settle(lambda: _clear_acts_dir(output), "clearing --output")
     elif dist.world > 1:
         dist.settle(lambda: None, "clearing --output")  # wait for rank 0 before writing shards
     mine = sum(min(cfg.seq_len, cfg.max_tokens - s) for s in dist.share(range(0, cfg.max_tokens, cfg.seq_len)))  # rank 0's bar
     with tqdm(total=mine, unit="tok", desc="collect", file=None, dynamic_ncols=True, disable=None if dist.root else True) as bar:
-        manifest = run_collect(loaded, body, output, cfg, text_source(text, "calibration", dataset), bar.update, dist=dist)
+        manifest = run_collect(loaded, ids, output, cfg, text_source(text, "calibration", dataset), bar.update, dist=dist)
     if dist.root:
         _show(manifest, loaded, output, json_out)
     dist.close()  # ranks leave together, after rank 0 reported
