@@ -233,8 +233,7 @@ def test_force_refuses_to_delete_an_unrelated_directory(tiny_llama_dir, tmp_path
     assert ActsReader(out).tokens == 32
 
 
-
-def test_default_token_count_keeps_the_probe_and_explicit_counts_are_strict(tiny_llama_dir, tmp_path):
+def test_default_token_count_keeps_the_probe_and_explicit_counts_are_strict(tiny_llama_dir, tmp_path, text_file):
     """Without --max-tokens collect takes up to 32,768 tokens and leaves up to 512 after them for
     train-dict's calibration probe, taking fewer from a shorter text; --max-tokens N stays exact."""
     from csrtool.collect import DEFAULT_TOKENS, PROBE_TOKENS, CollectConfig, collect, tokens_to_collect
@@ -250,11 +249,6 @@ def test_default_token_count_keeps_the_probe_and_explicit_counts_are_strict(tiny
     manifest = collect(loaded, TEXT, tmp_path / "acts", CollectConfig(seq_len=512, layers=(0,)), "test")
     assert manifest["tokens"] == n - PROBE_TOKENS and len(manifest["probe_ids"]) == PROBE_TOKENS
     assert ActsReader(tmp_path / "acts").load(0, "k").shape == (n - PROBE_TOKENS, 2, 8)
-    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(_write(tmp_path / "t.txt", TEXT)), "-o", str(tmp_path / "cli")])
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(text_file), "-o", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
     assert ActsReader(tmp_path / "cli").tokens == n - PROBE_TOKENS
-
-
-def _write(path, text):
-    path.write_text(text)
-    return path
