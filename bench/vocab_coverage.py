@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csrtool.collect import capture_kv, key_rope, tokenize  # noqa: E402
-from csrtool.corpus import builtin_text, read_text_file  # noqa: E402
+from csrtool.corpus import BUILTIN_NAME, builtin_text, read_text_file  # noqa: E402
 from csrtool.engine import pursuit  # noqa: E402
 from csrtool.formats.dicts import load_dicts  # noqa: E402
 from csrtool.models import load_model  # noqa: E402
@@ -50,6 +50,8 @@ def main() -> None:
     ds = load_dicts(args.dicts)
     loaded = load_model(ds.source.get("model", "smollm2-135m"), "cpu", "float32")
     key_space = ds.source.get("key_space", "post-rope")
+    if ds.source.get("text_source") != f"{BUILTIN_NAME}[calibration]":
+        sys.exit(f"{args.dicts} was trained on {ds.source.get('text_source')!r}, not the built-in calibration text this bench re-tokenizes")
     calib = tokenize(loaded.tokenizer, builtin_text("calibration"))[: int(ds.source["tokens"])]
     vocab = set(calib.tolist())
     print(f"{len(vocab)} distinct ids in the {calib.numel()} calibration tokens", flush=True)
