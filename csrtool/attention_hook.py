@@ -6,6 +6,7 @@
     fn(inner, module, query, key, value, attention_mask, **kwargs) -> (out, weights)
     inner_attention(model, inner=None) -> (attention fn, mask fn) or None when unsupported
     supported(model) -> bool                  the model's implementation can be wrapped
+    with suspended(model): ...                a side pass inside an override, unobserved (plain sdpa)
 
 `inner` is the implementation fn wraps ('sdpa' or 'eager'); None takes the
 model's current one. Inside an override the current one is that override, so
@@ -118,3 +119,20 @@ def attention_override(model, fn: Callable, inner: str | None = None) -> Iterato
         yield current(model)
     finally:
         release()
+
+
+@contextmanager
+def suspended(model) -> Iterator[None]:
+    """Run a side computation of the model (csrtool.predictor's) with plain sdpa attention while an override of ours
+    is installed, so the override never sees it; a no-op when none is."""
+    configs = _configs(model)
+    orig = [getattr(c, "_attn_implementation", None) for c in configs]
+    ours = any(isinstance(o, str) and o.startswith(FAMILY) for o in orig)
+    try:
+        if ours:
+            for c in configs:
+                c._attn_implementation = "sdpa"
+        yield
+    finally:
+        for c, o in zip(configs, orig):
+            c._attn_implementation = o

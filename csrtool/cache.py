@@ -59,6 +59,7 @@ def _setting(dicts, model, bits, coef, method, uniform, sparsity=None):
     from csrtool.eval.csr import CSR
     from csrtool.models import kv_shape, rope_info
 
+    dicts.require_unpredicted("the compressed cache (CSRCache, generate)")
     n_layers, heads, head_dim = kv_shape(model.config)
     if sparsity is not None:
         bits = None

@@ -195,11 +195,12 @@ def dequantize_codes(q, g, v, fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def shift(x: torch.Tensor, mean: torch.Tensor | None, sign: float) -> torch.Tensor:
-    """x [B, H, T, D] (float32) plus sign * the dictionary's mean [G, D] (G = H or 1); x itself without one."""
+    """x [B, H, T, D] (float32) plus sign * the dictionary's mean [G, D] (G = H or 1), or a per-token offset
+    [B, H, T, D] (the mean plus the token predictor's part, csrtool.reconstruct); x itself without one."""
     if mean is None:
         return x
     m = mean.to(x.device, torch.float32)
-    return x + sign * m[None, :, None, :]
+    return x + sign * (m if m.dim() == 4 else m[None, :, None, :])
 
 
 def roundtrip(

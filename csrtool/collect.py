@@ -159,7 +159,7 @@ def collect(loaded: Loaded, text: str | torch.Tensor, out_dir: Path, cfg: Collec
             for layer in layers:
                 blocks[(layer, "k")] = keys[layer][0].transpose(0, 1)  # [H, T, D] -> [T, H, D]
                 blocks[(layer, "v")] = values[layer][0].transpose(0, 1)
-            writer.add(blocks)
+            writer.add(blocks, window[0])
             if progress:
                 progress(n)
         writer.flush()

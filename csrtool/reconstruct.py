@@ -3,10 +3,14 @@
 Evaluation (csrtool.eval) and calibration (csrtool.calibration) both simulate a
 cache whose old tokens are CSR-coded; this module is what they share, below both:
 
-    Reconstructor(dicts, config: codec.CodecConfig, rope_info=None)   rope_info: models.rope_info(model)
+    Reconstructor(dicts, config: codec.CodecConfig, rope_info=None, predictor=None)   rope_info: models.rope_info(model)
     Reconstructor.rope -> codec.RopeParams | None   (pre-RoPE dictionaries: the rotations, per layer)
     Reconstructor.sparsity(layer) -> (s_k, s_v)
-    Reconstructor.reconstruct(layer, kind, x [B, H, T, D], positions [T]) -> x_hat [B, H, T, D]
+    Reconstructor.reconstruct(layer, kind, x [B, H, T, D], positions [T], ids [B, T]) -> x_hat [B, H, T, D]
+
+Dictionaries trained with the token predictor (dicts.predicted) code what it leaves:
+`predictor` (csrtool.predictor.TokenPredictor of the model) and the tokens' `ids` are then
+needed, and the predicted part joins the dictionary's mean as a per-token offset.
 
     CHUNK, WINDOW, SINK   how eval feeds tokens: chunk size, full-precision window, sink tokens
 
@@ -32,8 +36,16 @@ SINK = codec.DEFAULT_SINK  # first tokens kept in full precision by every method
 class Reconstructor:
     """Keys/values of any layer coded with `dicts` at `config` and decoded again."""
 
-    def __init__(self, dicts: DictSet, config: codec.CodecConfig, rope_info: dict | None = None):
+    def __init__(self, dicts: DictSet, config: codec.CodecConfig, rope_info: dict | None = None, predictor=None):
         self.dicts = dicts
+        if dicts.predicted:
+            from csrtool.predictor import PREFIX_TEXT
+
+            if predictor is None:
+                raise CsrError("these dictionaries code what the token predictor leaves (train-dict --predictor): the model is needed to decode them")
+            if dicts.source.get("predictor_prefix") != PREFIX_TEXT:
+                raise CsrError("the dictionary file's token predictor is not this csrtool's: re-run csrtool train-dict --predictor")
+        self.predictor = predictor if dicts.predicted else None
         self.config = config
         self.key_space = dicts.source.get("key_space", "post-rope")
         if self.key_space not in codec.KEY_SPACES:
@@ -53,10 +65,23 @@ class Reconstructor:
         cfg = self.config.for_layer(layer)
         return cfg.sparsity_k, cfg.sparsity_v
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat."""
-        atoms = self.dicts.get(layer, kind).to(x.device)
+    def offset(self, layer: int, kind: str, ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """What is subtracted before coding x [B, H, T, D] (code space): the mean [G, D], plus the prediction [B, H, T, D]."""
         mean = self.dicts.mean(layer, kind)
+        if self.predictor is None:
+            return mean
+        from csrtool.predictor import apply_map
+
+        if ids is None or ids.shape != (x.shape[0], x.shape[2]):
+            raise CsrError(f"the token predictor needs the ids [B, T] of the coded tokens, got {None if ids is None else list(ids.shape)}")
+        a = self.dicts.pmap(layer, kind)
+        pred = torch.stack([apply_map(self.predictor.kv(layer, kind, row), a) for row in ids]).to(x.device)
+        return pred if mean is None else pred + mean.to(x.device, torch.float32)[None, :, None, :]
+
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat; ids [B, T] its tokens."""
+        atoms = self.dicts.get(layer, kind).to(x.device)
+        mean = self.offset(layer, kind, ids, x)
         s_k, s_v = self.sparsity(layer)
         coef, method = self.config.coef, self.config.method
         if kind == "v" or self.key_space == "post-rope":

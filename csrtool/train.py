@@ -9,6 +9,11 @@ NeuralDict is trained (on the vectors minus their mean, with cfg.center,
 the default; the means are stored as `layer.{l}.{k|v}.mean` [G, D]); they are assembled into tensors `layer.{l}.{k|v}`
 [G, C, N, Dc] and written with csrtool.formats.dicts.save_dicts, atomically.
 
+With cfg.predictor (train-dict --predictor), each layer and kind first gets the token
+predictor's least-squares map (csrtool.predictor.fit_map, over all collected rows and the
+context-free K/V `predict(layer, kind, ids)` of their tokens), and the dictionaries are
+trained on what it leaves; the maps are written with the atoms (`layer.{l}.{k|v}.pmap`).
+
 Resume: finished dictionaries go to a side directory `OUT.partial/` (one small
 safetensors file per dictionary plus `state.json` with the config and the
 activation fingerprint they were trained with, and the marker file MARKER that
@@ -46,6 +51,8 @@ from csrtool.engine.neuraldict import TrainConfig, train_dictionary, training_by
 from csrtool.errors import CsrError
 from csrtool.formats.io import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from csrtool.formats.stwrite import save_safetensors
+
+Predict = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, kind, ids [T]) -> context-free K/V [T, H, D]
 
 # progress(event, info): "start" {total, resumed}, "dict" {name, epochs},
 # "epoch" {name, epoch, epochs, val_rel_err}, "done" {name, stats, resumed}
@@ -169,21 +176,49 @@ def _fit(xv: torch.Tensor, cfg: TrainConfig, name: str, emit: Progress, comm: Co
     return a.cpu(), mu.cpu(), stats
 
 
-def _train_ranks(reader: ActsReader, units: list, cfg: TrainConfig, chunks: dict, device, dist: Dist, mode: str,
+class _Rows:
+    """A layer's training rows [T, H, D]: as collected, or what the token predictor leaves of them."""
+
+    def __init__(self, reader: ActsReader, device, predict: Optional[Predict]):
+        self.reader, self.device, self.predict = reader, device, predict
+        self.ids = reader.ids() if predict is not None else None
+        if predict is not None and reader.manifest.get("key_space") != "pre-rope":
+            raise CsrError(f"the token predictor needs keys collected before RoPE ({reader.dir} holds {reader.manifest.get('key_space')} keys): "
+                           "re-run csrtool collect --keys pre-rope")
+        if predict is not None and self.ids is None:
+            raise CsrError(f"{reader.dir} was collected without token ids, which --predictor needs: re-run csrtool collect")
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def load(self, layer: int, kind: str) -> torch.Tensor:
+        x = self.reader.load(layer, kind)
+        if self.predict is not None:
+            from csrtool.predictor import apply_map, fit_map
+
+            p = self.predict(layer, kind, self.ids)
+            a = fit_map(x, p)
+            self.maps[dict_name(layer, kind)] = a
+            x = x - apply_map(p, a).transpose(0, 1)
+        return x.to(self.device)
+
+
+def _train_ranks(rows: _Rows, units: list, cfg: TrainConfig, chunks: dict, device, dist: Dist, mode: str,
                  emit: Progress) -> dict[str, tuple]:
     """Every unit's (atoms, mean, stats), trained by all ranks of `dist` in `mode`; the same dict on every rank."""
+    reader = rows.reader
     if mode == "shard":
         def work() -> dict[str, tuple]:
             got, x, loaded = {}, None, None
             for layer, kind, g, c in dist.share(units):
                 if loaded != (layer, kind):
-                    x, loaded = reader.load(layer, kind).to(device), (layer, kind)
+                    x, loaded = rows.load(layer, kind), (layer, kind)
                 name = unit_name(layer, kind, g, c)
                 got[name] = _fit(group_vectors(x, cfg.scope, g, c, chunks[kind]), cfg, name, emit)
                 emit("done", {"name": name, "stats": got[name][2], "resumed": False})
             return got
 
         return {n: r for part in dist.gather(dist.settle(work, "training")) for n, r in part.items()}
+    if cfg.predictor:
+        raise CsrError("--dist data cannot fit the token predictor (each rank holds part of the rows): use --dist shard")
     shards = dist.share(reader.manifest["shards"])
     if not shards:
         raise CsrError(f"{reader.dir} has {len(reader.manifest['shards'])} shards, fewer than the {dist.world} ranks of --dist data: "
@@ -214,14 +249,16 @@ def train_dicts(
     layers: Optional[list[int]] = None,
     device: str | torch.device = "cpu",
     progress: Optional[Progress] = None,
-    calibrate: Optional[Callable[[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]], dict]] = None,
+    calibrate: Optional[Callable[..., dict]] = None,
     dist: Optional[Dist] = None,
     dist_mode: str = "auto",
+    predict: Optional[Predict] = None,
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
-    `calibrate(atoms, source, means) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
+    `calibrate(atoms, source, means, maps) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
     before the file is written and its result is stored in it.
+    `predict` (needed with cfg.predictor): the token predictor's context-free K/V, csrtool.predictor.TokenPredictor.kv.
     Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
     with errors["layer.{l}.{k}"] = {"train_rel_err": [G][C], "val_rel_err": [G][C], ...}.
     `dist`/`dist_mode`: see the module doc; only rank 0 writes `out`, every rank returns the report.
@@ -245,6 +282,9 @@ def train_dicts(
         raise CsrError(f"sparsity {cfg.sparsity} is more atoms per vector than the {d // cfg.value_split} channels of a "
                        f"{'value chunk' if cfg.value_split > 1 else 'vector'}: pass --sparsity {max(1, d // cfg.value_split // 8)} or so")
     _check_memory(cfg, d, device)
+    if cfg.predictor and predict is None:
+        raise CsrError("training for the token predictor needs the model's context-free K/V (predict=): use csrtool train-dict --predictor")
+    rows = _Rows(reader, device, predict if cfg.predictor else None)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}
 
@@ -254,7 +294,7 @@ def train_dicts(
     if dist.world > 1:
         mode = dist_mode if dist_mode != "auto" else ("shard" if len(units) >= dist.world else "data")
         emit("start", {"total": len(dist.share(units)) if mode == "shard" else len(units), "resumed": 0})  # this rank's bar
-        ranked = _train_ranks(reader, units, cfg, chunks, device, dist, mode, emit)
+        ranked = _train_ranks(rows, units, cfg, chunks, device, dist, mode, emit)
     else:
         part = _Partial(out, cfg, fp)
         emit("start", {"total": len(units), "resumed": sum(unit_name(*u) in part.done for u in units)})
@@ -266,7 +306,9 @@ def train_dicts(
     for layer in layers:
         for kind in KINDS:
             c_n = chunks[kind]
-            x = None  # loaded lazily: a fully resumed layer is never read
+            x = None  # loaded lazily: a fully resumed layer is never read (except for its predictor map)
+            if cfg.predictor and dict_name(layer, kind) not in rows.maps:
+                x = rows.load(layer, kind)
             grid: list[list[torch.Tensor]] = []
             mean_grid: list[torch.Tensor] = []
             stat_grid: list[list[dict]] = []
@@ -284,7 +326,7 @@ def train_dicts(
                         emit("done", {"name": name, "stats": stats, "resumed": True})
                     else:
                         if x is None:
-                            x = reader.load(layer, kind).to(device)  # [T, H, D]
+                            x = rows.load(layer, kind)  # [T, H, D]
                         a, mu, stats = _fit(group_vectors(x, cfg.scope, g, c, c_n), cfg, name, emit)
                         part.add(name, a, mu, stats)
                         trained += 1
@@ -307,10 +349,16 @@ def train_dicts(
 
     config = cfg.to_dict()
     source = _source(reader, fp)
-    sensitivity = calibrate(atoms, source, means) if calibrate is not None else {}
+    if cfg.predictor:
+        from csrtool.predictor import PREFIX_TEXT
+
+        source["predictor_prefix"] = PREFIX_TEXT
+    maps = {name: rows.maps[name] for name in atoms} if cfg.predictor else {}
+    sensitivity = calibrate(atoms, source, means, maps) if calibrate is not None else {}
 
     def write() -> Optional[str]:
-        return save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means) if dist.root else None
+        return save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means,
+                          maps=maps) if dist.root else None
 
     fingerprint = dist.gather(dist.settle(write, "writing the dictionary file"))[0]
     if dist.world == 1:

@@ -79,7 +79,7 @@ def test_layer_sensitivity_zero_for_exact_and_grows_with_noise(tiny_llama_dir):
 class Halve:
     """A deterministic stand-in codec: every coded vector at half its size."""
 
-    def reconstruct(self, layer, kind, x, positions):
+    def reconstruct(self, layer, kind, x, positions, ids=None):
         return 0.5 * x
 
 

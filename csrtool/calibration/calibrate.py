@@ -31,11 +31,13 @@ REF_BITS = 1.0  # sensitivities are measured at the uniform sparsity of this bud
 def calibrate(
     loaded: Loaded, atoms: dict[str, torch.Tensor], source: dict, probe_ids: list[int],
     progress: Callable[[int, int], None] | None = None, means: dict[str, torch.Tensor] | None = None,
-    layers: list[int] | None = None,
+    layers: list[int] | None = None, maps: dict[str, torch.Tensor] | None = None, predictor=None,
 ) -> dict:
-    """Sensitivities of `layers` (default all; a torchrun rank passes its share, `merge` joins the parts)."""
+    """Sensitivities of `layers` (default all; a torchrun rank passes its share, `merge` joins the parts).
+
+    `maps`: the token predictor's (train-dict --predictor), with `predictor` its TokenPredictor (made here if None)."""
     n_layers, heads, head_dim = kv_shape(loaded.config)
-    ds = DictSet(atoms=atoms, source=source, means=means or {})
+    ds = DictSet(atoms=atoms, source=source, means=means or {}, maps=maps or {})
     if len(ds.layers) != n_layers:
         raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
     key_space = source.get("key_space", "post-rope")
@@ -45,7 +47,11 @@ def calibrate(
     except CsrError:  # small head_dim: one atom each already costs more than REF_BITS
         ref = codec_plan(ds, n_layers, heads, head_dim, sparsity=(1, 1), method="omp")
     s_ref = (ref.sparsity_k, ref.sparsity_v)
-    method = Reconstructor(ds, ref, rope_info(loaded.model))
+    if ds.predicted and predictor is None:
+        from csrtool.predictor import TokenPredictor
+
+        predictor = TokenPredictor.for_model(loaded, key_space)
+    method = Reconstructor(ds, ref, rope_info(loaded.model), predictor)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     layers = list(range(n_layers)) if layers is None else list(layers)
     total = 2 * len(layers)
@@ -63,7 +69,8 @@ def calibrate(
     curves, kls = {}, {}
     for layer in layers:
         for kind, x in (("k", keys[layer]), ("v", values[layer])):
-            errs = error_curve(x[:, :, SINK:].float().cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]), ds.mean(layer, kind))
+            xs = x[:, :, SINK:].float()
+            errs = error_curve(xs.cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]), method.offset(layer, kind, ids[:, SINK:], xs))
             curves[dict_name(layer, kind)] = loss_curve(kl[(layer, kind)], errs, s_at[kind])
             kls[dict_name(layer, kind)] = kl[(layer, kind)]
     return {"s_ref": list(s_ref), "recent": RECENT, "sink": SINK, "tokens": len(probe_ids), "kl": kls, "curves": curves}

@@ -12,7 +12,7 @@ the softmax is far from linear for the few keys a head attends to.
 
     layer_sensitivity(model, ids [1, T], method, recent, sink, progress) -> {(layer, 'k'|'v'): KL}
 
-`method` is anything with `reconstruct(layer, kind, x [B, H, T, D], positions)`
+`method` is anything with `reconstruct(layer, kind, x [B, H, T, D], positions, ids)`
 (csrtool.reconstruct.Reconstructor at a reference sparsity).
 """
 
@@ -47,7 +47,7 @@ def _dispatch(state: dict, inner, module, query, key, value, attention_mask, **k
         return inner(module, query, key, value, attention_mask, **kwargs)
     pos = torch.arange(key.shape[2], device=key.device)
     x = key if state["kind"] == "k" else value
-    x_hat = state["method"].reconstruct(module.layer_idx, state["kind"], x, pos).to(x.dtype)
+    x_hat = state["method"].reconstruct(module.layer_idx, state["kind"], x, pos, state["ids"][:, : key.shape[2]]).to(x.dtype)
     coded = (x_hat, value) if state["kind"] == "k" else (key, x_hat)
     return _mixed_attention(module, query, key, value, attention_mask, coded=coded, recent=state["recent"], sink=state["sink"], **kwargs)
 
@@ -104,7 +104,7 @@ def layer_sensitivity(
 
     replay=False runs every pass through the whole model (the reference for _Replay). Each layer's
     KL depends only on that layer, so a torchrun job can split `layers` across ranks."""
-    state: dict = {"recent": recent, "sink": sink, "method": method}
+    state: dict = {"recent": recent, "sink": sink, "method": method, "ids": input_ids}
     n_layers = len(model.model.layers)
     out: dict[tuple[int, str], float] = {}
     with attention_override(model, functools.partial(_dispatch, state), inner="sdpa"):  # sdpa whatever the model loaded with

@@ -112,7 +112,13 @@ def eval_cmd(
             elif not _is_partial(msg):
                 err.print(msg, highlight=False)
 
-        doc = run_eval(loaded.model, documents, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta, per_position=per_position)
+        predictor = None
+        if ds is not None and ds.predicted:  # the dictionaries code what the token predictor leaves
+            from csrtool.predictor import TokenPredictor
+
+            predictor = TokenPredictor.for_model(loaded, ds.source.get("key_space", "post-rope"))
+        doc = run_eval(loaded.model, documents, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta,
+                       per_position=per_position, predictor=predictor)
     width = None if out.is_terminal else TABLE_WIDTH  # files/pipes: do not squash to 80 columns
     out.print(report.table(doc), width=width)
     per_doc = report.documents_table(doc)

@@ -36,6 +36,7 @@ def train_dict(
     max_vectors: Annotated[int, typer.Option("--max-vectors", help="Training vectors per dictionary (random subsample above).")] = _DEF.max_vectors,
     seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Code each vector minus its dictionary's training mean (stored in the file; keys before RoPE carry most of their energy in it).")] = _DEF.center,
+    predictor: Annotated[bool, typer.Option("--predictor/--no-predictor", help="Code what the token predictor leaves: the part of each key and value its token alone decides (the model's K/V of the token after a newline, mapped per head by least squares) is subtracted first and costs no bits. Dictionaries then cover tokens the calibration text never had; eval uses them, compress and generate do not yet (docs/quality.md, sixth pass). Needs a collection with token ids and pre-RoPE keys.")] = _DEF.predictor,
     device: DeviceOpt = "cpu",
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
@@ -62,7 +63,7 @@ def train_dict(
         check_output(output, force=force)
         check_json_output(json_out)
         cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
-                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center)
+                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=predictor)
         reader = ActsReader(acts_dir)
         return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
 
@@ -86,9 +87,13 @@ def train_dict(
             elif event == "done":
                 bar.advance(overall)
 
+        predict = token_predictor = None
+        if cfg.predictor:
+            token_predictor = dist.settle(lambda: _token_predictor(reader, dev), "loading the model for the token predictor")
+            predict = token_predictor.kv
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
-            def calib(atoms, source, means):
+            def calib(atoms, source, means, maps):
                 from csrtool.calibration.calibrate import calibrate as run_calibration, merge
                 from csrtool.models import load_model
 
@@ -96,23 +101,34 @@ def train_dict(
 
                 def mine() -> dict:  # this rank's share of the layers
                     try:
-                        loaded = load_model(reader.manifest["model"], device=str(dev))
+                        loaded = token_predictor.loaded if token_predictor is not None else load_model(reader.manifest["model"], device=str(dev))
                     except CsrError as exc:
                         kept = f"the trained dictionaries are kept in {partial_dir(output)}" if dist.world == 1 else "nothing was written"
                         raise CsrError(f"cannot load {reader.manifest['model']} to calibrate layer sensitivities ({exc}); {kept}: "
                                        "re-run with --no-calibrate to write them") from None
                     return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"], means=means,
                                            progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                           layers=dist.share(sorted({int(n.split(".")[1]) for n in atoms})))
+                                           layers=dist.share(sorted({int(n.split(".")[1]) for n in atoms})), maps=maps, predictor=token_predictor)
 
                 return merge(dist.gather(dist.settle(mine, "sensitivity calibration")))
         elif calibrate and dist.root:
             why = "--layers picks a subset" if picked is not None else f"{acts_dir} has no probe window (collected by an older csrtool or with too little text)"
             err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
-        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode)
+        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode, predict=predict)
     if dist.root:
         _show(report, cfg, output, json_out)
     dist.close()  # ranks leave together, after rank 0 reported
+
+
+def _token_predictor(reader, device):
+    """The collection's model as a TokenPredictor (its `.loaded` serves calibration too)."""
+    from csrtool.models import load_model
+    from csrtool.predictor import TokenPredictor
+
+    key_space = reader.manifest.get("key_space", "post-rope")
+    if key_space != "pre-rope":
+        raise CsrError(f"--predictor needs keys collected before RoPE ({reader.dir} holds {key_space} keys): re-run csrtool collect --keys pre-rope")
+    return TokenPredictor.for_model(load_model(reader.manifest["model"], device=str(device)), key_space)
 
 
 def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:

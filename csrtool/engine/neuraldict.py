@@ -74,6 +74,7 @@ class TrainConfig:
     dup_cos: float = 0.995  # atoms closer than this (|cos|) count as duplicates
     seed: int = 0
     center: bool = True  # subtract each dictionary's training mean before coding (stored with the atoms; the pipeline applies it)
+    predictor: bool = False  # code what the token predictor leaves (csrtool.predictor; maps stored with the atoms)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -96,6 +97,7 @@ class TrainConfig:
         need(isinstance(self.dup_cos, (int, float)) and 0 < self.dup_cos <= 1, f"dup_cos must be in (0, 1], got {self.dup_cos!r}")
         need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         need(isinstance(self.center, bool), f"center must be a boolean, got {self.center!r}")
+        need(isinstance(self.predictor, bool), f"predictor must be a boolean, got {self.predictor!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

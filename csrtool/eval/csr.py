@@ -42,13 +42,14 @@ class CSR(Reconstructor):
         name: str | None = None,
         uniform: bool = False,
         adaptive: bool = False,
+        predictor=None,
     ):
         if method not in codec.METHODS:
             raise CsrError(f"CSR method must be one of {', '.join(codec.METHODS)}, got {method!r}")
         config = allocate.codec_plan(
             dicts, n_layers, num_kv_heads, head_dim, bits=bits, sparsity=sparsity, coef=coef, method=method, uniform=uniform, adaptive=adaptive
         )
-        super().__init__(dicts, config, rope_info)
+        super().__init__(dicts, config, rope_info, predictor)
         self.method = method
         self.coef = coef
         self.n_atoms, self.value_split = allocate.check_dicts(dicts, n_layers, num_kv_heads, head_dim)

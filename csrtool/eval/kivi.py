@@ -51,7 +51,7 @@ class KIVI:
         self.bits_k = self.bits_v = bits + GROUP_PARAM_BITS / group
         self.side_bits = 0
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, H, T, D]: keys group along T (dim 2), values along D (dim 3)
         dim = 2 if kind == "k" else 3
         return quantize_groups(x, self.bits, dim=dim, group=self.group)

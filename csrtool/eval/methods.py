@@ -3,7 +3,7 @@
 A method turns the key or value vectors of tokens that leave the full-precision
 window into their reconstruction, once per token:
 
-    reconstruct(layer, kind, x [B, H, T, D], positions [T]) -> x_hat [B, H, T, D]
+    reconstruct(layer, kind, x [B, H, T, D], positions [T], ids [B, T] | None) -> x_hat [B, H, T, D]
 
 and states its honest cost:
 
@@ -33,7 +33,7 @@ class Method(Protocol):
     bits_v: float
     side_bits: int
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def bits_per_channel(method) -> float:
@@ -49,7 +49,7 @@ class Identity:
         self.bits_k = self.bits_v = float(torch.finfo(dtype).bits)
         self.side_bits = 0
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         return x
 
 
@@ -62,7 +62,7 @@ class CastMethod:
         self.bits_k = self.bits_v = float(torch.finfo(dtype).bits)
         self.side_bits = 0
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         return x.to(self.dtype).to(x.dtype)
 
 
@@ -76,7 +76,7 @@ class NoiseMethod:
         self.bits_k = self.bits_v = 0.0
         self.side_bits = 0
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         noise = torch.randn(x.shape, generator=self.gen, dtype=torch.float32).to(x.device, x.dtype)
         rms = x.float().pow(2).mean().sqrt()
         return x + noise * rms * self.rel_power**0.5

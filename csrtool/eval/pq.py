@@ -64,7 +64,7 @@ class ProductQuantizer:
             self.quantizers[key] = pq
         self.side_bits = len(self.quantizers) * (2**CODE_BITS) * self.head_dim * CODEBOOK_BITS
 
-    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         pq = self.quantizers.get((layer, kind))
         if pq is None:
             raise CsrError(f"no PQ codebook for layer {layer} {kind}: calibration did not cover it")

@@ -81,6 +81,7 @@ class CompressedFeed:
         self.window = window
         self.sink = sink  # positions [0, sink) stay in full precision
         self.pos = 0  # tokens fed so far
+        self.ids = torch.empty(1, 0, dtype=torch.long)  # their ids (the token predictor's input)
         self.done = 0  # tokens handled so far (positions [0, done): sink tokens kept, the rest compressed)
         self.recon: dict[tuple[int, str], metrics.ErrorStats] = {}
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # originals of compressed tokens
@@ -98,6 +99,7 @@ class CompressedFeed:
         """Forward ids [1, n]; return logits [n, V] (float32); then age the cache."""
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
         self.pos += ids.shape[1]
+        self.ids = torch.cat([self.ids, ids.to("cpu", torch.long)], 1)
         if age:
             self.age()
         return out.logits[0].float()
@@ -119,7 +121,7 @@ class CompressedFeed:
             pair = []
             for kind, store in (("k", layer.keys), ("v", layer.values)):
                 x = store[:, :, lo - first : b - first].clone()
-                x_hat = self.method.reconstruct(layer_idx, kind, x, positions).to(store.dtype)
+                x_hat = self.method.reconstruct(layer_idx, kind, x, positions, self.ids[:, lo:b]).to(store.dtype)
                 if x_hat.shape != x.shape:
                     raise CsrError(f"method {self.method.name} returned shape {list(x_hat.shape)} for {list(x.shape)}")
                 store[:, :, lo - first : b - first] = x_hat

@@ -91,7 +91,7 @@ def parse_baseline(spec: str) -> tuple[str, int | None]:
     return kind, num
 
 
-def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] | None = None) -> tuple[list, list[tuple[str, str]]]:
+def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] | None = None, predictor=None) -> tuple[list, list[tuple[str, str]]]:
     """Methods to run, in table order, and the (name, reason) of those skipped."""
     from csrtool.models import kv_shape, rope_info
 
@@ -148,7 +148,7 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
                 for mode in cfg.codes:
                     name = None if mode == DEFAULT_CODE else f"csr-{solver}-{b:g}b-{mode}"
                     methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope,
-                                       uniform=cfg.uniform, adaptive=mode == "adaptive", name=name))
+                                       uniform=cfg.uniform, adaptive=mode == "adaptive", name=name, predictor=predictor))
     return methods, skipped
 
 
@@ -211,8 +211,11 @@ def run_eval(
     meta: dict | None = None,
     per_position: bool = False,
     block: int = bootstrap.BLOCK,
+    predictor=None,
 ) -> dict:
     """Run the reference and every method on each document; return the result document.
+
+    `predictor`: the model's csrtool.predictor.TokenPredictor, needed by dictionaries trained with it.
 
     `ids` is one text [1, T] or a list of documents.Document, each fed from an empty cache.
     Rows are pooled over the documents (with bootstrap intervals); `documents` has each one's rows.
@@ -237,7 +240,7 @@ def run_eval(
         say(f"calibration: collecting keys and values of {min(cfg.calib_tokens, calib_ids.shape[1])} tokens for PQ")
         return runner.collect_kv(model, calib_ids[:, : cfg.calib_tokens].to(model.device))
 
-    methods, skipped = build_methods(cfg, model, dicts, calib)
+    methods, skipped = build_methods(cfg, model, dicts, calib, predictor)
     for name, reason in skipped:
         say(f"skipped {name}: {reason}")
 

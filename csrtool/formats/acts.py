@@ -4,7 +4,8 @@ ACTS_DIR/
   manifest.json              {"format": "csrtool-acts", "version": 1, "model", "dtype",
                               "store_dtype", "key_space", "seq_len", "tokens", "text_source",
                               "layers", "num_kv_heads", "head_dim", "shards": [...]}
-  shard-00000.safetensors    tensors `layer.{l}.k` and `layer.{l}.v`, each [T, H, D]
+  shard-00000.safetensors    tensors `layer.{l}.k` and `layer.{l}.v`, each [T, H, D], and `ids` [T]
+                             (int64, the tokens they came from; older sets lack it)
   ...                        (same layers in every shard; shards concatenate along T)
 
 Shards are flushed as they fill so memory stays bounded; the manifest is written
@@ -28,6 +29,7 @@ from csrtool.formats.stwrite import save_safetensors
 FORMAT = "csrtool-acts"
 VERSION = 1
 MANIFEST = "manifest.json"
+IDS = "ids"  # shard tensor: the token id of each row
 
 
 class ActsWriter:
@@ -46,8 +48,10 @@ class ActsWriter:
         self.shards: list[str] = []
         self.prefix = prefix  # shard names: {prefix}00000.safetensors, ...
 
-    def add(self, blocks: dict[tuple[int, str], torch.Tensor]) -> None:
-        """blocks[(layer, kind)] = [T, H, D] for one window (same T for all)."""
+    def add(self, blocks: dict[tuple[int, str], torch.Tensor], ids: torch.Tensor | None = None) -> None:
+        """blocks[(layer, kind)] = [T, H, D] for one window (same T for all); ids [T] its token ids."""
+        if ids is not None:
+            self.pending.setdefault(IDS, []).append(ids.detach().to("cpu", torch.int64).reshape(-1))
         t = None
         for (layer, kind), x in blocks.items():
             self.pending.setdefault(tensor_name(layer, kind), []).append(x.detach().to("cpu", self.store_dtype))
@@ -113,6 +117,19 @@ class ActsReader:
     @property
     def tokens(self) -> int:
         return int(self.manifest["tokens"])
+
+    def ids(self, shards: list[str] | None = None) -> torch.Tensor | None:
+        """The token ids [T] of the stored rows (of `shards` only, if given); None for sets collected without them."""
+        parts = []
+        for shard in self.manifest["shards"] if shards is None else shards:
+            try:
+                with safe_open(str(self.dir / shard), framework="pt") as fh:
+                    if IDS not in fh.keys():
+                        return None
+                    parts.append(fh.get_tensor(IDS).to(torch.int64))
+            except (SafetensorError, OSError) as exc:
+                raise CsrError(f"{self.dir / shard} is unreadable ({exc}): re-run csrtool collect") from None
+        return torch.cat(parts) if parts else None
 
     def load(self, layer: int, kind: str, max_tokens: int | None = None, shards: list[str] | None = None) -> torch.Tensor:
         """All stored tokens of one layer and kind as float32 [T, H, D] (of `shards` only, if given)."""

@@ -44,6 +44,7 @@ _BLOCK = 1 << 20
 
 def check_fit(cache: KVCache, dicts: DictSet) -> tuple[list[tuple[int, ...]], int, int]:
     """Check the dictionaries fit the cache: (per-layer shapes, head groups G, value split C)."""
+    dicts.require_unpredicted("compress")
     n_atoms = dicts.n_atoms
     dtype = cache.keys[0].dtype
     if dtype not in codec.DTYPE_NAMES:

@@ -3,6 +3,9 @@
 Layout:
 - tensor `layer.{l}.{k|v}.mean` (optional): float32 [G, D], the mean of the training
   vectors, subtracted before coding and added back after decoding (train-dict --center);
+- tensor `layer.{l}.{k|v}.pmap` (optional, train-dict --predictor): float32 [H, D + 1, D],
+  the token predictor's map (csrtool.predictor): [p(t), 1] · A[h] is subtracted before the
+  mean and added back after decoding; p(t) comes from the model, so these files need it;
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
   (scope 'layer'), C = channel-split chunks (1 for keys, `value_split` for values),
   N atoms of Dc = D / C channels, each atom of unit norm;
@@ -37,6 +40,7 @@ FORMAT = "csrtool-dicts"
 VERSION = 1
 KINDS = ("k", "v")
 MEAN_SUFFIX = ".mean"
+PMAP_SUFFIX = ".pmap"
 
 
 def dict_name(layer: int, kind: str) -> str:
@@ -72,6 +76,7 @@ class DictSet:
     fingerprint: str = ""
     sensitivity: dict = field(default_factory=dict)  # csrtool.calibration.calibrate output; {} when not calibrated
     means: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [G, D]: subtracted before coding
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [H, D + 1, D]: token predictor (csrtool.predictor)
 
     def get(self, layer: int, kind: str) -> torch.Tensor:
         name = dict_name(layer, kind)
@@ -83,6 +88,21 @@ class DictSet:
     def mean(self, layer: int, kind: str) -> torch.Tensor | None:
         """The vector subtracted before coding and added back after ([G, D]), or None (files without centring)."""
         return self.means.get(dict_name(layer, kind))
+
+    def pmap(self, layer: int, kind: str) -> torch.Tensor | None:
+        """The token predictor's map A [H, D + 1, D] (csrtool.predictor), or None."""
+        return self.maps.get(dict_name(layer, kind))
+
+    @property
+    def predicted(self) -> bool:
+        """True when the dictionaries code what remains after the token predictor (decoding needs the model and the token ids)."""
+        return bool(self.maps)
+
+    def require_unpredicted(self, what: str) -> None:
+        """CsrError unless the dictionaries code plain vectors: `what` (compress, the live cache) cannot use predictor ones yet."""
+        if self.predicted:
+            raise CsrError(f"{what} cannot use dictionaries trained with --predictor yet (only csrtool eval can): "
+                           "train them without --predictor")
 
     def layers_str(self) -> set[str]:
         return {str(parse_dict_name(name)[0]) for name in self.atoms}
@@ -98,10 +118,10 @@ class DictSet:
 
 def save_dicts(
     path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict, sensitivity: dict | None = None,
-    means: dict[str, torch.Tensor] | None = None,
+    means: dict[str, torch.Tensor] | None = None, maps: dict[str, torch.Tensor] | None = None,
 ) -> str:
-    """Write a dictionary file atomically; returns its fingerprint (over atoms and means)."""
-    both = {**atoms, **{f"{k}{MEAN_SUFFIX}": v for k, v in (means or {}).items()}}
+    """Write a dictionary file atomically; returns its fingerprint (over atoms, means and predictor maps)."""
+    both = {**atoms, **{f"{k}{MEAN_SUFFIX}": v for k, v in (means or {}).items()}, **{f"{k}{PMAP_SUFFIX}": v for k, v in (maps or {}).items()}}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(both.items())}
     fp = fingerprint(tensors)
     meta = {
@@ -186,7 +206,8 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         raise CsrError(f"{path} was modified after training (fingerprint mismatch): re-run csrtool train-dict")
     config, source, errors, sensitivity = (_json_object(path, meta, k) for k in ("config", "source", "errors", "sensitivity"))
     means = {k.removesuffix(MEAN_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(MEAN_SUFFIX)}
-    atoms = {k: v.to(device) for k, v in tensors.items() if not k.endswith(MEAN_SUFFIX)}
+    maps = {k.removesuffix(PMAP_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(PMAP_SUFFIX)}
+    atoms = {k: v.to(device) for k, v in tensors.items() if not k.endswith((MEAN_SUFFIX, PMAP_SUFFIX))}
     if not atoms:
         raise CsrError(f"{path} holds no dictionaries: re-run csrtool train-dict")
     for name, t in atoms.items():
@@ -199,11 +220,20 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
             raise CsrError(f"{path}: mean of {name} has shape {list(m.shape)}, expected [{t.shape[0]}, {t.shape[1] * t.shape[3]}]: re-run csrtool train-dict")
     if set(means) - set(atoms):
         raise CsrError(f"{path}: mean {sorted(set(means) - set(atoms))[0]} has no dictionary: re-run csrtool train-dict")
-    for name, t in sorted({**atoms, **{k + MEAN_SUFFIX: v for k, v in means.items()}}.items()):
+    if maps and set(maps) != set(atoms):
+        raise CsrError(f"{path}: the token predictor's maps do not match the dictionaries one to one: re-run csrtool train-dict")
+    for name, a in maps.items():
+        d = atoms[name].shape[1] * atoms[name].shape[3]
+        if a.dim() != 3 or a.shape[0] < 1 or tuple(a.shape[1:]) != (d + 1, d):
+            raise CsrError(f"{path}: predictor map of {name} has shape {list(a.shape)}, expected [H, {d + 1}, {d}]: re-run csrtool train-dict")
+    if len({a.shape[0] for a in maps.values()}) > 1:
+        raise CsrError(f"{path}: predictor maps have different head counts: re-run csrtool train-dict")
+    every = {**atoms, **{k + MEAN_SUFFIX: v for k, v in means.items()}, **{k + PMAP_SUFFIX: v for k, v in maps.items()}}
+    for name, t in sorted(every.items()):
         if not bool(torch.isfinite(t).all()):
             raise CsrError(f"{path}: {name} contains NaN or Inf values: re-run csrtool train-dict")
     if len({t.shape[2] for t in atoms.values()}) != 1:
         raise CsrError(f"{path}: dictionaries have different atom counts: re-run csrtool train-dict")
     _check_source(path, source)
     _check_sensitivity(path, sensitivity)
-    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity, means=means)
+    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity, means=means, maps=maps)

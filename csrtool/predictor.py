@@ -1,0 +1,90 @@
+"""Token predictor: the part of a key or value that the token alone decides, subtracted before coding.
+
+A layer's key or value vector is largely a function of its token, most of all in the early
+layers; the dictionaries' atoms learn the tokens of the calibration text and code the others
+badly (docs/quality.md, fifth pass). The predictor removes that part with the model itself:
+
+    p(t) = the token's K/V at layer l when the model reads PREFIX + t (its "context-free" K/V)
+    x ≈ [p(t), 1] · A[h]        A [H, D + 1, D] per layer and kind, least squares on calibration
+    the dictionary codes x − [p(t), 1] · A[h] (and its mean), decoding adds it back
+
+The maps are stored in the dictionary file (`layer.{l}.{k|v}.pmap`); p(t) costs no bits, since
+whoever decodes has the token ids and the model. Keys are predicted in the dictionaries' key
+space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as collect does).
+
+    TokenPredictor(model, tokenizer, key_space, rope_params)   memoised per token id
+    TokenPredictor.for_model(loaded, key_space)        models.Loaded; keeps it as .loaded
+    TokenPredictor.kv(layer, kind, ids [T]) -> p [T, H, D] float32
+    fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
+    apply_map(p [T, H, D], A) -> [H, T, D]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csrtool.attention_hook import suspended
+from csrtool.collect import capture_kv, key_rope
+
+PREFIX_TEXT = "\n"  # read before each token: a token at position 0 is an attention sink, not a typical token
+BATCH = 256  # prefix + token pairs per forward pass
+RIDGE = 1e-4  # relative ridge of the least-squares fit (keeps rare directions of p from blowing up)
+
+
+class TokenPredictor:
+    """The context-free K/V of token ids under one model, computed once per id."""
+
+    def __init__(self, model, tokenizer, key_space: str, rope_params: dict | None):
+        self.model = model
+        self.key_space = key_space
+        self.rope_params = rope_params
+        enc = tokenizer(PREFIX_TEXT, add_special_tokens=False)["input_ids"]
+        self.prefix = int(enc[-1])
+        self.index: dict[int, int] = {}  # token id -> row of the tables
+        self.tables: dict[str, list[torch.Tensor]] = {}  # kind -> per layer [U, H, D] float32 (CPU)
+        self.loaded = None  # the models.Loaded it came from (for_model)
+
+    @classmethod
+    def for_model(cls, loaded, key_space: str) -> "TokenPredictor":
+        tp = cls(loaded.model, loaded.tokenizer, key_space, key_rope(loaded.model, key_space))
+        tp.loaded = loaded
+        return tp
+
+    def _extend(self, ids: list[int]) -> None:
+        new = [i for i in dict.fromkeys(ids) if i not in self.index]
+        dev = next(self.model.parameters()).device
+        for lo in range(0, len(new), BATCH):
+            part = torch.tensor(new[lo : lo + BATCH], dtype=torch.long, device=dev)
+            batch = torch.stack([torch.full_like(part, self.prefix), part], 1)
+            with torch.no_grad(), suspended(self.model):  # may run inside eval's attention probes: unobserved
+                _, keys, values = capture_kv(self.model, batch, self.key_space, self.rope_params)
+            for kind, xs in (("k", keys), ("v", values)):
+                rows = [x[:, :, -1].float().cpu() for x in xs]  # [U, H, D] per layer
+                have = self.tables.get(kind)
+                self.tables[kind] = rows if have is None else [torch.cat([a, b]) for a, b in zip(have, rows)]
+            for i in new[lo : lo + BATCH]:
+                self.index[i] = len(self.index)
+
+    def kv(self, layer: int, kind: str, ids: torch.Tensor) -> torch.Tensor:
+        """p [T, H, D] float32 (CPU) for token ids [T]."""
+        flat = [int(i) for i in ids.reshape(-1).tolist()]
+        self._extend(flat)
+        rows = torch.tensor([self.index[i] for i in flat], dtype=torch.long)
+        return self.tables[kind][layer][rows]
+
+
+def fit_map(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Least-squares A [H, D + 1, D] with x[:, h] ≈ [p[:, h], 1] · A[h] (x, p [T, H, D]), lightly ridged."""
+    t, h, d = p.shape
+    ones = torch.ones(t, h, 1, dtype=torch.float64)
+    f = torch.cat([p.double(), ones], 2).transpose(0, 1)  # [H, T, D + 1]
+    gram = f.transpose(1, 2) @ f
+    ridge = RIDGE * gram.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(d + 1, dtype=torch.float64)
+    rhs = f.transpose(1, 2) @ x.double().transpose(0, 1)
+    return torch.linalg.solve(gram + ridge, rhs).float()
+
+
+def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """[H, T, D]: the predicted part of each head's vectors from p [T, H, D]."""
+    a = a.to(p.device, torch.float32)
+    return torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]
