@@ -17,6 +17,8 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
     TokenPredictor.kv(layer, kind, ids [T]) -> p [T, H, D] float32
     fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
     apply_map(p [T, H, D], A) -> [H, T, D]
+    offset(dicts, predictor, layer, kind, ids [B, T]) -> [B, H, T, D]   what coding subtracts: mean + prediction
+    cache_ids(meta, b, t, vocab) -> ids [B, T]     a saved cache's token ids (meta["ids"], csrtool cache writes them)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from csrtool.attention_hook import suspended
 from csrtool.collect import capture_kv, key_rope
+from csrtool.errors import CsrError
 
 PREFIX_TEXT = "\n"  # read before each token: a token at position 0 is an attention sink, not a typical token
 BATCH = 256  # prefix + token pairs per forward pass
@@ -40,6 +43,7 @@ class TokenPredictor:
         self.rope_params = rope_params
         enc = tokenizer(PREFIX_TEXT, add_special_tokens=False)["input_ids"]
         self.prefix = int(enc[-1])
+        self.vocab = int(model.get_input_embeddings().weight.shape[0])
         self.index: dict[int, int] = {}  # token id -> row of the tables
         self.tables: dict[str, list[torch.Tensor]] = {}  # kind -> per layer [U, H, D] float32 (CPU)
         self.loaded = None  # the models.Loaded it came from (for_model)
@@ -88,3 +92,24 @@ def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """[H, T, D]: the predicted part of each head's vectors from p [T, H, D]."""
     a = a.to(p.device, torch.float32)
     return torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]
+
+
+def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] float32: the dictionary's mean plus the predicted part of the tokens ids [B, T] (code space)."""
+    a = dicts.pmap(layer, kind)
+    pred = torch.stack([apply_map(predictor.kv(layer, kind, row), a) for row in ids])
+    mean = dicts.mean(layer, kind)
+    return pred if mean is None else pred + mean.to("cpu", torch.float32)[None, :, None, :]
+
+
+def cache_ids(meta: dict, b: int, t: int, vocab: int) -> torch.Tensor:
+    """The token ids [B, T] a cache's meta records (`ids`: B lists of T ints below `vocab`); CsrError otherwise."""
+    ids = meta.get("ids")
+    fix = "save the cache with csrtool cache (it records them), or use dictionaries trained without --predictor"
+    if ids is None:
+        raise CsrError(f"the cache does not record its token ids, which the token predictor needs: {fix}")
+    ok = (isinstance(ids, list) and len(ids) == b and all(isinstance(r, list) and len(r) == t for r in ids)
+          and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for r in ids for i in r))
+    if not ok:
+        raise CsrError(f"the cache's token ids (meta.ids) are not {b} lists of {t} token ids below {vocab}: {fix}")
+    return torch.tensor(ids, dtype=torch.long).reshape(b, t)

@@ -70,13 +70,11 @@ class Reconstructor:
         mean = self.dicts.mean(layer, kind)
         if self.predictor is None:
             return mean
-        from csrtool.predictor import apply_map
+        from csrtool.predictor import offset
 
         if ids is None or ids.shape != (x.shape[0], x.shape[2]):
             raise CsrError(f"the token predictor needs the ids [B, T] of the coded tokens, got {None if ids is None else list(ids.shape)}")
-        a = self.dicts.pmap(layer, kind)
-        pred = torch.stack([apply_map(self.predictor.kv(layer, kind, row), a) for row in ids]).to(x.device)
-        return pred if mean is None else pred + mean.to(x.device, torch.float32)[None, :, None, :]
+        return offset(self.dicts, self.predictor, layer, kind, ids).to(x.device)
 
     def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat; ids [B, T] its tokens."""

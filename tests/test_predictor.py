@@ -108,7 +108,7 @@ def test_reconstruct_codes_the_residual_and_layer_zero_is_exact(trained, loaded)
     assert err(k1, keys[1]) < err(base.reconstruct(1, "k", keys[1], pos), keys[1])
 
 
-def test_eval_runs_predictor_dictionaries_and_compress_refuses_them(trained, tiny_llama_dir):
+def test_eval_runs_predictor_dictionaries(trained, tiny_llama_dir):
     d = trained
     res = runner.invoke(app, ["eval", "-m", str(tiny_llama_dir), "--dicts", str(d / "pred.safetensors"), "--text", str(d / "text.txt"),
                               "--tokens", "300", "--bits", "4", "--methods", "omp", "--baselines", "kivi2", "--no-needle",
@@ -117,11 +117,39 @@ def test_eval_runs_predictor_dictionaries_and_compress_refuses_them(trained, tin
     rows = {r["kind"]: r for r in json.loads((d / "eval.json").read_text())["methods"]}
     assert rows["CSR"]["top1_agreement"] > 0.9 and 0 <= rows["CSR"]["kl"] < rows["KIVI"]["kl"]
     assert 0 < rows["CSR"]["rel_err_v"] < 0.05
-    res = runner.invoke(app, ["cache", "-m", str(tiny_llama_dir), "--prompt", TEXT, "--max-tokens", "120", "-o", str(d / "cache.pt")])
+
+
+def test_compress_and_decompress_with_the_predictor(trained, tiny_llama_dir):
+    from csrtool.formats.kvcache import load_cache, save_cache
+
+    d = trained
+    res = runner.invoke(app, ["cache", "-m", str(tiny_llama_dir), "--prompt", "Sphinx of black quartz, judge my vow. " * 4, "-o", str(d / "cache.pt")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(d / "pred.safetensors"), "-o", str(d / "c.csr")])
-    assert res.exit_code != 0 and "--predictor" in res.output and "Traceback" not in res.output
-    assert not (d / "c.csr").exists()
+    cache = load_cache(d / "cache.pt")
+    assert len(cache.meta["ids"][0]) == cache.keys[0].shape[2]
+    errs, sizes = {}, {}
+    for name in ("pred", "plain"):
+        dicts = d / f"{name}.safetensors"
+        res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "2", "-o", str(d / f"{name}.csr"), "--force"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["decompress", str(d / f"{name}.csr"), "-d", str(dicts), "-o", str(d / f"{name}.pt"), "--force"])
+        assert res.exit_code == 0, res.output
+        back = load_cache(d / f"{name}.pt")
+        assert back.meta["ids"] == cache.meta["ids"]
+        errs[name] = sum(float((b - a).pow(2).sum()) for a, b in zip(cache.values, back.values))
+        sizes[name] = (d / f"{name}.csr").stat().st_size
+    assert errs["pred"] < 0.5 * errs["plain"]  # layer 0's values are exact through the predictor
+    assert sizes["pred"] == sizes["plain"]  # same codes and header; the token ids are in both (csrtool cache records them)
+    # a cache without its token ids: a clear error, nothing written
+    save_cache(d / "noids.pt", type(cache)(cache.keys, cache.values, {k: v for k, v in cache.meta.items() if k != "ids"}))
+    res = runner.invoke(app, ["compress", str(d / "noids.pt"), "-d", str(d / "pred.safetensors"), "-o", str(d / "n.csr")])
+    assert res.exit_code != 0 and "token ids" in res.output and "Traceback" not in res.output
+    assert not (d / "n.csr").exists()
+    # the live cache cannot use them yet, and says so
+    from csrtool.cache import CSRCache
+
+    with pytest.raises(CsrError, match="--predictor"):
+        CSRCache.from_dicts(d / "pred.safetensors", load_model(str(tiny_llama_dir), "cpu", "float32").model)
 
 
 def test_predictor_needs_pre_rope_keys(tiny_llama_dir, tmp_path):

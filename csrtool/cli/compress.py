@@ -76,6 +76,7 @@ def compress(
     ds = load_dicts(check_input(dicts, "dictionary file", "train one with csrtool train-dict"))
     kv = open_cache(check_input(cache, "cache file", "save one with csrtool cache"))
     _, _, v_split = csrfile.check_fit(kv, ds)
+    predictor = _predictor(ds, kv.meta, kv.keys[0].shape[0], kv.keys[0].shape[2])
     _, kv_heads, _, head_dim = kv.keys[0].shape
     parsed = None if sparsity is None else _parse_sparsity(sparsity)
     if parsed is not None and bits is None:
@@ -91,7 +92,7 @@ def compress(
     if sparsity is None:
         _note_capped(1.0 if bits is None else bits, header)
     with _bar(len(header.layers), "compress") as bar:
-        size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header), on_layer=lambda _: bar.update())
+        size = csrfile.write_csr(output, header, csrfile.encode_sections(kv, ds, header, predictor), on_layer=lambda _: bar.update())
     report = {"output": str(output), "sparsity_k": s_k, "sparsity_v": s_v, "coef": coef, "method": method, "adaptive": adaptive,
               "layer_sparsity": None if per_layer is None else [list(p) for p in per_layer],
               "window": cfg.window, "sink": cfg.sink, "target_bits": bits, **csrfile.size_report(header, size)}
@@ -103,6 +104,19 @@ def compress(
         f"file bits/channel {report['bits_per_channel']['with_header']:.4f} (window {cfg.window}, sink {cfg.sink})"
     )
     write_json(json_out, report)
+
+
+def _predictor(ds, meta: dict, b: int, t: int):
+    """The dictionaries' model as a TokenPredictor when they were trained with --predictor (else None)."""
+    if not ds.predicted:
+        return None
+    from csrtool.models import load_model
+    from csrtool.predictor import TokenPredictor, cache_ids
+
+    cache_ids(meta, b, t, 1 << 31)  # before the model loads: are the ids there at all?
+    model = ds.source.get("model")
+    err.print(f"loading {model} for the token predictor (the dictionaries were trained with --predictor)")
+    return TokenPredictor.for_model(load_model(model, "cpu", "float32"), ds.source.get("key_space", "post-rope"))
 
 
 @app.command()
@@ -122,9 +136,10 @@ def decompress(
     ds = load_dicts(check_input(dicts, "dictionary file", "pass the one the file was compressed with"))
     reader.check_dicts(ds)
     hd = reader.header
+    predictor = _predictor(ds, hd.meta, hd.layers[0][0], hd.n_tokens)
     with csrfile.scratch_layers(output, hd) as (keys, values):
         with _bar(len(hd.layers), "decompress") as bar:
-            for i, k, v in reader.layers(ds):
+            for i, k, v in reader.layers(ds, predictor):
                 keys[i].copy_(k)
                 values[i].copy_(v)
                 bar.update()

@@ -44,7 +44,6 @@ _BLOCK = 1 << 20
 
 def check_fit(cache: KVCache, dicts: DictSet) -> tuple[list[tuple[int, ...]], int, int]:
     """Check the dictionaries fit the cache: (per-layer shapes, head groups G, value split C)."""
-    dicts.require_unpredicted("compress")
     n_atoms = dicts.n_atoms
     dtype = cache.keys[0].dtype
     if dtype not in codec.DTYPE_NAMES:
@@ -113,18 +112,35 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
     )
 
 
-def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader) -> Iterator[tuple[bytes, bytes]]:
+def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, t: int) -> tuple:
+    """What layer i's coding subtracts from its (keys, values): the dictionaries' means, or, for dictionaries
+    trained with the token predictor, the means plus each coded token's prediction (ids from the header's meta)."""
+    if not dicts.predicted:
+        return dicts.mean(i, "k"), dicts.mean(i, "v")
+    from csrtool.predictor import cache_ids, offset
+
+    if predictor is None:
+        raise CsrError("these dictionaries were trained with --predictor: the model is needed to code or decode with them")
+    cfg = header.config.for_layer(i)
+    s, tc, _ = codec.spans(t, cfg.window, cfg.sink)
+    b = header.layers[i][0]
+    ids = cache_ids(header.meta, b, t, predictor.vocab)[:, s : s + tc]
+    return offset(dicts, predictor, i, "k", ids), offset(dicts, predictor, i, "v", ids)
+
+
+def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader, predictor=None) -> Iterator[tuple[bytes, bytes]]:
     """Per layer (key bytes, value bytes), computed lazily one layer at a time.
 
     Each section is parsed back before it is handed out: nothing is written that
-    decompress would refuse (CsrError naming the layer instead)."""
+    decompress would refuse (CsrError naming the layer instead). `predictor`: the model's
+    csrtool.predictor.TokenPredictor, for dictionaries trained with it."""
     for i in range(len(header.layers)):
         k, v = cache.keys[i], cache.values[i]
         cfg = header.config.for_layer(i)
         try:
             ck, cv = codec.encode_layer(
                 k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.layer_rope(i),
-                (dicts.mean(i, "k"), dicts.mean(i, "v")),
+                _offsets(dicts, predictor, header, i, k.shape[2]),
             )
         except CsrError as exc:
             raise CsrError(f"cache layer {i}: {exc}") from None
@@ -224,8 +240,8 @@ class CsrReader:
                     raise CsrError(f"{self.path} changed while being read (checksum mismatch): read it again")
                 yield i, kb, vb
 
-    def layers(self, dicts: DictSet) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(layer, keys, values) in the original dtype, one layer at a time (see `sections`)."""
+    def layers(self, dicts: DictSet, predictor=None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer, keys, values) in the original dtype, one layer at a time (see `sections`); `predictor` as for encode_sections."""
         self.check_dicts(dicts)
         hd = self.header
         for i, kb, vb in self.sections():
@@ -233,7 +249,8 @@ class CsrReader:
                 ck, cv = _parse_layer(hd, i, kb, vb)
                 k, v = codec.decode_layer(
                     ck, cv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
-                    hd.key_space, hd.cache_key_space, hd.layer_rope(i), hd.torch_dtype, (dicts.mean(i, "k"), dicts.mean(i, "v")),
+                    hd.key_space, hd.cache_key_space, hd.layer_rope(i), hd.torch_dtype,
+                    _offsets(dicts, predictor, hd, i, hd.layers[i][2]),
                 )
             except CsrError as exc:
                 raise CsrError(f"{self.path} layer {i}: {exc}") from None
@@ -294,11 +311,11 @@ def _parse_header(raw: bytes) -> tuple[CsrHeader | None, str]:
         return None, str(exc)
 
 
-def read_csr(path: Path, dicts: DictSet) -> KVCache:
-    """Decode a whole .csr file into a KVCache (meta from the header)."""
+def read_csr(path: Path, dicts: DictSet, predictor=None) -> KVCache:
+    """Decode a whole .csr file into a KVCache (meta from the header); `predictor` as for encode_sections."""
     reader = open_csr(path)
     keys, values = [], []
-    for _, k, v in reader.layers(dicts):
+    for _, k, v in reader.layers(dicts, predictor):
         keys.append(k)
         values.append(v)
     return KVCache(keys, values, dict(reader.header.meta))
