@@ -11,7 +11,9 @@ with `bits` and calibrated dictionaries (train-dict --calibrate), per-layer spar
 Honest cost (codec.vector_bits, averaged over layers): per vector C·S·(ceil(log2 N) + coefficient bits)
 plus any per-vector scale; the per-(head, batch) float32 coefficient scale a file
 section adds is 32 bits per head per compressed batch of tokens (< 0.01 bit/channel
-at the default chunk) and is left out. Dictionaries are side bits, counted at fp16.
+at the default chunk) and is left out. Dictionaries (and the token predictor's maps) are
+side bits, counted at fp16; the predictor's own input, the token ids, is what the decoder
+has anyway (the model generating from the cache holds them).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class CSR(Reconstructor):
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
         self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, coef) for p in plan) / n_layers / head_dim
         self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, coef) for p in plan) / n_layers / head_dim
-        self.side_bits = sum(a.numel() for n, a in dicts.atoms.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
+        side = {**dicts.atoms, **{f"{n}.pmap": a for n, a in dicts.maps.items()}}  # the token predictor's maps are side data too
+        self.side_bits = sum(a.numel() for n, a in side.items() if parse_dict_name(n.removesuffix(".pmap"))[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"
         self.name = name or f"csr-{method}-{label}"
         self.target_bits = bits

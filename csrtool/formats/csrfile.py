@@ -108,8 +108,17 @@ def make_header(cache: KVCache, dicts: DictSet, cfg: codec.CodecConfig) -> CsrHe
         dict_groups=g,
         model=model if isinstance(model, str) else None,
         rope=rope_p,
-        meta=plain_meta(cache.meta),
+        meta=_header_meta(cache.meta, dicts),
     )
+
+
+def _header_meta(meta: dict, dicts: DictSet) -> dict:
+    """The cache's meta for the header; its token ids (`ids`, ~6 bytes a token) only where decoding needs them
+    (dictionaries trained with the token predictor), so a plain file stays as small as its codes allow."""
+    plain = plain_meta(meta)
+    if not dicts.predicted:
+        plain.pop("ids", None)
+    return plain
 
 
 def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, t: int) -> tuple:
