@@ -74,6 +74,18 @@ def test_sharded_training_and_calibration_match_one_process_byte_for_byte(collec
     assert out2.read_bytes() == out1.read_bytes()
 
 
+def test_sharded_training_with_the_token_predictor_matches_one_process(collected):
+    """Each rank fits the maps of its layers from the ids of every shard; the file is the one-process one."""
+    out2, out1 = collected / "t2.safetensors", collected / "t1.safetensors"
+    res = torchrun("train-dict", str(collected / "acts2"), "-o", str(out2), *TRAIN, "--predictor", "--dist", "shard")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cli("train-dict", str(collected / "acts2"), "-o", str(out1), *TRAIN, "--predictor")
+    assert load_dicts(out2).predicted and out2.read_bytes() == out1.read_bytes()
+    res = torchrun("train-dict", str(collected / "acts2"), "-o", str(collected / "t3.safetensors"), *TRAIN, "--predictor", "--dist", "data")
+    assert res.returncode != 0 and "use --dist shard" in res.stderr
+    assert not (collected / "t3.safetensors").exists()
+
+
 def test_data_parallel_training_matches_one_process_within_tolerance(collected):
     out2, out1 = collected / "p2.safetensors", collected / "p1.safetensors"
     opts = [*TRAIN, "--scope", "layer", "--epochs", "3", "--no-calibrate"]
