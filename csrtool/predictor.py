@@ -4,7 +4,8 @@ A layer's key or value vector is largely a function of its token, most of all in
 layers; the dictionaries' atoms learn the tokens of the calibration text and code the others
 badly (docs/quality.md, fifth pass). The predictor removes that part with the model itself:
 
-    p(t) = the token's K/V at layer l when the model reads PREFIX + t (its "context-free" K/V)
+    p(t) = the token's K/V at layer l when the model reads PREFIX + t (its "context-free" K/V),
+           or PREFIX + the c - 1 tokens before t + t with a context of c tokens
     x ≈ [p(t), 1] · A[h]        A [H, D + 1, D] per layer and kind, least squares on calibration
     the dictionary codes x − [p(t), 1] · A[h] (and its mean), decoding adds it back
 
@@ -14,10 +15,11 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
 
     TokenPredictor(model, tokenizer, key_space, rope_params)   memoised per token id
     TokenPredictor.for_model(loaded, key_space)        models.Loaded; keeps it as .loaded
-    TokenPredictor.kv(layer, kind, ids [T]) -> p [T, H, D] float32
+    TokenPredictor.for_dicts(loaded, dicts)           the one a dictionary file was trained with
+    TokenPredictor.kv(layer, kind, ids [T], last=None) -> p [T or last, H, D] float32
     fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
     apply_map(p [T, H, D], A) -> [H, T, D]
-    offset(dicts, predictor, layer, kind, ids [B, T]) -> [B, H, T, D]   what coding subtracts: mean + prediction
+    offset(dicts, predictor, layer, kind, ids [B, T], t) -> [B, H, t, D]   what coding subtracts from the last t: mean + prediction
     cache_ids(meta, b, t, vocab) -> ids [B, T]     a saved cache's token ids (meta["ids"], csrtool cache writes them)
 """
 
@@ -31,49 +33,71 @@ from csrtool.errors import CsrError
 
 PREFIX_TEXT = "\n"  # read before each token: a token at position 0 is an attention sink, not a typical token
 BATCH = 256  # prefix + token pairs per forward pass
+MAX_CONTEXT = 8  # tokens a prediction may read (distinct keys grow fast with it)
 RIDGE = 1e-4  # relative ridge of the least-squares fit (keeps rare directions of p from blowing up)
 
 
 class TokenPredictor:
-    """The context-free K/V of token ids under one model, computed once per id."""
+    """The context-free K/V of tokens under one model, computed once per distinct key.
 
-    def __init__(self, model, tokenizer, key_space: str, rope_params: dict | None):
+    With `context` c, the key of position i is its token and the c - 1 before it (PREFIX_TEXT's token
+    stands in for those before the sequence); the model reads PREFIX + key and the last position's
+    K/V is the prediction. c = 1: the token alone; c = 2: the token after its predecessor."""
+
+    def __init__(self, model, tokenizer, key_space: str, rope_params: dict | None, context: int = 1):
+        if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= MAX_CONTEXT:
+            raise CsrError(f"the token predictor's context must be 1 to {MAX_CONTEXT} tokens, got {context!r}")
         self.model = model
         self.key_space = key_space
         self.rope_params = rope_params
+        self.context = context
         enc = tokenizer(PREFIX_TEXT, add_special_tokens=False)["input_ids"]
         self.prefix = int(enc[-1])
         self.vocab = int(model.get_input_embeddings().weight.shape[0])
-        self.index: dict[int, int] = {}  # token id -> row of the tables
+        self.index: dict[tuple[int, ...], int] = {}  # key -> row of the tables
         self.tables: dict[str, list[torch.Tensor]] = {}  # kind -> per layer [U, H, D] float32 (CPU)
         self.loaded = None  # the models.Loaded it came from (for_model)
 
     @classmethod
-    def for_model(cls, loaded, key_space: str) -> "TokenPredictor":
-        tp = cls(loaded.model, loaded.tokenizer, key_space, key_rope(loaded.model, key_space))
+    def for_model(cls, loaded, key_space: str, context: int = 1) -> "TokenPredictor":
+        tp = cls(loaded.model, loaded.tokenizer, key_space, key_rope(loaded.model, key_space), context)
         tp.loaded = loaded
         return tp
 
-    def _extend(self, ids: list[int]) -> None:
-        new = [i for i in dict.fromkeys(ids) if i not in self.index]
+    @classmethod
+    def for_dicts(cls, loaded, dicts) -> "TokenPredictor":
+        """The predictor a dictionary file was trained with (its source: key space, context)."""
+        return cls.for_model(loaded, dicts.source.get("key_space", "post-rope"), int(dicts.source.get("predictor_context", 1)))
+
+    def keys(self, ids: list[int]) -> list[tuple[int, ...]]:
+        """Each position's key: its token and the context - 1 before it."""
+        padded = [self.prefix] * (self.context - 1) + ids
+        return [tuple(padded[i : i + self.context]) for i in range(len(ids))]
+
+    def _extend(self, keys: list[tuple[int, ...]]) -> None:
+        new = [k for k in dict.fromkeys(keys) if k not in self.index]
         dev = next(self.model.parameters()).device
         for lo in range(0, len(new), BATCH):
-            part = torch.tensor(new[lo : lo + BATCH], dtype=torch.long, device=dev)
-            batch = torch.stack([torch.full_like(part, self.prefix), part], 1)
+            part = torch.tensor(new[lo : lo + BATCH], dtype=torch.long, device=dev)  # [n, context]
+            batch = torch.cat([torch.full_like(part[:, :1], self.prefix), part], 1)
             with torch.no_grad(), suspended(self.model):  # may run inside eval's attention probes: unobserved
                 _, keys, values = capture_kv(self.model, batch, self.key_space, self.rope_params)
             for kind, xs in (("k", keys), ("v", values)):
-                rows = [x[:, :, -1].float().cpu() for x in xs]  # [U, H, D] per layer
+                rows = [x[:, :, -1].float().cpu() for x in xs]  # [n, H, D] per layer
                 have = self.tables.get(kind)
                 self.tables[kind] = rows if have is None else [torch.cat([a, b]) for a, b in zip(have, rows)]
-            for i in new[lo : lo + BATCH]:
-                self.index[i] = len(self.index)
+            for k in new[lo : lo + BATCH]:
+                self.index[k] = len(self.index)
 
-    def kv(self, layer: int, kind: str, ids: torch.Tensor) -> torch.Tensor:
-        """p [T, H, D] float32 (CPU) for token ids [T]."""
+    def kv(self, layer: int, kind: str, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """p [T, H, D] float32 (CPU) for the token ids [T] of a sequence from its start (or its `last` positions only;
+        their context is read from the ids before them)."""
         flat = [int(i) for i in ids.reshape(-1).tolist()]
-        self._extend(flat)
-        rows = torch.tensor([self.index[i] for i in flat], dtype=torch.long)
+        keys = self.keys(flat)[len(flat) - (len(flat) if last is None else last) :]
+        if not keys:
+            raise CsrError("the token predictor needs at least one token")
+        self._extend(keys)
+        rows = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
         return self.tables[kind][layer][rows]
 
 
@@ -94,10 +118,14 @@ def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]
 
 
-def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] float32: the dictionary's mean plus the predicted part of the tokens ids [B, T] (code space)."""
+def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor, t: int) -> torch.Tensor:
+    """[B, H, t, D] float32: the dictionary's mean plus the predicted part of the last t of the tokens ids [B, T]
+    (a sequence from its start, so each prediction can read the tokens before it; code space)."""
     a = dicts.pmap(layer, kind)
-    pred = torch.stack([apply_map(predictor.kv(layer, kind, row), a) for row in ids])
+    if t == 0:
+        pred = torch.zeros(ids.shape[0], a.shape[0], 0, a.shape[2])
+    else:
+        pred = torch.stack([apply_map(predictor.kv(layer, kind, row, last=t), a) for row in ids])
     mean = dicts.mean(layer, kind)
     return pred if mean is None else pred + mean.to("cpu", torch.float32)[None, :, None, :]
 

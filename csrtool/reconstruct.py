@@ -6,11 +6,12 @@ cache whose old tokens are CSR-coded; this module is what they share, below both
     Reconstructor(dicts, config: codec.CodecConfig, rope_info=None, predictor=None)   rope_info: models.rope_info(model)
     Reconstructor.rope -> codec.RopeParams | None   (pre-RoPE dictionaries: the rotations, per layer)
     Reconstructor.sparsity(layer) -> (s_k, s_v)
-    Reconstructor.reconstruct(layer, kind, x [B, H, T, D], positions [T], ids [B, T]) -> x_hat [B, H, T, D]
+    Reconstructor.reconstruct(layer, kind, x [B, H, T, D], positions [T], ids [B, T' >= T]) -> x_hat [B, H, T, D]
 
 Dictionaries trained with the token predictor (dicts.predicted) code what it leaves:
-`predictor` (csrtool.predictor.TokenPredictor of the model) and the tokens' `ids` are then
-needed, and the predicted part joins the dictionary's mean as a per-token offset.
+`predictor` (csrtool.predictor.TokenPredictor of the model) and the `ids` of the sequence from its
+start up to the coded tokens (they are its last T) are then needed, and the predicted part joins the
+dictionary's mean as a per-token offset.
 
     CHUNK, WINDOW, SINK   how eval feeds tokens: chunk size, full-precision window, sink tokens
 
@@ -72,12 +73,13 @@ class Reconstructor:
             return mean
         from csrtool.predictor import offset
 
-        if ids is None or ids.shape != (x.shape[0], x.shape[2]):
-            raise CsrError(f"the token predictor needs the ids [B, T] of the coded tokens, got {None if ids is None else list(ids.shape)}")
-        return offset(self.dicts, self.predictor, layer, kind, ids).to(x.device)
+        if ids is None or ids.shape[0] != x.shape[0] or ids.shape[1] < x.shape[2]:
+            raise CsrError(f"the token predictor needs the ids [B, >= T] of the sequence up to the coded tokens, got {None if ids is None else list(ids.shape)}")
+        return offset(self.dicts, self.predictor, layer, kind, ids, x.shape[2]).to(x.device)
 
     def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat; ids [B, T] its tokens."""
+        """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat; ids [B, T'] the
+        sequence's tokens up to and including these (needed by token-predictor dictionaries)."""
         atoms = self.dicts.get(layer, kind).to(x.device)
         mean = self.offset(layer, kind, ids, x)
         s_k, s_v = self.sparsity(layer)

@@ -353,6 +353,7 @@ def train_dicts(
         from csrtool.predictor import PREFIX_TEXT
 
         source["predictor_prefix"] = PREFIX_TEXT
+        source["predictor_context"] = cfg.predictor_context
     maps = {name: rows.maps[name] for name in atoms} if cfg.predictor else {}
     sensitivity = calibrate(atoms, source, means, maps) if calibrate is not None else {}
 

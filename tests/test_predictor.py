@@ -52,6 +52,20 @@ def test_context_free_kv_is_the_token_after_the_prefix_and_memoised(loaded):
     assert len(tp.index) == 3  # nothing recomputed
 
 
+def test_a_two_token_context_reads_the_token_before(loaded):
+    tp = TokenPredictor.for_model(loaded, "pre-rope", context=2)
+    ids = torch.tensor([65, 66, 67, 66])
+    p = tp.kv(1, "v", ids)
+    rp = key_rope(loaded.model, "pre-rope")
+    for i, seq in enumerate(([tp.prefix, tp.prefix, 65], [tp.prefix, 65, 66], [tp.prefix, 66, 67], [tp.prefix, 67, 66])):
+        _, _, values = capture_kv(loaded.model, torch.tensor([seq]), "pre-rope", rp)
+        torch.testing.assert_close(p[i], values[1][0, :, -1])
+    torch.testing.assert_close(tp.kv(1, "v", ids, last=2), p[2:])
+    assert len(tp.index) == 4 and not torch.allclose(p[1], p[3])  # token 66 after 65 and after 67
+    with pytest.raises(CsrError, match="context must be 1 to 8"):
+        TokenPredictor.for_model(loaded, "pre-rope", context=0)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_llama_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("pred")
@@ -59,8 +73,8 @@ def trained(tiny_llama_dir, tmp_path_factory):
     res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(d / "text.txt"), "--max-tokens", "600",
                               "--seq-len", "200", "--keys", "pre-rope", "-o", str(d / "acts")])
     assert res.exit_code == 0, res.output
-    for name, flag in (("pred", "--predictor"), ("plain", "--no-predictor")):
-        res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / f"{name}.safetensors"), "--atoms", "16", flag])
+    for name, *flags in (("pred", "--predictor"), ("plain", "--no-predictor"), ("bi", "--predictor", "--predictor-context", "2")):
+        res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / f"{name}.safetensors"), "--atoms", "16", *flags])
         assert res.exit_code == 0, res.output
     return d
 
@@ -106,6 +120,14 @@ def test_reconstruct_codes_the_residual_and_layer_zero_is_exact(trained, loaded)
     torch.testing.assert_close(v1, codec.roundtrip(values[1], ds.get(1, "v"), 1, "fp8", "omp", off))
     k1 = rec.reconstruct(1, "k", keys[1], pos, ids)
     assert err(k1, keys[1]) < err(base.reconstruct(1, "k", keys[1], pos), keys[1])
+    # a two-token context: coding the last 20 tokens reads the ones before them
+    bi = load_dicts(trained / "bi.safetensors")
+    assert bi.source["predictor_context"] == 2
+    tp2 = TokenPredictor.for_dicts(loaded, bi)
+    rec2 = Reconstructor(bi, cfg, rope_info(loaded.model), tp2)
+    tail = values[1][:, :, -20:]
+    off = apply_map(tp2.kv(1, "v", ids[0])[-20:], bi.pmap(1, "v"))[None] + bi.mean(1, "v")[None, :, None, :]
+    torch.testing.assert_close(rec2.reconstruct(1, "v", tail, pos[-20:], ids), codec.roundtrip(tail, bi.get(1, "v"), 1, "fp8", "omp", off))
 
 
 def test_eval_runs_predictor_dictionaries(trained, tiny_llama_dir):
@@ -128,17 +150,17 @@ def test_compress_and_decompress_with_the_predictor(trained, tiny_llama_dir):
     cache = load_cache(d / "cache.pt")
     assert len(cache.meta["ids"][0]) == cache.keys[0].shape[2]
     errs, sizes = {}, {}
-    for name in ("pred", "plain"):
+    for name in ("pred", "plain", "bi"):
         dicts = d / f"{name}.safetensors"
         res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "2", "-o", str(d / f"{name}.csr"), "--force"])
         assert res.exit_code == 0, res.output
         res = runner.invoke(app, ["decompress", str(d / f"{name}.csr"), "-d", str(dicts), "-o", str(d / f"{name}.pt"), "--force"])
         assert res.exit_code == 0, res.output
         back = load_cache(d / f"{name}.pt")
-        assert back.meta.get("ids") == (cache.meta["ids"] if name == "pred" else None)  # a plain file does not need them
+        assert back.meta.get("ids") == (None if name == "plain" else cache.meta["ids"])  # a plain file does not need them
         errs[name] = sum(float((b - a).pow(2).sum()) for a, b in zip(cache.values, back.values))
         sizes[name] = (d / f"{name}.csr").stat().st_size
-    assert errs["pred"] < 0.5 * errs["plain"]  # layer 0's values are exact through the predictor
+    assert errs["pred"] < 0.5 * errs["plain"] and errs["bi"] < 0.5 * errs["plain"]  # layer 0's values are exact through the predictor
     n_ids = len(cache.meta["ids"][0])
     assert sizes["plain"] < sizes["pred"] <= sizes["plain"] + 8 * n_ids  # the same codes; the header adds the ids (JSON)
     # a cache without its token ids: a clear error, nothing written

@@ -50,7 +50,7 @@ def calibrate(
     if ds.predicted and predictor is None:
         from csrtool.predictor import TokenPredictor
 
-        predictor = TokenPredictor.for_model(loaded, key_space)
+        predictor = TokenPredictor.for_dicts(loaded, ds)
     method = Reconstructor(ds, ref, rope_info(loaded.model), predictor)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -70,7 +70,7 @@ def calibrate(
     for layer in layers:
         for kind, x in (("k", keys[layer]), ("v", values[layer])):
             xs = x[:, :, SINK:].float()
-            errs = error_curve(xs.cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]), method.offset(layer, kind, ids[:, SINK:], xs))
+            errs = error_curve(xs.cpu(), atoms[dict_name(layer, kind)], max(s_max[kind], s_at[kind]), method.offset(layer, kind, ids, xs))
             curves[dict_name(layer, kind)] = loss_curve(kl[(layer, kind)], errs, s_at[kind])
             kls[dict_name(layer, kind)] = kl[(layer, kind)]
     return {"s_ref": list(s_ref), "recent": RECENT, "sink": SINK, "tokens": len(probe_ids), "kl": kls, "curves": curves}

@@ -116,7 +116,7 @@ def _predictor(ds, meta: dict, b: int, t: int):
     cache_ids(meta, b, t, 1 << 31)  # before the model loads: are the ids there at all?
     model = ds.source.get("model")
     err.print(f"loading {model} for the token predictor (the dictionaries were trained with --predictor)")
-    return TokenPredictor.for_model(load_model(model, "cpu", "float32"), ds.source.get("key_space", "post-rope"))
+    return TokenPredictor.for_dicts(load_model(model, "cpu", "float32"), ds)
 
 
 @app.command()

@@ -116,7 +116,7 @@ def eval_cmd(
         if ds is not None and ds.predicted:  # the dictionaries code what the token predictor leaves
             from csrtool.predictor import TokenPredictor
 
-            predictor = TokenPredictor.for_model(loaded, ds.source.get("key_space", "post-rope"))
+            predictor = TokenPredictor.for_dicts(loaded, ds)
         doc = run_eval(loaded.model, documents, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta,
                        per_position=per_position, predictor=predictor)
     width = None if out.is_terminal else TABLE_WIDTH  # files/pipes: do not squash to 80 columns

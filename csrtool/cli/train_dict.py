@@ -37,6 +37,7 @@ def train_dict(
     seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Code each vector minus its dictionary's training mean (stored in the file; keys before RoPE carry most of their energy in it).")] = _DEF.center,
     predictor: Annotated[bool, typer.Option("--predictor/--no-predictor", help="Code what the token predictor leaves: the part of each key and value its token alone decides (the model's K/V of the token after a newline, mapped per head by least squares) is subtracted first and costs no bits. Dictionaries then cover tokens the calibration text never had; eval uses them, compress and generate do not yet (docs/quality.md, sixth pass). Needs a collection with token ids and pre-RoPE keys.")] = _DEF.predictor,
+    predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with --predictor: 1 the token alone, 2 the token after its predecessor (better, and one more token per model pass).")] = _DEF.predictor_context,
     device: DeviceOpt = "cpu",
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
@@ -63,7 +64,8 @@ def train_dict(
         check_output(output, force=force)
         check_json_output(json_out)
         cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
-                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=predictor)
+                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=predictor,
+                          predictor_context=predictor_context)
         reader = ActsReader(acts_dir)
         return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
 
@@ -89,7 +91,7 @@ def train_dict(
 
         predict = token_predictor = None
         if cfg.predictor:
-            token_predictor = dist.settle(lambda: _token_predictor(reader, dev), "loading the model for the token predictor")
+            token_predictor = dist.settle(lambda: _token_predictor(reader, dev, cfg.predictor_context), "loading the model for the token predictor")
             predict = token_predictor.kv
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
@@ -120,7 +122,7 @@ def train_dict(
     dist.close()  # ranks leave together, after rank 0 reported
 
 
-def _token_predictor(reader, device):
+def _token_predictor(reader, device, context: int):
     """The collection's model as a TokenPredictor (its `.loaded` serves calibration too)."""
     from csrtool.models import load_model
     from csrtool.predictor import TokenPredictor
@@ -128,7 +130,7 @@ def _token_predictor(reader, device):
     key_space = reader.manifest.get("key_space", "post-rope")
     if key_space != "pre-rope":
         raise CsrError(f"--predictor needs keys collected before RoPE ({reader.dir} holds {key_space} keys): re-run csrtool collect --keys pre-rope")
-    return TokenPredictor.for_model(load_model(reader.manifest["model"], device=str(device)), key_space)
+    return TokenPredictor.for_model(load_model(reader.manifest["model"], device=str(device)), key_space, context)
 
 
 def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:

@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     center: bool = True  # subtract each dictionary's training mean before coding (stored with the atoms; the pipeline applies it)
     predictor: bool = False  # code what the token predictor leaves (csrtool.predictor; maps stored with the atoms)
+    predictor_context: int = 1  # tokens each prediction reads: the token, and the ones before it
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -98,6 +99,8 @@ class TrainConfig:
         need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         need(isinstance(self.center, bool), f"center must be a boolean, got {self.center!r}")
         need(isinstance(self.predictor, bool), f"predictor must be a boolean, got {self.predictor!r}")
+        need(isinstance(self.predictor_context, int) and not isinstance(self.predictor_context, bool) and 1 <= self.predictor_context <= 8,
+             f"predictor_context must be 1 to 8 tokens, got {self.predictor_context!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -121,7 +121,7 @@ class CompressedFeed:
             pair = []
             for kind, store in (("k", layer.keys), ("v", layer.values)):
                 x = store[:, :, lo - first : b - first].clone()
-                x_hat = self.method.reconstruct(layer_idx, kind, x, positions, self.ids[:, lo:b]).to(store.dtype)
+                x_hat = self.method.reconstruct(layer_idx, kind, x, positions, self.ids[:, :b]).to(store.dtype)
                 if x_hat.shape != x.shape:
                     raise CsrError(f"method {self.method.name} returned shape {list(x_hat.shape)} for {list(x.shape)}")
                 store[:, :, lo - first : b - first] = x_hat

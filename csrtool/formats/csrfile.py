@@ -133,8 +133,8 @@ def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, t: int) -> tu
     cfg = header.config.for_layer(i)
     s, tc, _ = codec.spans(t, cfg.window, cfg.sink)
     b = header.layers[i][0]
-    ids = cache_ids(header.meta, b, t, predictor.vocab)[:, s : s + tc]
-    return offset(dicts, predictor, i, "k", ids), offset(dicts, predictor, i, "v", ids)
+    ids = cache_ids(header.meta, b, t, predictor.vocab)[:, : s + tc]  # the coded tokens are the last tc
+    return offset(dicts, predictor, i, "k", ids, tc), offset(dicts, predictor, i, "v", ids, tc)
 
 
 def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader, predictor=None) -> Iterator[tuple[bytes, bytes]]:
