@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--text", action="append", default=[], help="NAME=FILE, or NAME=builtin for the built-in held-out text")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--sparsity", default="1,2,4")
+    ap.add_argument("--context", type=int, default=1, help="tokens each prediction reads (train-dict --predictor-context)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -56,7 +57,7 @@ def main() -> None:
     if ids is None or reader.manifest.get("key_space") != "pre-rope":
         sys.exit(f"{args.acts}: collect with token ids and pre-RoPE keys (csrtool collect, this version)")
     loaded = load_model(reader.manifest["model"], "cpu", "float32")
-    tp = TokenPredictor.for_model(loaded, "pre-rope")
+    tp = TokenPredictor.for_model(loaded, "pre-rope", args.context)
     texts = []
     for spec in args.text:
         name, path = spec.split("=", 1)
