@@ -21,6 +21,7 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
     apply_map(p [T, H, D], A) -> [H, T, D]
     offset(dicts, predictor, layer, kind, ids [B, T], t) -> [B, H, t, D]   what coding subtracts from the last t: mean + prediction
     cache_ids(meta, b, t, vocab) -> ids [B, T]     a saved cache's token ids (meta["ids"], csrtool cache writes them)
+    collection_ids(reader) -> ids [T]              an activation set's token ids, checked usable for training (pre-RoPE keys)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class TokenPredictor:
         self.prefix = int(enc[-1])
         self.vocab = int(model.get_input_embeddings().weight.shape[0])
         self.index: dict[tuple[int, ...], int] = {}  # key -> row of the tables
-        self.tables: dict[str, list[torch.Tensor]] = {}  # kind -> per layer [U, H, D] float32 (CPU)
+        self.tables: dict[str, list[torch.Tensor]] = {}  # kind -> per layer [capacity, H, D] float32 (CPU); rows < len(index) used
         self.loaded = None  # the models.Loaded it came from (for_model)
 
     @classmethod
@@ -69,10 +70,24 @@ class TokenPredictor:
         """The predictor a dictionary file was trained with (its source: key space, context)."""
         return cls.for_model(loaded, dicts.source.get("key_space", "post-rope"), int(dicts.source.get("predictor_context", 1)))
 
-    def keys(self, ids: list[int]) -> list[tuple[int, ...]]:
-        """Each position's key: its token and the context - 1 before it."""
-        padded = [self.prefix] * (self.context - 1) + ids
-        return [tuple(padded[i : i + self.context]) for i in range(len(ids))]
+    def keys(self, ids: torch.Tensor, last: int | None = None) -> list[tuple[int, ...]]:
+        """The key of each position of ids [T] (of the `last` ones only): its token and the context - 1 before it."""
+        flat = ids.reshape(-1)
+        n = flat.numel() if last is None else last
+        lo = flat.numel() - n  # the first wanted position
+        start = max(0, lo - self.context + 1)  # the first token its key reads
+        padded = [self.prefix] * (self.context - 1 - (lo - start)) + [int(i) for i in flat[start:].tolist()]
+        return [tuple(padded[i : i + self.context]) for i in range(n)]
+
+    def _store(self, kind: str, rows: list[torch.Tensor], at: int) -> None:
+        """Write rows (per layer [n, H, D]) at row `at` of the tables, doubling their capacity when full."""
+        tables = self.tables.setdefault(kind, [r.new_empty((0, *r.shape[1:])) for r in rows])
+        n = rows[0].shape[0]
+        if at + n > tables[0].shape[0]:
+            cap = max(2 * tables[0].shape[0], at + n)
+            tables[:] = [torch.cat([t[:at], t.new_empty((cap - at, *t.shape[1:]))]) for t in tables]
+        for t, r in zip(tables, rows):
+            t[at : at + n] = r
 
     def _extend(self, keys: list[tuple[int, ...]]) -> None:
         new = [k for k in dict.fromkeys(keys) if k not in self.index]
@@ -83,17 +98,14 @@ class TokenPredictor:
             with torch.no_grad(), suspended(self.model):  # may run inside eval's attention probes: unobserved
                 _, keys, values = capture_kv(self.model, batch, self.key_space, self.rope_params)
             for kind, xs in (("k", keys), ("v", values)):
-                rows = [x[:, :, -1].float().cpu() for x in xs]  # [n, H, D] per layer
-                have = self.tables.get(kind)
-                self.tables[kind] = rows if have is None else [torch.cat([a, b]) for a, b in zip(have, rows)]
+                self._store(kind, [x[:, :, -1].float().cpu() for x in xs], len(self.index))  # [n, H, D] per layer
             for k in new[lo : lo + BATCH]:
                 self.index[k] = len(self.index)
 
     def kv(self, layer: int, kind: str, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """p [T, H, D] float32 (CPU) for the token ids [T] of a sequence from its start (or its `last` positions only;
         their context is read from the ids before them)."""
-        flat = [int(i) for i in ids.reshape(-1).tolist()]
-        keys = self.keys(flat)[len(flat) - (len(flat) if last is None else last) :]
+        keys = self.keys(ids, last)
         if not keys:
             raise CsrError("the token predictor needs at least one token")
         self._extend(keys)
@@ -141,3 +153,15 @@ def cache_ids(meta: dict, b: int, t: int, vocab: int) -> torch.Tensor:
     if not ok:
         raise CsrError(f"the cache's token ids (meta.ids) are not {b} lists of {t} token ids below {vocab}: {fix}")
     return torch.tensor(ids, dtype=torch.long).reshape(b, t)
+
+
+def collection_ids(reader) -> torch.Tensor:
+    """The token ids [T] of an activation set (formats.acts.ActsReader) the predictor can train on; CsrError otherwise."""
+    key_space = reader.manifest.get("key_space", "post-rope")
+    if key_space != "pre-rope":
+        raise CsrError(f"the token predictor needs keys collected before RoPE ({reader.dir} holds {key_space} keys): "
+                       "re-run csrtool collect --keys pre-rope")
+    ids = reader.ids()
+    if ids is None:
+        raise CsrError(f"{reader.dir} was collected without token ids, which --predictor needs: re-run csrtool collect")
+    return ids

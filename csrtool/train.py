@@ -181,12 +181,11 @@ class _Rows:
 
     def __init__(self, reader: ActsReader, device, predict: Optional[Predict]):
         self.reader, self.device, self.predict = reader, device, predict
-        self.ids = reader.ids() if predict is not None else None
-        if predict is not None and reader.manifest.get("key_space") != "pre-rope":
-            raise CsrError(f"the token predictor needs keys collected before RoPE ({reader.dir} holds {reader.manifest.get('key_space')} keys): "
-                           "re-run csrtool collect --keys pre-rope")
-        if predict is not None and self.ids is None:
-            raise CsrError(f"{reader.dir} was collected without token ids, which --predictor needs: re-run csrtool collect")
+        self.ids = None
+        if predict is not None:
+            from csrtool.predictor import collection_ids
+
+            self.ids = collection_ids(reader)
         self.maps: dict[str, torch.Tensor] = {}
 
     def load(self, layer: int, kind: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ def train_dict(
     max_vectors: Annotated[int, typer.Option("--max-vectors", help="Training vectors per dictionary (random subsample above).")] = _DEF.max_vectors,
     seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Code each vector minus its dictionary's training mean (stored in the file; keys before RoPE carry most of their energy in it).")] = _DEF.center,
-    predictor: Annotated[bool, typer.Option("--predictor/--no-predictor", help="Code what the token predictor leaves: the part of each key and value its token alone decides (the model's K/V of the token after a newline, mapped per head by least squares) is subtracted first and costs no bits. Dictionaries then cover tokens the calibration text never had; eval uses them, compress and generate do not yet (docs/quality.md, sixth pass). Needs a collection with token ids and pre-RoPE keys.")] = _DEF.predictor,
+    predictor: Annotated[bool, typer.Option("--predictor/--no-predictor", help="Code what the token predictor leaves: the part of each key and value its token alone decides (the model's K/V of the token after a newline, mapped per head by least squares) is subtracted first and costs no bits. Dictionaries then cover tokens the calibration text never had; eval, compress and decompress use them (loading the model), generate does not yet (docs/quality.md, sixth pass). Needs a collection with token ids and pre-RoPE keys.")] = _DEF.predictor,
     predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with --predictor: 1 the token alone, 2 the token after its predecessor (better, and one more token per model pass).")] = _DEF.predictor_context,
     device: DeviceOpt = "cpu",
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
@@ -125,12 +125,10 @@ def train_dict(
 def _token_predictor(reader, device, context: int):
     """The collection's model as a TokenPredictor (its `.loaded` serves calibration too)."""
     from csrtool.models import load_model
-    from csrtool.predictor import TokenPredictor
+    from csrtool.predictor import TokenPredictor, collection_ids
 
-    key_space = reader.manifest.get("key_space", "post-rope")
-    if key_space != "pre-rope":
-        raise CsrError(f"--predictor needs keys collected before RoPE ({reader.dir} holds {key_space} keys): re-run csrtool collect --keys pre-rope")
-    return TokenPredictor.for_model(load_model(reader.manifest["model"], device=str(device)), key_space, context)
+    collection_ids(reader)  # before the model loads: can this collection train a predictor at all?
+    return TokenPredictor.for_model(load_model(reader.manifest["model"], device=str(device)), "pre-rope", context)
 
 
 def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:

@@ -60,8 +60,8 @@ class CSR(Reconstructor):
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
         self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, coef) for p in plan) / n_layers / head_dim
         self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, coef) for p in plan) / n_layers / head_dim
-        side = {**dicts.atoms, **{f"{n}.pmap": a for n, a in dicts.maps.items()}}  # the token predictor's maps are side data too
-        self.side_bits = sum(a.numel() for n, a in side.items() if parse_dict_name(n.removesuffix(".pmap"))[0] < n_layers) * DICT_BITS
+        # the atoms and the token predictor's maps (if any) of the model's layers
+        self.side_bits = sum(a.numel() for tensors in (dicts.atoms, dicts.maps) for n, a in tensors.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"
         self.name = name or f"csr-{method}-{label}"
         self.target_bits = bits

@@ -121,20 +121,29 @@ def _header_meta(meta: dict, dicts: DictSet) -> dict:
     return plain
 
 
-def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, t: int) -> tuple:
-    """What layer i's coding subtracts from its (keys, values): the dictionaries' means, or, for dictionaries
-    trained with the token predictor, the means plus each coded token's prediction (ids from the header's meta)."""
+def _token_ids(dicts: DictSet, predictor, header: CsrHeader) -> torch.Tensor | None:
+    """The cache's token ids [B, T] (from the header's meta) when the dictionaries were trained with the token predictor, else None."""
     if not dicts.predicted:
-        return dicts.mean(i, "k"), dicts.mean(i, "v")
-    from csrtool.predictor import cache_ids, offset
+        return None
+    from csrtool.predictor import cache_ids
 
     if predictor is None:
         raise CsrError("these dictionaries were trained with --predictor: the model is needed to code or decode with them")
+    b, _, t, _, _ = header.layers[0]
+    return cache_ids(header.meta, b, t, predictor.vocab)
+
+
+def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, ids: torch.Tensor | None) -> tuple:
+    """What layer i's coding subtracts from its (keys, values): the dictionaries' means, or, with the cache's
+    token ids (_token_ids), the means plus each coded token's prediction."""
+    if ids is None:
+        return dicts.mean(i, "k"), dicts.mean(i, "v")
+    from csrtool.predictor import offset
+
     cfg = header.config.for_layer(i)
-    s, tc, _ = codec.spans(t, cfg.window, cfg.sink)
-    b = header.layers[i][0]
-    ids = cache_ids(header.meta, b, t, predictor.vocab)[:, : s + tc]  # the coded tokens are the last tc
-    return offset(dicts, predictor, i, "k", ids, tc), offset(dicts, predictor, i, "v", ids, tc)
+    s, tc, _ = codec.spans(header.layers[i][2], cfg.window, cfg.sink)
+    head = ids[:, : s + tc]  # the coded tokens are its last tc
+    return offset(dicts, predictor, i, "k", head, tc), offset(dicts, predictor, i, "v", head, tc)
 
 
 def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader, predictor=None) -> Iterator[tuple[bytes, bytes]]:
@@ -143,13 +152,14 @@ def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader, predictor
     Each section is parsed back before it is handed out: nothing is written that
     decompress would refuse (CsrError naming the layer instead). `predictor`: the model's
     csrtool.predictor.TokenPredictor, for dictionaries trained with it."""
+    ids = _token_ids(dicts, predictor, header)
     for i in range(len(header.layers)):
         k, v = cache.keys[i], cache.values[i]
         cfg = header.config.for_layer(i)
         try:
             ck, cv = codec.encode_layer(
                 k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.layer_rope(i),
-                _offsets(dicts, predictor, header, i, k.shape[2]),
+                _offsets(dicts, predictor, header, i, ids),
             )
         except CsrError as exc:
             raise CsrError(f"cache layer {i}: {exc}") from None
@@ -253,13 +263,14 @@ class CsrReader:
         """(layer, keys, values) in the original dtype, one layer at a time (see `sections`); `predictor` as for encode_sections."""
         self.check_dicts(dicts)
         hd = self.header
+        ids = _token_ids(dicts, predictor, hd)
         for i, kb, vb in self.sections():
             try:
                 ck, cv = _parse_layer(hd, i, kb, vb)
                 k, v = codec.decode_layer(
                     ck, cv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
                     hd.key_space, hd.cache_key_space, hd.layer_rope(i), hd.torch_dtype,
-                    _offsets(dicts, predictor, hd, i, hd.layers[i][2]),
+                    _offsets(dicts, predictor, hd, i, ids),
                 )
             except CsrError as exc:
                 raise CsrError(f"{self.path} layer {i}: {exc}") from None
