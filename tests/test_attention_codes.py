@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from csrtool import codec
 from csrtool.engine import packing, rope
-from csrtool.engine.attention import Codes, Rope, Segment, attend, attend_reference, reconstruct
+from csrtool.engine.attention import Codes, Pred, Rope, Segment, attend, attend_reference, reconstruct
 
 D = 16
 
@@ -18,7 +18,7 @@ def _atoms(g, c, n, dc, gen):
     return a / a.norm(dim=-1, keepdim=True)
 
 
-def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None):
+def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None, pred=False):
     atoms = _atoms(g, c, n, D // c, gen)
     idx = torch.randint(0, n, (b, h, t, c, s), generator=gen).to(idx_dtype)
     coef = torch.randn(b, h, t, c, s, generator=gen)
@@ -30,15 +30,18 @@ def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None):
         q, g_, v = packing.quantize(coef.reshape(b * h, t, c * s), fmt)
         coef, scale = q.reshape(b, h, t, c, s), (g_[:, None] * v.float()).reshape(b, h, t)
     mean = torch.randn(g, D, generator=gen) if centred else None
-    return Codes(idx, coef, atoms, scale, mean)
+    p = None
+    if pred:  # a token predictor's part: 7 table rows shared by the tokens
+        p = Pred(torch.randn(h, 7, D, generator=gen), torch.randint(0, 7, (b, t), generator=gen).to(torch.int32))
+    return Codes(idx, coef, atoms, scale, mean, p)
 
 
 def _problem(*, b=2, h=2, rep=3, tq=1, tc=50, sink=2, win=5, kc=1, vc=2, g=2, centred=True, fmt=None, pad=(0, 7),
-             pre_rope=False, window=None, seed=0, n=64, pos_shift=0, kidx=torch.int16, vidx=torch.int32):
+             pre_rope=False, window=None, seed=0, n=64, pos_shift=0, kidx=torch.int16, vidx=torch.int32, pred=False):
     gen = torch.Generator().manual_seed(seed)
     g = h if g == "h" else g
-    keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, idx_dtype=kidx, fmt=fmt)
-    values = _codes(b, h, tc, vc, 2, n, g, gen, centred, idx_dtype=vidx, fmt=fmt)
+    keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, idx_dtype=kidx, fmt=fmt, pred=pred)
+    values = _codes(b, h, tc, vc, 2, n, g, gen, centred, idx_dtype=vidx, fmt=fmt, pred=pred)
     total = sink + tc + win
     dense = [Segment(torch.randn(b, h, sink, D, generator=gen), torch.randn(b, h, sink, D, generator=gen), 0),
              Segment(torch.randn(b, h, win, D, generator=gen), torch.randn(b, h, win, D, generator=gen), sink + tc)]
@@ -70,6 +73,10 @@ CASES = {
     "key-chunks": dict(kc=2),
     "uint8-int64-indices": dict(kidx=torch.uint8, vidx=torch.int64, pre_rope=True),
     "uint8-indices-post": dict(kidx=torch.uint8, vidx=torch.uint8),
+    "predictor-post": dict(pred=True),
+    "predictor-pre": dict(pred=True, pre_rope=True, g="h"),
+    "predictor-pre-int8-window": dict(pred=True, pre_rope=True, fmt="int8", window=20, tq=3),
+    "predictor-post-fp8-uncentred": dict(pred=True, fmt="fp8", centred=False, g=1, vc=1),
 }
 
 
@@ -117,6 +124,17 @@ def test_dense_only_and_codes_only():
     kw["valid"] = None
     torch.testing.assert_close(attend(q, None, None, dense, **kw), attend_reference(q, None, None, dense, **kw), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attend(q, keys, values, (), **kw), attend_reference(q, keys, values, (), **kw), rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_part_is_added_to_each_token():
+    """reconstruct adds table[h, rows[b, t]] to token t of sequence b: checked against the codes without it."""
+    _, keys, _, _, _ = _problem(pred=True, centred=True)
+    plain = Codes(keys.idx, keys.coef, keys.atoms, keys.scale, keys.mean)
+    got = reconstruct(keys) - reconstruct(plain)
+    b, t = 1, 9
+    for h in range(keys.idx.shape[1]):
+        assert torch.allclose(got[b, h, t], keys.pred.table[h, int(keys.pred.rows[b, t])], atol=1e-5)
+    assert keys.pred.table.std() > 0.5  # the part is not negligible
 
 
 def test_reconstruct_matches_codec_decode():

@@ -16,7 +16,12 @@ the dense part by log-sum-exp, so memory stays O(block + N) at any length.
 
     attend(q, keys, values, dense, coded_start, *, rope, key_pos0, valid, q_start, window, scale, block)
         -> [B, Hq, Tq, D]
-    Codes, Segment, Rope, reconstruct, attend_reference   from engine/history.py (re-exported)
+    Codes, Pred, Segment, Rope, reconstruct, attend_reference   from engine/history.py (re-exported)
+
+A token predictor's part (Codes.pred: a table of vectors and each token's row) costs
+O(T) per step, not O(T·D): post-RoPE keys add (q·tableᵀ)[row] to the scores, pre-RoPE
+keys add the rows to the decoded block, values scatter the weights onto the rows
+([R, BH, rows]) and take one product with the table at the end.
 
 Shapes: B batch, Hq = rep·H query heads, H KV heads, Tq query tokens, T coded
 tokens, C channel chunks, S atoms per chunk, N atoms, D = C·Dc head_dim, G = H
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from csrtool.engine import rope as _rope
 from csrtool.engine.history import (  # noqa: F401  (Codes, Segment, Rope, reconstruct, attend_reference: the public API)
     Codes,
+    Pred,
     Rope,
     Segment,
     allowed,
@@ -107,6 +113,10 @@ def _scores_post(qr: torch.Tensor, keys: Codes, b: int) -> tuple[Callable[[Codes
     off = row_offsets(keys, True, torch.int32)
     mean = mean_of(keys, qr.device)
     shift = None if mean is None else torch.einsum("xrd,xd->rx", qr, mean.expand(b, -1, -1).reshape(bh, d) if mean.shape[0] > 1 else mean.expand(bh, d))
+    qp = None  # q·tableᵀ [BH, R, rows] for the token predictor's part
+    if keys.pred is not None:
+        h = bh // b
+        qp = torch.einsum("bhrd,hnd->bhrn", qr.view(b, h, r, d), keys.pred.table.to(torch.float32)).reshape(bh, r, -1)
 
     def scores(kc: Codes, t0: int) -> torch.Tensor:
         tb = kc.tokens
@@ -116,7 +126,12 @@ def _scores_post(qr: torch.Tensor, keys: Codes, b: int) -> tuple[Callable[[Codes
         out = torch.empty(r, bh, tb, device=qr.device)
         torch.mul(s.view(bh, tb, r).permute(2, 0, 1), 1.0, out=out)  # transpose into [R, BH, Tb]
         ts = _token_scale(kc)
-        return out if ts is None else out.mul_(ts)
+        if ts is not None:
+            out.mul_(ts)
+        if qp is not None:
+            rows = kc.pred.rows.to(torch.int64)[:, None, None, :].expand(b, bh // b, r, tb).reshape(bh, r, tb)
+            out += qp.gather(2, rows).transpose(0, 1)
+        return out
 
     return scores, shift
 
@@ -148,6 +163,8 @@ def _scores_pre(qr: torch.Tensor, keys: Codes, b: int, rp: Rope, pos0: torch.Ten
         k = F.embedding_bag(idx, atoms, per_sample_weights=cf.reshape(idx.shape), mode="sum").view(b, h, tb, d)
         if mean is not None:
             k.add_(mean.view(b, h, 1, d))
+        if kc.pred is not None:
+            k.add_(kc.pred.dense())
         # q·R(p)k = q·(k·cos) + q'·(k·sin) with q' = -rotate_half(q): two products per head
         x = torch.empty(2, b, h, tb, d, device=qr.device)
         for i, p0 in enumerate(starts):
@@ -170,11 +187,22 @@ class _AtomMass:
         self.values, self.r, self.b = values, r, b
         self.off = row_offsets(values, True, torch.int64).permute(3, 4, 0, 1, 2)  # [C, 1, B, H, 1]
         self.mass = torch.zeros(r, b * h * c * values.atoms.shape[2], device=values.idx.device)
+        pred = values.pred  # the token predictor's part: the weights summed per table row, [R, BH, rows]
+        self.pmass = None if pred is None else torch.zeros(r, b * h, pred.table.shape[1], device=values.idx.device)
+
+    def rescale(self, alpha: torch.Tensor) -> None:
+        """Multiply what is accumulated by alpha [R, BH] (the online softmax's new max)."""
+        self.mass.view(self.r, alpha.shape[1], -1).mul_(alpha[..., None])
+        if self.pmass is not None:
+            self.pmass.mul_(alpha[..., None])
 
     def add(self, vc: Codes, p: torch.Tensor) -> None:
         """Accumulate the weights p [R, BH, Tb] of the tokens of vc."""
         r = self.r
         b, h, tb, c, s = vc.idx.shape
+        if self.pmass is not None:
+            rows = vc.pred.rows.to(torch.int64)[:, None, :].expand(b, h, tb).reshape(1, b * h, tb).expand(r, -1, -1)
+            self.pmass.scatter_add_(2, rows, p)
         kk, m = c * s, b * h * tb
         idx = torch.empty(c, s, b, h, tb, dtype=torch.int64, device=p.device)
         torch.add(vc.idx.permute(3, 4, 0, 1, 2), self.off, out=idx)
@@ -204,6 +232,9 @@ class _AtomMass:
         mean = mean_of(self.values, out.device)
         if mean is not None:
             out = out + l[..., None] * (mean.expand(h, -1).repeat(b, 1) if mean.shape[0] > 1 else mean)[None]
+        if self.pmass is not None:
+            table = self.values.pred.table.to(torch.float32)
+            out = out + torch.einsum("rbhn,hnd->rbhd", self.pmass.view(self.r, b, h, -1), table).reshape(self.r, bh, -1)
         return out
 
 
@@ -272,7 +303,7 @@ def _coded(qr, keys: Codes, values: Codes, start, rp, pos0, valid, q_start, wind
         if t0 > first:
             alpha = torch.exp(m - safe)  # rescales what is accumulated so far
             l.mul_(alpha)
-            mass.mass.view(r, bh, -1).mul_(alpha[..., None])
+            mass.rescale(alpha)
         l += p.sum(-1)
         mass.add(values.slice(t0, t1), p)
         m = m_new

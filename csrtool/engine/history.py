@@ -1,7 +1,8 @@
 """A layer's history as a cache holds it (coded tokens + dense tokens), and attention over it
 by reconstruction: the reference that engine/attention.py's attention on the codes must match.
 
-    Codes(idx, coef, atoms, scale=None, mean=None)       one side (K or V): codes of T tokens
+    Codes(idx, coef, atoms, scale=None, mean=None, pred=None)   one side (K or V): codes of T tokens
+    Pred(table, rows)                                    a per-token vector added to decoded tokens (token predictor)
     Segment(k, v, start)                                 dense tokens at slots start..
     Rope(inv_freq, scaling=1.0)                          re-rotation of pre-RoPE keys (cached cos/sin)
     reconstruct(codes) -> [B, H, T, C·Dc] float32         decode one side (scale and mean applied)
@@ -27,6 +28,25 @@ from csrtool.engine import rope as _rope
 
 
 @dataclass(frozen=True)
+class Pred:
+    """A per-token part added to decoded vectors, looked up in a table (the token predictor's prediction):
+    token t of sequence b, head h gets table[h, rows[b, t]].
+
+    table [H, R, D] float; rows [B, T] integer < R (tokens sharing a row share the vector).
+    """
+
+    table: torch.Tensor
+    rows: torch.Tensor
+
+    def slice(self, t0: int, t1: int) -> "Pred":
+        return Pred(self.table, self.rows[:, t0:t1])
+
+    def dense(self) -> torch.Tensor:
+        """[B, H, T, D] float32 (a view of the gathered rows)."""
+        return self.table[:, self.rows.to(torch.int64)].to(torch.float32).transpose(0, 1)
+
+
+@dataclass(frozen=True)
 class Codes:
     """Sparse codes of T tokens of one layer side (keys or values), as a cache holds them.
 
@@ -36,6 +56,7 @@ class Codes:
     scale None, [B, H] or [B, H, T] float: the coefficient is coef · scale (the .csr's
           per-(batch, head) float32 scale g; for int8 coefficients pass g·v [B, H, T]).
     mean  None or [G, C·Dc]: added to every decoded vector (centred dictionaries).
+    pred  None or Pred (table [H, R, C·Dc], rows [B, T]): added to each decoded vector (token predictor).
     """
 
     idx: torch.Tensor
@@ -43,11 +64,15 @@ class Codes:
     atoms: torch.Tensor
     scale: torch.Tensor | None = None
     mean: torch.Tensor | None = None
+    pred: Pred | None = None
 
     def __post_init__(self) -> None:
         assert self.idx.dim() == 5 and self.idx.shape == self.coef.shape, (tuple(self.idx.shape), tuple(self.coef.shape))
         assert self.atoms.dim() == 4 and self.atoms.shape[1] == self.idx.shape[3], (tuple(self.atoms.shape), tuple(self.idx.shape))
         assert self.atoms.shape[0] in (1, self.idx.shape[1]), (tuple(self.atoms.shape), tuple(self.idx.shape))
+        if self.pred is not None:
+            assert self.pred.rows.shape == self.idx.shape[:1] + self.idx.shape[2:3], (tuple(self.pred.rows.shape), tuple(self.idx.shape))
+            assert self.pred.table.shape[0] == self.idx.shape[1], (tuple(self.pred.table.shape), tuple(self.idx.shape))
 
     @property
     def tokens(self) -> int:
@@ -58,7 +83,8 @@ class Codes:
         s = self.scale
         if s is not None and s.dim() == 3:
             s = s[:, :, t0:t1]
-        return Codes(self.idx[:, :, t0:t1], self.coef[:, :, t0:t1], self.atoms, s, self.mean)
+        pred = None if self.pred is None else self.pred.slice(t0, t1)
+        return Codes(self.idx[:, :, t0:t1], self.coef[:, :, t0:t1], self.atoms, s, self.mean, pred)
 
 
 @dataclass(frozen=True)
@@ -108,7 +134,7 @@ def mean_of(codes: Codes, device) -> torch.Tensor | None:
 
 
 def reconstruct(codes: Codes) -> torch.Tensor:
-    """Decode one side: [B, H, T, C·Dc] float32 = Σ coef·scale·atom (+ mean)."""
+    """Decode one side: [B, H, T, C·Dc] float32 = Σ coef·scale·atom (+ mean) (+ pred)."""
     b, h, t, c, s = codes.idx.shape
     g, _, n, dc = codes.atoms.shape
     cf, fac = coef_f32(codes.coef)
@@ -118,7 +144,9 @@ def reconstruct(codes: Codes) -> torch.Tensor:
     out = F.embedding_bag(idx, codes.atoms.to(torch.float32).reshape(g * c * n, dc), per_sample_weights=cf.reshape(-1, s), mode="sum")
     out = out.reshape(b, h, t, c * dc)
     mean = mean_of(codes, out.device)
-    return out if mean is None else out + mean[None, :, None, :]
+    if mean is not None:
+        out = out + mean[None, :, None, :]
+    return out if codes.pred is None else out + codes.pred.dense()
 
 
 def _rotate_keys(k: torch.Tensor, pos0: torch.Tensor, t0: int, rp: Rope) -> torch.Tensor:
