@@ -111,7 +111,7 @@ def main() -> None:
                 runs[name].append(run_once(model, ids, cache, a.new))
                 held[name] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
             else:
-                with CSRCache.from_dicts(dicts, model, bits=a.bits, block=a.block) as cache:
+                with CSRCache.from_dicts(dicts, model, bits=a.bits, block=a.block, tokenizer=loaded.tokenizer) as cache:
                     runs[name].append(run_once(model, ids, cache, a.new))
                     held[name] = cache.nbytes()
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("prefill_s", "first_step_s", "decode_tps")} for n, rs in runs.items()}

@@ -33,6 +33,8 @@ position at slot s is s - pad[b] (generate's cumsum(mask) - 1).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -54,16 +56,25 @@ def index_dtype(n_atoms: int) -> torch.dtype:
     return torch.int32
 
 
-def _setting(dicts, model, bits, coef, method, uniform, sparsity=None):
-    """The per-layer plan, key space and RoPE of `compress --bits` / eval (eval.csr.CSR); explicit (s_k, s_v) overrides bits."""
+def _setting(dicts, model, bits, coef, method, uniform, sparsity=None, tokenizer=None):
+    """The per-layer plan, key space and RoPE of `compress --bits` / eval (eval.csr.CSR); explicit (s_k, s_v) overrides bits.
+    Dictionaries trained with --predictor get their TokenPredictor (which needs the model's tokenizer) as `.predictor`."""
     from csrtool.eval.csr import CSR
     from csrtool.models import kv_shape, rope_info
 
-    dicts.require_unpredicted("the compressed cache (CSRCache, generate)")
+    predictor = None
+    if dicts.predicted:
+        from csrtool.predictor import TokenPredictor
+
+        if tokenizer is None:
+            raise CsrError("these dictionaries were trained with --predictor: the cache needs the model's tokenizer too "
+                           "(CSRCache.from_dicts(..., tokenizer=tokenizer))")
+        predictor = TokenPredictor.for_dicts(SimpleNamespace(model=model, tokenizer=tokenizer), dicts)
     n_layers, heads, head_dim = kv_shape(model.config)
     if sparsity is not None:
         bits = None
-    return CSR(dicts, n_layers, heads, head_dim, bits=bits, method=method, coef=coef, rope_info=rope_info(model), uniform=uniform, sparsity=sparsity)
+    return CSR(dicts, n_layers, heads, head_dim, bits=bits, method=method, coef=coef, rope_info=rope_info(model), uniform=uniform,
+               sparsity=sparsity, predictor=predictor)
 
 
 def packs_indices(n_atoms: int) -> bool:
@@ -102,8 +113,10 @@ class _Side:
         b, h, t, c, s = self.q.shape
         return packing.unpack_split(self._lo, self._hi, c * s, self.bits, index_dtype(self.atoms.shape[2])).view(b, h, t, c, s)
 
-    def add(self, x: torch.Tensor, method: str) -> None:
-        """Code x [B, H, n, D] (code space, float32) as one block."""
+    def add(self, x: torch.Tensor, method: str, pred=None) -> None:
+        """Code x [B, H, n, D] (code space, float32) as one block; pred: the token predictor's part of it (engine Pred), or None."""
+        if pred is not None:
+            x = x - pred.dense()
         idx, c = codec.encode_codes(codec.shift(x, self.mean, -1.0), self.atoms, self.sparsity, method)
         self._append(idx, c)
 
@@ -136,9 +149,9 @@ class _Side:
             scale = scale[:, :, None] * self.vscale.float() if scale.dim() == 2 else scale * self.vscale.float()
         return scale
 
-    def codes(self) -> Codes:
-        """The engine's view: scale [B, H] (one block) or [B, H, T]."""
-        return Codes(self.idx, self.q, self.atoms, self.scale(), self.mean)
+    def codes(self, pred=None) -> Codes:
+        """The engine's view: scale [B, H] (one block) or [B, H, T]; pred: the predictor's part of the T tokens, or None."""
+        return Codes(self.idx, self.q, self.atoms, self.scale(), self.mean, pred)
 
     def coefficients(self) -> torch.Tensor:
         """The coefficients as numbers, float32 [B, H, T, C, S] (each block's scale applied)."""
@@ -223,9 +236,15 @@ class CSRLayer(DynamicLayer):
         if n < max(1, block):
             return
         xk, xv = self.keys[:, :, :n], self.values[:, :, :n]
-        self.k.add(self.to_code_space(xk, start), self.cache.setting.method)
-        self.v.add(xv.to(torch.float32), self.cache.setting.method)
+        method, pred = self.cache.setting.method, self.cache.pred
+        self.k.add(self.to_code_space(xk, start), method, pred(self.layer_idx, "k", start, n))
+        self.v.add(xv.to(torch.float32), method, pred(self.layer_idx, "v", start, n))
         self.keys, self.values = self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous()
+
+    def codes(self) -> tuple[Codes, Codes]:
+        """The coded tokens' keys and values as the engine reads them (with the token predictor's part, if any)."""
+        s, t, pred = self.n_sink, self.k.tokens, self.cache.pred
+        return self.k.codes(pred(self.layer_idx, "k", s, t)), self.v.codes(pred(self.layer_idx, "v", s, t))
 
     def to_code_space(self, k: torch.Tensor, slot0: int) -> torch.Tensor:
         """Keys [B, H, n, D] at slots slot0.. -> the dictionary's key space (float32), each sequence at its real positions
@@ -320,9 +339,23 @@ class CSRCache(Cache):
         super().__init__(layers=[
             DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else CSRLayer(self, i) for i in range(n_layers)
         ])
+        self.predictions = None  # dictionaries trained with --predictor: the token ids and predictions (cache_predictor)
+        self._unhook = None
+        if setting.dicts.predicted:
+            from csrtool.cache_predictor import LivePredictions
+
+            coded = {i for i in range(n_layers) if i not in sliding}
+            self.predictions = LivePredictions(setting.dicts, setting.predictor, coded)
+            self._unhook = self.predictions.hook(model)
         from csrtool import cache_attention
 
         self._restore = cache_attention.install(model)
+
+    def pred(self, layer: int, kind: str, slot0: int, t: int):
+        """The token predictor's part of slots slot0..slot0+t-1 of a layer (engine Pred), or None (plain dictionaries, t = 0)."""
+        if self.predictions is None or t == 0:
+            return None
+        return self.predictions.pred(layer, kind, slot0, t)
 
     def layer_rope(self, layer: int) -> Rope | None:
         """The engine's rotation for layer `layer`'s pre-RoPE keys (shared by the layers that rotate alike), or None."""
@@ -338,21 +371,23 @@ class CSRCache(Cache):
     def from_dicts(
         cls, dicts, model, bits: float = 1.0, window: int = codec.DEFAULT_WINDOW, sink: int = codec.DEFAULT_SINK,
         block: int = DEFAULT_BLOCK, coef: str = "fp8", method: str = "omp", uniform: bool = False, reference: bool = False,
-        sparsity: tuple[int, int] | None = None,
+        sparsity: tuple[int, int] | None = None, tokenizer=None,
     ) -> "CSRCache":
         """A cache for `model` coding with `dicts` (a DictSet or a path) at `bits` per channel, as compress --bits does
-        (`sparsity` = (s_k, s_v) for every layer instead of a bit budget)."""
+        (`sparsity` = (s_k, s_v) for every layer instead of a bit budget). Dictionaries trained with --predictor
+        need the model's `tokenizer` (the predictor reads a newline before each token)."""
         if not hasattr(dicts, "atoms"):
             from pathlib import Path
 
             from csrtool.formats.dicts import load_dicts
 
             dicts = load_dicts(Path(dicts))
-        return cls(_setting(dicts, model, bits, coef, method, uniform, sparsity), model, window, sink, block, reference)
+        return cls(_setting(dicts, model, bits, coef, method, uniform, sparsity, tokenizer), model, window, sink, block, reference)
 
     @classmethod
-    def from_csr(cls, path, dicts, model, block: int = DEFAULT_BLOCK, reference: bool = False) -> "CSRCache":
-        """A cache holding a .csr file's tokens as codes (no dense decompress); generation continues after them."""
+    def from_csr(cls, path, dicts, model, block: int = DEFAULT_BLOCK, reference: bool = False, tokenizer=None) -> "CSRCache":
+        """A cache holding a .csr file's tokens as codes (no dense decompress); generation continues after them
+        (`tokenizer`: as for from_dicts)."""
         from csrtool import cache_file
 
         if not hasattr(dicts, "atoms"):
@@ -361,7 +396,7 @@ class CSRCache(Cache):
             from csrtool.formats.dicts import load_dicts
 
             dicts = load_dicts(Path(dicts))
-        return cache_file.load(path, dicts, model, block, reference)
+        return cache_file.load(path, dicts, model, block, reference, tokenizer)
 
     def save(self, path, model_name: str | None = None) -> int:
         """Write the cache's tokens to a .csr file (cache_file.save: the waiting tail tokens are coded first,
@@ -375,10 +410,23 @@ class CSRCache(Cache):
 
         if self._restore is None or not cache_attention.installed(self.model):
             raise CsrError("the model no longer attends through CSRCache (the cache was closed, or the attention implementation was changed): make a new CSRCache")
+        if layer_idx == 0 and self.predictions is not None:  # a new forward: its token ids join the cache's
+            self.predictions.take(key_states.shape[0], key_states.shape[2])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.predictions is not None:
+            self.predictions.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        super().batch_select_indices(indices)
+        if self.predictions is not None:
+            self.predictions.map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
     def nbytes(self) -> dict:
-        """Bytes held: codes (indices, coefficients, scales), dense (sink + tail), dicts (the layers' dictionaries, separately)."""
+        """Bytes held: codes (indices, coefficients, scales), dense (sink + tail), predictor (the token predictor's tables,
+        ids and rows: dictionaries trained with --predictor), their total; dicts (the layers' dictionaries, separately)."""
         codes = dense = dicts = 0
         for layer in self.layers:
             if not isinstance(layer, CSRLayer):  # a sliding-window layer: at most its window, dense
@@ -390,13 +438,17 @@ class CSRCache(Cache):
             for side in (layer.k, layer.v):
                 dicts += side.atoms.numel() * side.atoms.element_size()
                 dicts += 0 if side.mean is None else side.mean.numel() * side.mean.element_size()
-        return {"codes": codes, "dense": dense, "total": codes + dense, "dicts": dicts}
+        pred = 0 if self.predictions is None else self.predictions.nbytes()
+        return {"codes": codes, "dense": dense, "predictor": pred, "total": codes + dense + pred, "dicts": dicts}
 
     def close(self) -> None:
         """Give the model its own attention implementation back."""
         if self._restore is not None:
             self._restore()
             self._restore = None
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
 
     def __enter__(self) -> "CSRCache":
         return self

@@ -57,7 +57,7 @@ def csr_attention(inner, module, query, key, value, attention_mask, scaling=None
     dense = [Segment(layer.sink_k, layer.sink_v, 0), Segment(key, value, layer.tail_start)]
     keys = values = None
     if layer.k.tokens:
-        keys, values = layer.k.codes(), layer.v.codes()
+        keys, values = layer.codes()
     fn = attend_reference if cache.reference else attend
     out = fn(
         query, keys, values, dense, layer.n_sink,

@@ -20,7 +20,8 @@ again; but a live cache has one coefficient scale per coded block and a section 
 (batch, head), so the coefficients are dequantised and quantised once more
 (codec.quantized_section): a second rounding, exact for fp16 (its scale is 1 unless a
 coefficient exceeds 32768), within fp8's / int8's step otherwise. The header is the one
-compress writes for a post-RoPE cache of these tokens (csrfile.make_header).
+compress writes for a post-RoPE cache of these tokens (csrfile.make_header), with the token ids
+for dictionaries trained with --predictor (loading reads them back into the cache).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from csrtool.errors import CsrError
 from csrtool.formats.csrsection import parse_section
 
 
-def load(path: Path, dicts, model, block: int, reference: bool = False):
+def load(path: Path, dicts, model, block: int, reference: bool = False, tokenizer=None):
     from csrtool.cache import CSRCache, _setting
     from csrtool.formats.csrfile import open_csr
 
@@ -49,7 +50,7 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
     if cfg.adaptive:
         raise CsrError(f"{path} holds adaptive codes (per-vector atom counts); CSRCache holds S atoms per vector: "
                        "compress the cache with --fixed to resume generation from it")
-    setting = _setting(dicts, model, None, cfg.coef, cfg.method, True, (cfg.sparsity_k, cfg.sparsity_v))
+    setting = _setting(dicts, model, None, cfg.coef, cfg.method, True, (cfg.sparsity_k, cfg.sparsity_v), tokenizer)
     if hd.rope is not None:  # the file's rotations (per layer where they differ); its position offset is the layers' pad
         setting.rope_info = {k: v for k, v in hd.rope.to_json().items() if k != "position_offset"}
     cache = CSRCache(setting, model, cfg.window, cfg.sink, block, reference)
@@ -84,6 +85,11 @@ def load(path: Path, dicts, model, block: int, reference: bool = False):
         layer.keys, layer.values = verb[0][:, :, s:].contiguous(), verb[1][:, :, s:].contiguous()
         layer.tokens = sk[2]
         layer.offset = -offset  # the positions before any mask, and kept when the mask is learnt (CSRLayer.pads)
+    if cache.predictions is not None:  # token-predictor dictionaries: the file's token ids (its header keeps them)
+        from csrtool.predictor import cache_ids
+
+        b = hd.layers[0][0]
+        cache.predictions.set_ids(cache_ids(hd.meta, b, cache.layers[0].tokens, setting.predictor.vocab))
     return cache
 
 
@@ -156,6 +162,8 @@ def _header(cache, offset: int, model_name: str | None):
         "model": model_name, "dtype": codec.DTYPE_NAMES.get(keys[0].dtype, str(keys[0].dtype)), "key_space": "post-rope",
         "rope": st.rope_info, "position_offset": offset, "tokens": cache.layers[0].tokens, "source": "CSRCache.save",
     }
+    if cache.predictions is not None:  # the token predictor's input: decoding needs the ids (make_header keeps them for these dictionaries)
+        meta["ids"] = cache.predictions.ids_list()
     return csrfile.make_header(KVCache(keys, values, meta), st.dicts, cfg)
 
 

@@ -17,14 +17,17 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
     TokenPredictor.for_model(loaded, key_space)        models.Loaded; keeps it as .loaded
     TokenPredictor.for_dicts(loaded, dicts)           the one a dictionary file was trained with
     TokenPredictor.kv(layer, kind, ids [T], last=None) -> p [T or last, H, D] float32
+    TokenPredictor.compute(keys) -> per model pass: (keys, {kind: per layer [n, H, D]})   unmemoised (the live cache's)
     fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
-    apply_map(p [T, H, D], A) -> [H, T, D]
+    apply_map(p [T, H, D], A) -> [H, T, D]              float32 values of float16 precision
     offset(dicts, predictor, layer, kind, ids [B, T], t) -> [B, H, t, D]   what coding subtracts from the last t: mean + prediction
     cache_ids(meta, b, t, vocab) -> ids [B, T]     a saved cache's token ids (meta["ids"], csrtool cache writes them)
     collection_ids(reader) -> ids [T]              an activation set's token ids, checked usable for training (pre-RoPE keys)
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -89,17 +92,23 @@ class TokenPredictor:
         for t, r in zip(tables, rows):
             t[at : at + n] = r
 
+    def compute(self, keys: list[tuple[int, ...]]) -> Iterator[tuple[list[tuple[int, ...]], dict[str, list[torch.Tensor]]]]:
+        """The context-free K/V of `keys`, BATCH keys per model pass: (those keys, {kind: per layer [n, H, D] float32
+        on the model's device}) per pass; nothing is stored."""
+        dev = next(self.model.parameters()).device
+        for lo in range(0, len(keys), BATCH):
+            part = torch.tensor(keys[lo : lo + BATCH], dtype=torch.long, device=dev)  # [n, context]
+            batch = torch.cat([torch.full_like(part[:, :1], self.prefix), part], 1)
+            with torch.no_grad(), suspended(self.model):  # may run inside eval's attention probes or a live cache: unobserved
+                _, ks, vs = capture_kv(self.model, batch, self.key_space, self.rope_params)
+            yield keys[lo : lo + BATCH], {kind: [x[:, :, -1].float() for x in xs] for kind, xs in (("k", ks), ("v", vs))}
+
     def _extend(self, keys: list[tuple[int, ...]]) -> None:
         new = [k for k in dict.fromkeys(keys) if k not in self.index]
-        dev = next(self.model.parameters()).device
-        for lo in range(0, len(new), BATCH):
-            part = torch.tensor(new[lo : lo + BATCH], dtype=torch.long, device=dev)  # [n, context]
-            batch = torch.cat([torch.full_like(part[:, :1], self.prefix), part], 1)
-            with torch.no_grad(), suspended(self.model):  # may run inside eval's attention probes: unobserved
-                _, keys, values = capture_kv(self.model, batch, self.key_space, self.rope_params)
-            for kind, xs in (("k", keys), ("v", values)):
-                self._store(kind, [x[:, :, -1].float().cpu() for x in xs], len(self.index))  # [n, H, D] per layer
-            for k in new[lo : lo + BATCH]:
+        for part, kv in self.compute(new):
+            for kind, xs in kv.items():
+                self._store(kind, [x.cpu() for x in xs], len(self.index))  # [n, H, D] per layer
+            for k in part:
                 self.index[k] = len(self.index)
 
     def kv(self, layer: int, kind: str, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
@@ -125,15 +134,20 @@ def fit_map(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """[H, T, D]: the predicted part of each head's vectors from p [T, H, D]."""
+    """[H, T, D] float32: the predicted part of each head's vectors from p [T, H, D], rounded to float16 (the numbers
+    every decoder adds: a live cache holds them in float16, eval and .csr decoding use the same)."""
     a = a.to(p.device, torch.float32)
-    return torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]
+    return (torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]).half().float()
 
 
 def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor, t: int) -> torch.Tensor:
     """[B, H, t, D] float32: the dictionary's mean plus the predicted part of the last t of the tokens ids [B, T]
     (a sequence from its start, so each prediction can read the tokens before it; code space)."""
     a = dicts.pmap(layer, kind)
+    if a is None:  # a layer the predictor does not serve (train-dict --predictor-depth)
+        mean, atoms = dicts.mean(layer, kind), dicts.get(layer, kind)
+        base = torch.zeros(1, atoms.shape[1] * atoms.shape[3]) if mean is None else mean.to("cpu", torch.float32)
+        return base[None, :, None, :].expand(ids.shape[0], -1, t, -1)
     if t == 0:
         pred = torch.zeros(ids.shape[0], a.shape[0], 0, a.shape[2])
     else:

@@ -179,8 +179,8 @@ def _fit(xv: torch.Tensor, cfg: TrainConfig, name: str, emit: Progress, comm: Co
 class _Rows:
     """A layer's training rows [T, H, D]: as collected, or what the token predictor leaves of them."""
 
-    def __init__(self, reader: ActsReader, device, predict: Optional[Predict]):
-        self.reader, self.device, self.predict = reader, device, predict
+    def __init__(self, reader: ActsReader, device, predict: Optional[Predict], depth: int = 0):
+        self.reader, self.device, self.predict, self.depth = reader, device, predict, depth
         self.ids = None
         if predict is not None:
             from csrtool.predictor import collection_ids
@@ -188,9 +188,13 @@ class _Rows:
             self.ids = collection_ids(reader)
         self.maps: dict[str, torch.Tensor] = {}
 
+    def predicts(self, layer: int) -> bool:
+        """Whether the token predictor serves this layer (predictor_depth: the first layers only)."""
+        return self.predict is not None and (self.depth == 0 or layer < self.depth)
+
     def load(self, layer: int, kind: str) -> torch.Tensor:
         x = self.reader.load(layer, kind)
-        if self.predict is not None:
+        if self.predicts(layer):
             from csrtool.predictor import apply_map, fit_map
 
             p = self.predict(layer, kind, self.ids)
@@ -283,7 +287,7 @@ def train_dicts(
     _check_memory(cfg, d, device)
     if cfg.predictor and predict is None:
         raise CsrError("training for the token predictor needs the model's context-free K/V (predict=): use csrtool train-dict --predictor")
-    rows = _Rows(reader, device, predict if cfg.predictor else None)
+    rows = _Rows(reader, device, predict if cfg.predictor else None, cfg.predictor_depth)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}
 
@@ -291,7 +295,7 @@ def train_dicts(
     units = [(layer, kind, g, c) for layer in layers for kind in KINDS for g in range(n_groups) for c in range(chunks[kind])]
     ranked: dict[str, tuple] = {}  # trained by the ranks of a torchrun job
     if dist.world > 1:
-        mode = dist_mode if dist_mode != "auto" else ("shard" if len(units) >= dist.world else "data")
+        mode = dist_mode if dist_mode != "auto" else ("shard" if len(units) >= dist.world or cfg.predictor else "data")
         emit("start", {"total": len(dist.share(units)) if mode == "shard" else len(units), "resumed": 0})  # this rank's bar
         ranked = _train_ranks(rows, units, cfg, chunks, device, dist, mode, emit)
     else:
@@ -306,7 +310,7 @@ def train_dicts(
         for kind in KINDS:
             c_n = chunks[kind]
             x = None  # loaded lazily: a fully resumed layer is never read (except for its predictor map)
-            if cfg.predictor and dict_name(layer, kind) not in rows.maps:
+            if rows.predicts(layer) and dict_name(layer, kind) not in rows.maps:
                 x = rows.load(layer, kind)
             grid: list[list[torch.Tensor]] = []
             mean_grid: list[torch.Tensor] = []
@@ -353,7 +357,7 @@ def train_dicts(
 
         source["predictor_prefix"] = PREFIX_TEXT
         source["predictor_context"] = cfg.predictor_context
-    maps = {name: rows.maps[name] for name in atoms} if cfg.predictor else {}
+    maps = {name: rows.maps[name] for name in atoms if name in rows.maps}
     sensitivity = calibrate(atoms, source, means, maps) if calibrate is not None else {}
 
     def write() -> Optional[str]:

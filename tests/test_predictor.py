@@ -73,7 +73,8 @@ def trained(tiny_llama_dir, tmp_path_factory):
     res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(d / "text.txt"), "--max-tokens", "600",
                               "--seq-len", "200", "--keys", "pre-rope", "-o", str(d / "acts")])
     assert res.exit_code == 0, res.output
-    for name, *flags in (("pred", "--predictor"), ("plain", "--no-predictor"), ("bi", "--predictor", "--predictor-context", "2")):
+    for name, *flags in (("pred", "--predictor"), ("plain", "--no-predictor"), ("bi", "--predictor", "--predictor-context", "2"),
+                         ("d1", "--predictor-depth", "1")):
         res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / f"{name}.safetensors"), "--atoms", "16", *flags])
         assert res.exit_code == 0, res.output
     return d
@@ -168,11 +169,102 @@ def test_compress_and_decompress_with_the_predictor(trained, tiny_llama_dir):
     res = runner.invoke(app, ["compress", str(d / "noids.pt"), "-d", str(d / "pred.safetensors"), "-o", str(d / "n.csr")])
     assert res.exit_code != 0 and "token ids" in res.output and "Traceback" not in res.output
     assert not (d / "n.csr").exists()
-    # the live cache cannot use them yet, and says so
+    # the live cache needs the tokenizer for them, and says so
     from csrtool.cache import CSRCache
 
-    with pytest.raises(CsrError, match="--predictor"):
+    with pytest.raises(CsrError, match="tokenizer"):
         CSRCache.from_dicts(d / "pred.safetensors", load_model(str(tiny_llama_dir), "cpu", "float32").model)
+
+
+def _feed(model, cache, ids, chunk):
+    """Logits [B, T, V] of ids fed in chunks through `cache`."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits.float()
+                          for s in range(0, ids.shape[1], chunk)], 1)
+
+
+@pytest.mark.parametrize("name", ["pred", "bi", "d1"])
+def test_live_cache_codes_like_eval_with_the_predictor(trained, loaded, name):
+    """CSRCache with predictor dictionaries (block=1) codes each token when eval's CompressedFeed does, subtracting the same
+    prediction: the same logits (to 1e-4), far from the cache without the predictor's part; attention on the codes
+    equals reconstruct-then-attend with it."""
+    from csrtool.cache import CSRCache
+    from csrtool.eval import runner as eval_runner
+    from csrtool.eval.csr import CSR
+
+    model, tok = loaded.model, loaded.tokenizer
+    ds = load_dicts(trained / f"{name}.safetensors")
+    ids = tokenize(tok, "Five boxing wizards jump quickly; the lazy dog sleeps. " * 3)[None, :90]
+    chunk, window, sink = 16, 8, 4
+    method = CSR(ds, 2, 2, 8, bits=None, sparsity=(2, 2), method="omp", coef="fp8", rope_info=rope_info(model),
+                 predictor=TokenPredictor.for_dicts(loaded, ds))
+    feed = eval_runner.CompressedFeed(model, method, window=window, sink=sink)
+    with torch.no_grad():
+        want = torch.cat([feed.step(ids[:, s : s + chunk])[None] for s in range(0, ids.shape[1], chunk)], 1)
+    got = {}
+    for reference in (False, True):
+        with CSRCache.from_dicts(ds, model, sparsity=(2, 2), window=window, sink=sink, block=1, reference=reference, tokenizer=tok) as cache:
+            got[reference] = _feed(model, cache, ids, chunk)
+            assert cache.layers[1].k.tokens == feed.done - sink
+            n = cache.nbytes()
+            assert n["predictor"] > 0 and n["total"] == n["codes"] + n["dense"] + n["predictor"]
+            assert len(cache.predictions.index) == len(set(TokenPredictor.for_dicts(loaded, ds).keys(ids[0])))
+    torch.testing.assert_close(got[False], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[False], got[True], rtol=1e-4, atol=1e-4)
+    with CSRCache.from_dicts(ds, model, sparsity=(2, 2), window=window, sink=sink, block=1, tokenizer=tok) as cache:
+        cache.pred = lambda *a: None  # the same codes with the predictor's part left out
+        assert float((_feed(model, cache, ids, chunk) - want).abs().max()) > 1e-2
+
+
+def test_live_cache_with_the_predictor_generates_saves_and_resumes(trained, loaded, tmp_path):
+    """generate on predictor dictionaries (batch 2, left padding); the saved .csr keeps the ids, decompress reads it,
+    and from_csr continues like a DynamicCache of decompress's output."""
+    from transformers import DynamicCache
+
+    from csrtool.cache import CSRCache
+    from csrtool.formats import csrfile
+
+    model, tok = loaded.model, loaded.tokenizer
+    ds = load_dicts(trained / "pred.safetensors")
+    a = tokenize(tok, "Sphinx of black quartz, judge my vow. " * 2)
+    ids = torch.stack([a[:50], torch.cat([torch.full((6,), 5), a[:44]])])
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with CSRCache.from_dicts(ds, model, bits=4.0, window=4, sink=2, block=3, tokenizer=tok) as cache:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, past_key_values=cache)
+        assert out.shape == (2, 62) and cache.predictions.ids.shape == (2, 61)
+        assert torch.equal(cache.predictions.ids, out[:, :61])
+    one = tokenize(tok, "Pack my box with five dozen liquor jugs, then " * 2)[None, :40]
+    path = tmp_path / "p.csr"
+    with CSRCache.from_dicts(ds, model, bits=4.0, window=4, sink=2, block=3, tokenizer=tok) as cache:
+        _feed(model, cache, one[:, :32], 8)
+        cache.save(path)
+    hd = csrfile.open_csr(path).header
+    assert hd.meta["ids"] == one[:, :32].tolist()
+    restored = csrfile.read_csr(path, ds, TokenPredictor.for_dicts(loaded, ds))
+    ref = DynamicCache()
+    for i, (k, v) in enumerate(zip(restored.keys, restored.values)):
+        ref.update(k, v, i)
+    want = _feed(model, ref, one[:, 32:], 4)
+    with CSRCache.from_csr(path, ds, model, block=1000, tokenizer=tok) as cache:
+        got = _feed(model, cache, one[:, 32:], 4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(CsrError, match="tokenizer"):
+        CSRCache.from_csr(path, ds, model)
+
+
+def test_live_cache_with_the_predictor_needs_input_ids(trained, loaded):
+    from csrtool.cache import CSRCache
+
+    ds = load_dicts(trained / "pred.safetensors")
+    ids = tokenize(loaded.tokenizer, "Sphinx of black quartz")[None]
+    emb = loaded.model.get_input_embeddings()(ids)
+    with CSRCache.from_dicts(ds, loaded.model, bits=4.0, tokenizer=loaded.tokenizer) as cache:
+        with pytest.raises(CsrError, match="input_ids"), torch.no_grad():
+            loaded.model(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+    with CSRCache.from_dicts(ds, loaded.model, bits=4.0, tokenizer=loaded.tokenizer) as cache:
+        pass
+    assert not loaded.model.get_input_embeddings()._forward_hooks  # closing removed the id hook
 
 
 def test_predictor_needs_pre_rope_keys(tiny_llama_dir, tmp_path):
@@ -183,3 +275,31 @@ def test_predictor_needs_pre_rope_keys(tiny_llama_dir, tmp_path):
     res = runner.invoke(app, ["train-dict", str(tmp_path / "acts"), "-o", str(tmp_path / "d.safetensors"), "--atoms", "16", "--predictor"])
     assert res.exit_code != 0 and "pre-rope" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "d.safetensors").exists()
+    # without the flag the default leaves it out, and says why
+    res = runner.invoke(app, ["train-dict", str(tmp_path / "acts"), "-o", str(tmp_path / "d.safetensors"), "--atoms", "16", "--no-calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "token predictor: off" in res.output and "pre-rope" in res.output
+    assert not load_dicts(tmp_path / "d.safetensors").predicted
+
+
+def test_the_predictor_is_the_default_where_the_collection_allows_it(trained, tmp_path):
+    res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(tmp_path / "d.safetensors"), "--atoms", "16",
+                              "--no-calibrate", "--json", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    assert "token predictor: on" in res.output and json.loads((tmp_path / "t.json").read_text())["predictor"] is True
+    ds, pred = load_dicts(tmp_path / "d.safetensors"), load_dicts(trained / "pred.safetensors")
+    assert ds.predicted and sorted(ds.maps) == sorted(pred.maps)
+    torch.testing.assert_close(ds.atoms["layer.1.v"], pred.atoms["layer.1.v"])  # the same training as --predictor
+
+
+def test_predictor_depth_maps_only_the_first_layers(trained, loaded):
+    ds, plain = load_dicts(trained / "d1.safetensors"), load_dicts(trained / "plain.safetensors")
+    assert sorted(ds.maps) == ["layer.0.k", "layer.0.v"]
+    torch.testing.assert_close(ds.atoms["layer.1.k"], plain.atoms["layer.1.k"])  # layer 1 trained on the vectors themselves
+    # eval-side decoding: layer 1 is the plain codec round trip around its mean
+    ids = tokenize(loaded.tokenizer, "Five boxing wizards jump quickly.")[None]
+    _, _, values = capture_kv(loaded.model, ids)
+    rec = Reconstructor(ds, codec.CodecConfig(1, 1, method="omp"), rope_info(loaded.model), TokenPredictor.for_dicts(loaded, ds))
+    pos = torch.arange(ids.shape[1])
+    torch.testing.assert_close(rec.reconstruct(1, "v", values[1], pos, ids),
+                               codec.roundtrip(values[1], ds.get(1, "v"), 1, "fp8", "omp", ds.mean(1, "v")))

@@ -105,7 +105,7 @@ def pipeline(tiny_llama_dir, tmp_path_factory):
                               "--seq-len", "200", "--keys", "pre-rope", "-o", str(d / "acts")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / "dicts.safetensors"), "--atoms", "16",
-                              "--epochs", "0", "--json", str(d / "train.json")])
+                              "--epochs", "0", "--no-predictor", "--json", str(d / "train.json")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["cache", "-m", str(tiny_llama_dir), "--prompt", TEXT, "--max-tokens", "120", "-o", str(d / "cache.pt")])
     assert res.exit_code == 0, res.output
@@ -195,8 +195,12 @@ def test_calibration_needs_a_loadable_model(pipeline, tmp_path):
     (acts / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "d.safetensors"
     res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--scope", "head"])
+    assert res.exit_code == 1 and not out.exists()  # the default token predictor needs the model first
+    assert "cannot load" in res.output and "--no-predictor" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--scope", "head", "--no-predictor"])
     assert res.exit_code == 1 and not out.exists()
     assert "cannot load" in res.output and "re-run with --no-calibrate" in res.output
-    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--scope", "head", "--no-calibrate"])
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--epochs", "0", "--scope", "head", "--no-calibrate",
+                              "--no-predictor"])
     assert res.exit_code == 0, res.output
     assert "trained 0, resumed 8" in res.output and load_dicts(out).sensitivity == {}

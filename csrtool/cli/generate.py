@@ -70,12 +70,12 @@ def generate(
     loaded = load_model(model, device, dtype, allow_download)
     blk = DEFAULT_BLOCK if block is None else block
     if resume is not None:  # the file's plan, window and sink
-        cache = CSRCache.from_csr(resume, ds, loaded.model, block=blk, reference=reference)
+        cache = CSRCache.from_csr(resume, ds, loaded.model, block=blk, reference=reference, tokenizer=loaded.tokenizer)
     else:
         cache = CSRCache.from_dicts(
             ds, loaded.model, bits=bits,
             window=codec.DEFAULT_WINDOW if window is None else window, sink=codec.DEFAULT_SINK if sink is None else sink,
-            block=blk, reference=reference,
+            block=blk, reference=reference, tokenizer=loaded.tokenizer,
         )
     to_stdout = json_out is None or str(json_out) != "-"
 

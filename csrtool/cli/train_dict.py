@@ -36,8 +36,9 @@ def train_dict(
     max_vectors: Annotated[int, typer.Option("--max-vectors", help="Training vectors per dictionary (random subsample above).")] = _DEF.max_vectors,
     seed: Annotated[int, typer.Option("--seed", help="Seed of splits, initialisation and batches.")] = _DEF.seed,
     center: Annotated[bool, typer.Option("--center/--no-center", help="Code each vector minus its dictionary's training mean (stored in the file; keys before RoPE carry most of their energy in it).")] = _DEF.center,
-    predictor: Annotated[bool, typer.Option("--predictor/--no-predictor", help="Code what the token predictor leaves: the part of each key and value its token alone decides (the model's K/V of the token after a newline, mapped per head by least squares) is subtracted first and costs no bits. Dictionaries then cover tokens the calibration text never had; eval, compress and decompress use them (loading the model), generate does not yet (docs/quality.md, sixth pass). Needs a collection with token ids and pre-RoPE keys.")] = _DEF.predictor,
-    predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with --predictor: 1 the token alone, 2 the token after its predecessor (better, and one more token per model pass).")] = _DEF.predictor_context,
+    predictor: Annotated[Optional[bool], typer.Option("--predictor/--no-predictor", help="Code what the token predictor leaves: the part of each key and value its token alone decides (the model's K/V of the token after a newline, mapped per head by least squares) is subtracted first and costs no bits. Dictionaries then cover tokens the calibration text never had (docs/quality.md, sixth pass). Compress, decompress, eval and generate load the model to use them; a live cache (generate) holds each distinct token's prediction (as much as one dense token). Default: on where the collection allows it (token ids and pre-RoPE keys, as csrtool collect writes them; not with --dist data).", show_default=False)] = None,
+    predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with the predictor: 1 the token alone, 2 the token after its predecessor (one more token per model pass; better on SmolLM2's development texts, worse on Gemma-3's: docs/quality.md).")] = _DEF.predictor_context,
+    predictor_depth: Annotated[int, typer.Option("--predictor-depth", help="Predict only the first N layers (0: every layer): a live cache then holds N layers' predictions per distinct token instead of all; the first 4 or 8 keep little of the quality gain (docs/quality.md).")] = _DEF.predictor_depth,
     device: DeviceOpt = "cpu",
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
@@ -63,13 +64,18 @@ def train_dict(
     def setup():
         check_output(output, force=force)
         check_json_output(json_out)
-        cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
-                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=predictor,
-                          predictor_context=predictor_context)
         reader = ActsReader(acts_dir)
-        return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
+        why_not = None
+        use = predictor
+        if use is None:  # the default: on where the collection allows it
+            why_not = _predictor_unavailable(reader, dist_mode)
+            use = why_not is None
+        cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
+                          batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=use,
+                          predictor_context=predictor_context, predictor_depth=predictor_depth)
+        return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None, why_not
 
-    cfg, reader, picked = dist.settle(setup, "checking the options")
+    cfg, reader, picked, why_not = dist.settle(setup, "checking the options")
     dev = dist.device
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -118,8 +124,21 @@ def train_dict(
             err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
         report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode, predict=predict)
     if dist.root:
-        _show(report, cfg, output, json_out)
+        _show(report, cfg, output, json_out, why_not)
     dist.close()  # ranks leave together, after rank 0 reported
+
+
+def _predictor_unavailable(reader, dist_mode: str) -> str | None:
+    """Why the default token predictor cannot be used with this collection (None: it can)."""
+    from csrtool.predictor import collection_ids
+
+    if dist_mode == "data":
+        return "--dist data cannot fit it (use --dist shard)"
+    try:
+        collection_ids(reader)
+    except CsrError as exc:
+        return str(exc)
+    return None
 
 
 def _token_predictor(reader, device, context: int):
@@ -128,11 +147,16 @@ def _token_predictor(reader, device, context: int):
     from csrtool.predictor import TokenPredictor, collection_ids
 
     collection_ids(reader)  # before the model loads: can this collection train a predictor at all?
-    return TokenPredictor.for_model(load_model(reader.manifest["model"], device=str(device)), "pre-rope", context)
+    try:
+        loaded = load_model(reader.manifest["model"], device=str(device))
+    except CsrError as exc:
+        raise CsrError(f"cannot load {reader.manifest['model']} for the token predictor ({exc}): make it loadable, "
+                       "or train without the predictor (--no-predictor)") from None
+    return TokenPredictor.for_model(loaded, "pre-rope", context)
 
 
-def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]) -> None:
-    """The result table and the --json report (rank 0 only under torchrun)."""
+def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path], why_not: Optional[str] = None) -> None:
+    """The result table and the --json report (rank 0 only under torchrun); why_not: why the default token predictor was left out."""
     centred = " (x: vectors minus their dictionary's mean)" if cfg.center else ""
     table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder}){centred}")
     table.add_column("layer", justify="right")
@@ -151,5 +175,9 @@ def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]
         kl = report["sensitivity"]["kl"]
         top = sorted(kl, key=kl.get, reverse=True)[:4]
         out.print("most sensitive (KL at the 1-bit sparsity): " + ", ".join(f"{n} {kl[n]:.4f}" for n in top))
+    if cfg.predictor:
+        out.print("token predictor: on (compress, decompress, eval and generate load the model to use these dictionaries)")
+    else:
+        out.print(f"token predictor: off ({why_not or '--no-predictor'})")
     out.print(f"trained {report['trained']}, resumed {report['resumed']} dictionaries; wrote {output} (fingerprint {report['fingerprint'][:12]})")
-    write_json(json_out, {**report, "layers": rows})
+    write_json(json_out, {**report, "layers": rows, "predictor": cfg.predictor, **({"predictor_off": why_not} if why_not else {})})

@@ -98,12 +98,6 @@ class DictSet:
         """True when the dictionaries code what remains after the token predictor (decoding needs the model and the token ids)."""
         return bool(self.maps)
 
-    def require_unpredicted(self, what: str) -> None:
-        """CsrError unless the dictionaries code plain vectors: `what` (compress, the live cache) cannot use predictor ones yet."""
-        if self.predicted:
-            raise CsrError(f"{what} cannot use dictionaries trained with --predictor yet (only csrtool eval can): "
-                           "train them without --predictor")
-
     def layers_str(self) -> set[str]:
         return {str(parse_dict_name(name)[0]) for name in self.atoms}
 
@@ -220,8 +214,8 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
             raise CsrError(f"{path}: mean of {name} has shape {list(m.shape)}, expected [{t.shape[0]}, {t.shape[1] * t.shape[3]}]: re-run csrtool train-dict")
     if set(means) - set(atoms):
         raise CsrError(f"{path}: mean {sorted(set(means) - set(atoms))[0]} has no dictionary: re-run csrtool train-dict")
-    if maps and set(maps) != set(atoms):
-        raise CsrError(f"{path}: the token predictor's maps do not match the dictionaries one to one: re-run csrtool train-dict")
+    if set(maps) - set(atoms):  # a map per dictionary the predictor serves (train-dict --predictor-depth: the first layers')
+        raise CsrError(f"{path}: the token predictor's map {sorted(set(maps) - set(atoms))[0]} has no dictionary: re-run csrtool train-dict")
     for name, a in maps.items():
         d = atoms[name].shape[1] * atoms[name].shape[3]
         if a.dim() != 3 or a.shape[0] < 1 or tuple(a.shape[1:]) != (d + 1, d):
