@@ -7,15 +7,15 @@ prediction, attention adds it back. The cache therefore keeps:
 - each slot's row in a table of the distinct prediction keys (a token and the context - 1
   tokens before it), computed when the slot is first coded or read;
 - per served layer and kind (a layer with a map, coded by the cache), the mapped predictions
-  [H, rows, D] float16 on the cache's device (predictor.apply_map rounds them so, for every
-  decoder), grown by a quarter when full. Keys not seen before cost one
+  as int8 [H, rows, D] with a float16 scale per row [H, rows] on the cache's device (every
+  decoder rounds them so: predictor.apply_map / raw_map), grown by a quarter when full. Keys not seen before cost one
   model pass over them (TokenPredictor.compute, at most BATCH per pass, outside the cache:
   the pass uses its own DynamicCache and plain attention).
 
 Attention reads them as engine Pred(table, rows) (engine/history.py): O(T) per step, not
 O(T·D). Their bytes count in the cache's nbytes ("predictor"): per distinct key and served
-layer 2·H·D float16 numbers, as much as a dense float16 token holds (train-dict
---predictor-depth limits the layers; --no-predictor leaves it out).
+layer 2·H·(D + 2) bytes, about half what a dense float16 token holds (train-dict
+--predictor-depth limits the layers; --no-predictor leaves them out).
 
     LivePredictions(dicts, predictor, layers)    predictor: the model's TokenPredictor; layers: the cache's coded ones
     .hook(model) -> remove()     record each forward's input ids
@@ -47,7 +47,8 @@ class LivePredictions:
             layer, kind = parse_dict_name(name)
             if layer in layers:
                 self.maps[(layer, kind)] = a.to(self.device, torch.float32)
-        self.tables: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> [H, capacity, D]; rows < len(index) used
+        self.tables: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> int8 [H, capacity, D]; rows < len(index) used
+        self.scales: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> float16 [H, capacity]
         self.index: dict[tuple[int, ...], int] = {}
         self.ids: torch.Tensor | None = None  # [B, slots] int64 (CPU): every token fed
         self.rows: torch.Tensor | None = None  # [B, n] int32 (device): the rows of slots 0..n-1
@@ -81,21 +82,22 @@ class LivePredictions:
         return [] if self.ids is None else self.ids.tolist()
 
     # ------------------------------------------------------------ predictions
-    def _store(self, key: tuple[int, str], rows: torch.Tensor, at: int) -> None:
-        """Write rows [H, n, D] at row `at` of a table, growing its capacity by a quarter when full."""
-        tab = self.tables.get(key)
-        n = rows.shape[1]
+    def _store(self, key: tuple[int, str], q: torch.Tensor, scale: torch.Tensor, at: int) -> None:
+        """Write rows q [H, n, D] (int8) and their scales [H, n] at row `at` of a table, growing it by a quarter when full."""
+        tab, sc = self.tables.get(key), self.scales.get(key)
+        n = q.shape[1]
         if tab is None or at + n > tab.shape[1]:
             cap = max(64, at + n, 0 if tab is None else tab.shape[1] * 5 // 4)
-            grown = rows.new_empty(rows.shape[0], cap, rows.shape[2])
+            grown, sgrown = q.new_empty(q.shape[0], cap, q.shape[2]), scale.new_empty(scale.shape[0], cap)
             if tab is not None:
-                grown[:, :at] = tab[:, :at]
-            tab = self.tables[key] = grown
-        tab[:, at : at + n] = rows
+                grown[:, :at], sgrown[:, :at] = tab[:, :at], sc[:, :at]
+            tab, sc = self.tables[key], self.scales[key] = grown, sgrown
+        tab[:, at : at + n] = q
+        sc[:, at : at + n] = scale
 
     def _rows_upto(self, n: int) -> None:
         """Rows for slots < n (new keys' predictions computed and mapped)."""
-        from csrtool.predictor import apply_map
+        from csrtool.predictor import raw_map
 
         have = 0 if self.rows is None else self.rows.shape[1]
         if n <= have:
@@ -109,7 +111,7 @@ class LivePredictions:
             for part, kv in self.predictor.compute(new):
                 at = len(self.index)
                 for (layer, kind), a in self.maps.items():
-                    self._store((layer, kind), apply_map(kv[kind][layer].to(self.device), a).half(), at)
+                    self._store((layer, kind), *raw_map(kv[kind][layer].to(self.device), a), at)
                 for k in part:
                     self.index[k] = len(self.index)
         finally:
@@ -123,7 +125,8 @@ class LivePredictions:
             return None
         assert t > 0, t
         self._rows_upto(slot0 + t)
-        return Pred(self.tables[(layer, kind)][:, : len(self.index)], self.rows[:, slot0 : slot0 + t])
+        n = len(self.index)
+        return Pred(self.tables[(layer, kind)][:, :n], self.rows[:, slot0 : slot0 + t], self.scales[(layer, kind)][:, :n])
 
     # ------------------------------------------------------------ batch and bytes
     def map_batch(self, fn) -> None:
@@ -132,5 +135,5 @@ class LivePredictions:
         self.rows = None if self.rows is None else fn(self.rows)
 
     def nbytes(self) -> int:
-        held = list(self.tables.values()) + [t for t in (self.ids, self.rows) if t is not None]
+        held = [*self.tables.values(), *self.scales.values(), *(t for t in (self.ids, self.rows) if t is not None)]
         return sum(t.numel() * t.element_size() for t in held)

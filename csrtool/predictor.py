@@ -19,7 +19,8 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
     TokenPredictor.kv(layer, kind, ids [T], last=None) -> p [T or last, H, D] float32
     TokenPredictor.compute(keys) -> per model pass: (keys, {kind: per layer [n, H, D]})   unmemoised (the live cache's)
     fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
-    apply_map(p [T, H, D], A) -> [H, T, D]              float32 values of float16 precision
+    apply_map(p [T, H, D], A) -> [H, T, D]              float32, each vector quantised to int8 (quantize_prediction)
+    raw_map(p, A) -> (int8 [H, T, D], scale float16 [H, T])   the same, as a live cache holds it
     offset(dicts, predictor, layer, kind, ids [B, T], t) -> [B, H, t, D]   what coding subtracts from the last t: mean + prediction
     cache_ids(meta, b, t, vocab) -> ids [B, T]     a saved cache's token ids (meta["ids"], csrtool cache writes them)
     collection_ids(reader) -> ids [T]              an activation set's token ids, checked usable for training (pre-RoPE keys)
@@ -133,11 +134,28 @@ def fit_map(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge, rhs).float()
 
 
+def quantize_prediction(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [..., D] -> (q int8 [..., D], scale float16 [...]): each vector to int8 with its own absmax scale, as the
+    predictions are held and added by every decoder (a live cache keeps them so: about half a float16 table)."""
+    scale = (v.abs().amax(-1) / 127).half()
+    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+    return torch.round(v / s).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_prediction(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32) * scale.to(torch.float32)[..., None]
+
+
 def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """[H, T, D] float32: the predicted part of each head's vectors from p [T, H, D], rounded to float16 (the numbers
-    every decoder adds: a live cache holds them in float16, eval and .csr decoding use the same)."""
+    """[H, T, D] float32: the predicted part of each head's vectors from p [T, H, D], as every decoder adds it:
+    quantised per vector to int8 (quantize_prediction)."""
+    return dequantize_prediction(*raw_map(p, a))
+
+
+def raw_map(p: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_map's prediction as (int8 [H, T, D], scale float16 [H, T]), the form a live cache holds."""
     a = a.to(p.device, torch.float32)
-    return (torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]).half().float()
+    return quantize_prediction(torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :])
 
 
 def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor, t: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ def _atoms(g, c, n, dc, gen):
     return a / a.norm(dim=-1, keepdim=True)
 
 
-def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None, pred=False):
+def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None, pred=None):
     atoms = _atoms(g, c, n, D // c, gen)
     idx = torch.randint(0, n, (b, h, t, c, s), generator=gen).to(idx_dtype)
     coef = torch.randn(b, h, t, c, s, generator=gen)
@@ -31,13 +31,17 @@ def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None, p
         coef, scale = q.reshape(b, h, t, c, s), (g_[:, None] * v.float()).reshape(b, h, t)
     mean = torch.randn(g, D, generator=gen) if centred else None
     p = None
-    if pred:  # a token predictor's part: 7 table rows shared by the tokens
-        p = Pred(torch.randn(h, 7, D, generator=gen), torch.randint(0, 7, (b, t), generator=gen).to(torch.int32))
+    if pred:  # a token predictor's part: 7 table rows shared by the tokens (float32, or int8 with a scale per row)
+        table, rows = torch.randn(h, 7, D, generator=gen), torch.randint(0, 7, (b, t), generator=gen).to(torch.int32)
+        if pred == "int8":
+            p = Pred(torch.randint(-127, 128, (h, 7, D), generator=gen).to(torch.int8), rows, (0.02 * torch.rand(h, 7, generator=gen)).half())
+        else:
+            p = Pred(table, rows)
     return Codes(idx, coef, atoms, scale, mean, p)
 
 
 def _problem(*, b=2, h=2, rep=3, tq=1, tc=50, sink=2, win=5, kc=1, vc=2, g=2, centred=True, fmt=None, pad=(0, 7),
-             pre_rope=False, window=None, seed=0, n=64, pos_shift=0, kidx=torch.int16, vidx=torch.int32, pred=False):
+             pre_rope=False, window=None, seed=0, n=64, pos_shift=0, kidx=torch.int16, vidx=torch.int32, pred=None):
     gen = torch.Generator().manual_seed(seed)
     g = h if g == "h" else g
     keys = _codes(b, h, tc, kc, 3, n, g, gen, centred, idx_dtype=kidx, fmt=fmt, pred=pred)
@@ -77,6 +81,8 @@ CASES = {
     "predictor-pre": dict(pred=True, pre_rope=True, g="h"),
     "predictor-pre-int8-window": dict(pred=True, pre_rope=True, fmt="int8", window=20, tq=3),
     "predictor-post-fp8-uncentred": dict(pred=True, fmt="fp8", centred=False, g=1, vc=1),
+    "predictor-int8-pre": dict(pred="int8", pre_rope=True),
+    "predictor-int8-post": dict(pred="int8"),
 }
 
 
@@ -135,6 +141,10 @@ def test_predictor_part_is_added_to_each_token():
     for h in range(keys.idx.shape[1]):
         assert torch.allclose(got[b, h, t], keys.pred.table[h, int(keys.pred.rows[b, t])], atol=1e-5)
     assert keys.pred.table.std() > 0.5  # the part is not negligible
+    _, keys, _, _, _ = _problem(pred="int8")  # an int8 table: row times its scale
+    got = reconstruct(keys) - reconstruct(Codes(keys.idx, keys.coef, keys.atoms, keys.scale, keys.mean))
+    row = int(keys.pred.rows[b, t])
+    torch.testing.assert_close(got[b, 1, t], keys.pred.table[1, row].float() * keys.pred.scale[1, row].float(), atol=1e-5, rtol=1e-5)
 
 
 def test_reconstruct_matches_codec_decode():

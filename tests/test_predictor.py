@@ -15,24 +15,44 @@ from csrtool.errors import CsrError
 from csrtool.formats.acts import ActsReader
 from csrtool.formats.dicts import load_dicts
 from csrtool.models import load_model, rope_info
-from csrtool.predictor import TokenPredictor, apply_map, fit_map
+from csrtool.predictor import TokenPredictor, apply_map, fit_map, raw_map
 from csrtool.reconstruct import Reconstructor
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 12
 
 
+def _linear(p, a):
+    """[T, H, D]: [p, 1]·A[h] exactly (apply_map rounds it to int8 per vector)."""
+    return (torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :]).transpose(0, 1)
+
+
 def test_fit_map_recovers_a_linear_relation_per_head():
     g = torch.Generator().manual_seed(0)
     p = torch.randn(500, 2, 8, generator=g)
     a = torch.randn(2, 9, 8, generator=g)
-    x = apply_map(p, a).transpose(0, 1)  # [T, H, D]
+    x = _linear(p, a)  # [T, H, D]
     fitted = fit_map(x, p)
     assert fitted.shape == (2, 9, 8)
-    torch.testing.assert_close(apply_map(p, fitted).transpose(0, 1), x, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fitted, a, rtol=1e-3, atol=1e-3)
     noisy = x + 0.1 * torch.randn(x.shape, generator=g)
-    resid = noisy - apply_map(p, fit_map(noisy, p)).transpose(0, 1)
+    resid = noisy - _linear(p, fit_map(noisy, p))
     assert 0.005 < float(resid.pow(2).mean()) < 0.0101  # only the noise is left (least squares fits a little of it)
+
+
+def test_predictions_are_int8_per_vector():
+    """apply_map = the exact map rounded per vector to int8 with a float16 absmax scale: within half a step of it."""
+    g = torch.Generator().manual_seed(1)
+    p, a = torch.randn(300, 2, 8, generator=g), torch.randn(2, 9, 8, generator=g)
+    exact = _linear(p, a).transpose(0, 1)  # [H, T, D]
+    got = apply_map(p, a)
+    q, scale = raw_map(p, a)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16 and q.shape == (2, 300, 8) and scale.shape == (2, 300)
+    torch.testing.assert_close(got, q.float() * scale.float()[..., None], rtol=0, atol=0)
+    step = exact.abs().amax(-1, keepdim=True) / 127
+    assert bool(((got - exact).abs() <= 0.51 * step * 1.002 + 1e-6).all())  # half a step (plus the float16 scale's rounding)
+    assert int(q.abs().amax(-1).min()) >= 126  # each vector uses the whole range
+    assert float((got - exact).pow(2).sum() / exact.pow(2).sum()) < 1e-4
 
 
 @pytest.fixture(scope="module")

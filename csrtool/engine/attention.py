@@ -116,7 +116,7 @@ def _scores_post(qr: torch.Tensor, keys: Codes, b: int) -> tuple[Callable[[Codes
     qp = None  # q·tableᵀ [BH, R, rows] for the token predictor's part
     if keys.pred is not None:
         h = bh // b
-        qp = torch.einsum("bhrd,hnd->bhrn", qr.view(b, h, r, d), keys.pred.table.to(torch.float32)).reshape(bh, r, -1)
+        qp = torch.einsum("bhrd,hnd->bhrn", qr.view(b, h, r, d), keys.pred.full()).reshape(bh, r, -1)
 
     def scores(kc: Codes, t0: int) -> torch.Tensor:
         tb = kc.tokens
@@ -233,8 +233,7 @@ class _AtomMass:
         if mean is not None:
             out = out + l[..., None] * (mean.expand(h, -1).repeat(b, 1) if mean.shape[0] > 1 else mean)[None]
         if self.pmass is not None:
-            table = self.values.pred.table.to(torch.float32)
-            out = out + torch.einsum("rbhn,hnd->rbhd", self.pmass.view(self.r, b, h, -1), table).reshape(self.r, bh, -1)
+            out = out + torch.einsum("rbhn,hnd->rbhd", self.pmass.view(self.r, b, h, -1), self.values.pred.full()).reshape(self.r, bh, -1)
         return out
 
 
