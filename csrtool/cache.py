@@ -58,7 +58,7 @@ def index_dtype(n_atoms: int) -> torch.dtype:
 
 def _setting(dicts, model, bits, coef, method, uniform, sparsity=None, tokenizer=None):
     """The per-layer plan, key space and RoPE of `compress --bits` / eval (eval.csr.CSR); explicit (s_k, s_v) overrides bits.
-    Dictionaries trained with --predictor get their TokenPredictor (which needs the model's tokenizer) as `.predictor`."""
+    Dictionaries trained with the token predictor get their TokenPredictor (which needs the model's tokenizer) as `.predictor`."""
     from csrtool.eval.csr import CSR
     from csrtool.models import kv_shape, rope_info
 
@@ -67,7 +67,7 @@ def _setting(dicts, model, bits, coef, method, uniform, sparsity=None, tokenizer
         from csrtool.predictor import TokenPredictor
 
         if tokenizer is None:
-            raise CsrError("these dictionaries were trained with --predictor: the cache needs the model's tokenizer too "
+            raise CsrError("these dictionaries were trained with the token predictor (train-dict's default): the cache needs the model's tokenizer too "
                            "(CSRCache.from_dicts(..., tokenizer=tokenizer))")
         predictor = TokenPredictor.for_dicts(SimpleNamespace(model=model, tokenizer=tokenizer), dicts)
     n_layers, heads, head_dim = kv_shape(model.config)
@@ -339,7 +339,7 @@ class CSRCache(Cache):
         super().__init__(layers=[
             DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else CSRLayer(self, i) for i in range(n_layers)
         ])
-        self.predictions = None  # dictionaries trained with --predictor: the token ids and predictions (cache_predictor)
+        self.predictions = None  # dictionaries trained with the token predictor: the token ids and predictions (cache_predictor)
         self._unhook = None
         if setting.dicts.predicted:
             from csrtool.cache_predictor import LivePredictions
@@ -374,7 +374,7 @@ class CSRCache(Cache):
         sparsity: tuple[int, int] | None = None, tokenizer=None,
     ) -> "CSRCache":
         """A cache for `model` coding with `dicts` (a DictSet or a path) at `bits` per channel, as compress --bits does
-        (`sparsity` = (s_k, s_v) for every layer instead of a bit budget). Dictionaries trained with --predictor
+        (`sparsity` = (s_k, s_v) for every layer instead of a bit budget). Dictionaries trained with the token predictor
         need the model's `tokenizer` (the predictor reads a newline before each token)."""
         if not hasattr(dicts, "atoms"):
             from pathlib import Path
@@ -426,7 +426,7 @@ class CSRCache(Cache):
 
     def nbytes(self) -> dict:
         """Bytes held: codes (indices, coefficients, scales), dense (sink + tail), predictor (the token predictor's tables,
-        ids and rows: dictionaries trained with --predictor), their total; dicts (the layers' dictionaries, separately)."""
+        ids and rows: dictionaries trained with the token predictor), their total; dicts (the layers' dictionaries, separately)."""
         codes = dense = dicts = 0
         for layer in self.layers:
             if not isinstance(layer, CSRLayer):  # a sliding-window layer: at most its window, dense

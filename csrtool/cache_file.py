@@ -21,7 +21,7 @@ again; but a live cache has one coefficient scale per coded block and a section 
 (codec.quantized_section): a second rounding, exact for fp16 (its scale is 1 unless a
 coefficient exceeds 32768), within fp8's / int8's step otherwise. The header is the one
 compress writes for a post-RoPE cache of these tokens (csrfile.make_header), with the token ids
-for dictionaries trained with --predictor (loading reads them back into the cache).
+for dictionaries trained with the token predictor (loading reads them back into the cache).
 """
 
 from __future__ import annotations

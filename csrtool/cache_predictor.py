@@ -1,4 +1,4 @@
-"""The token predictor's part of a live cache (CSRCache with dictionaries trained with --predictor).
+"""The token predictor's part of a live cache (CSRCache with dictionaries trained with the token predictor).
 
 Those dictionaries code what the predictor leaves (csrtool.predictor): coding subtracts each token's
 prediction, attention adds it back. The cache therefore keeps:

@@ -193,6 +193,6 @@ def prompt_cache(loaded: Loaded, text: str, max_tokens: int | None, text_source:
         "position_offset": 0,
         "tokens": int(ids.numel()),
         "text_source": text_source,
-        "ids": [[int(i) for i in ids]],  # the token predictor's input (train-dict --predictor dictionaries)
+        "ids": [[int(i) for i in ids]],  # the token predictor's input (dictionaries trained with it, train-dict's default)
     }
     return KVCache([k.cpu() for k in keys], [v.cpu() for v in values], meta)

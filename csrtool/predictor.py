@@ -177,7 +177,7 @@ def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.T
 def cache_ids(meta: dict, b: int, t: int, vocab: int) -> torch.Tensor:
     """The token ids [B, T] a cache's meta records (`ids`: B lists of T ints below `vocab`); CsrError otherwise."""
     ids = meta.get("ids")
-    fix = "save the cache with csrtool cache (it records them), or use dictionaries trained without --predictor"
+    fix = "save the cache with csrtool cache (it records them), or use dictionaries trained with --no-predictor"
     if ids is None:
         raise CsrError(f"the cache does not record its token ids, which the token predictor needs: {fix}")
     ok = (isinstance(ids, list) and len(ids) == b and all(isinstance(r, list) and len(r) == t for r in ids)

@@ -43,9 +43,9 @@ class Reconstructor:
             from csrtool.predictor import PREFIX_TEXT
 
             if predictor is None:
-                raise CsrError("these dictionaries code what the token predictor leaves (train-dict --predictor): the model is needed to decode them")
+                raise CsrError("these dictionaries code what the token predictor leaves (train-dict's default): the model is needed to decode them")
             if dicts.source.get("predictor_prefix") != PREFIX_TEXT:
-                raise CsrError("the dictionary file's token predictor is not this csrtool's: re-run csrtool train-dict --predictor")
+                raise CsrError("the dictionary file's token predictor is not this csrtool's: re-run csrtool train-dict")
         self.predictor = predictor if dicts.predicted else None
         self.config = config
         self.key_space = dicts.source.get("key_space", "post-rope")

@@ -286,7 +286,7 @@ def train_dicts(
                        f"{'value chunk' if cfg.value_split > 1 else 'vector'}: pass --sparsity {max(1, d // cfg.value_split // 8)} or so")
     _check_memory(cfg, d, device)
     if cfg.predictor and predict is None:
-        raise CsrError("training for the token predictor needs the model's context-free K/V (predict=): use csrtool train-dict --predictor")
+        raise CsrError("training for the token predictor needs the model's context-free K/V (predict=): use csrtool train-dict")
     rows = _Rows(reader, device, predict if cfg.predictor else None, cfg.predictor_depth)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}

@@ -107,7 +107,7 @@ def compress(
 
 
 def _predictor(ds, meta: dict, b: int, t: int):
-    """The dictionaries' model as a TokenPredictor when they were trained with --predictor (else None)."""
+    """The dictionaries' model as a TokenPredictor when they were trained with the token predictor (else None)."""
     if not ds.predicted:
         return None
     from csrtool.models import load_model
@@ -115,7 +115,7 @@ def _predictor(ds, meta: dict, b: int, t: int):
 
     cache_ids(meta, b, t, 1 << 31)  # before the model loads: are the ids there at all?
     model = ds.source.get("model")
-    err.print(f"loading {model} for the token predictor (the dictionaries were trained with --predictor)")
+    err.print(f"loading {model} for the token predictor (the dictionaries were trained with it)")
     return TokenPredictor.for_dicts(load_model(model, "cpu", "float32"), ds)
 
 

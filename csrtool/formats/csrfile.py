@@ -128,7 +128,7 @@ def _token_ids(dicts: DictSet, predictor, header: CsrHeader) -> torch.Tensor | N
     from csrtool.predictor import cache_ids
 
     if predictor is None:
-        raise CsrError("these dictionaries were trained with --predictor: the model is needed to code or decode with them")
+        raise CsrError("these dictionaries were trained with the token predictor (train-dict's default): the model is needed to code or decode with them")
     b, _, t, _, _ = header.layers[0]
     return cache_ids(header.meta, b, t, predictor.vocab)
 

@@ -3,7 +3,7 @@
 Layout:
 - tensor `layer.{l}.{k|v}.mean` (optional): float32 [G, D], the mean of the training
   vectors, subtracted before coding and added back after decoding (train-dict --center);
-- tensor `layer.{l}.{k|v}.pmap` (optional, train-dict --predictor): float32 [H, D + 1, D],
+- tensor `layer.{l}.{k|v}.pmap` (optional, train-dict's token predictor): float32 [H, D + 1, D],
   the token predictor's map (csrtool.predictor): [p(t), 1] · A[h] is subtracted before the
   mean and added back after decoding; p(t) comes from the model, so these files need it;
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
