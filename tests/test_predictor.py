@@ -323,3 +323,27 @@ def test_predictor_depth_maps_only_the_first_layers(trained, loaded):
     pos = torch.arange(ids.shape[1])
     torch.testing.assert_close(rec.reconstruct(1, "v", values[1], pos, ids),
                                codec.roundtrip(values[1], ds.get(1, "v"), 1, "fp8", "omp", ds.mean(1, "v")))
+
+
+def test_cli_generate_saves_and_resumes_with_the_predictor(trained, tiny_llama_dir, tmp_path):
+    """csrtool generate on the default (predictor) dictionaries: the predictions' bytes are reported, a saved file
+    keeps the token ids, decompress decodes it with the model and --resume continues it."""
+    from csrtool.formats.kvcache import load_cache
+
+    base = ["generate", "--model", str(tiny_llama_dir), "--dicts", str(trained / "pred.safetensors"), "--device", "cpu"]
+    prompt, saved = "Sphinx of black quartz, judge my vow. " * 2, tmp_path / "p.csr"
+    res = runner.invoke(app, [*base, "--bits", "4", "--max-new-tokens", "9", "--save", str(saved), "--json", str(tmp_path / "g.json"), prompt])
+    assert res.exit_code == 0, res.output
+    held = json.loads((tmp_path / "g.json").read_text())["cache_bytes"]
+    assert held["predictor"] > 0 and held["total"] == held["codes"] + held["dense"] + held["predictor"]
+    assert "token predictions" in res.output
+    res = runner.invoke(app, ["inspect", str(saved), "--json"])
+    assert res.exit_code == 0, res.output
+    ids = json.loads(res.stdout)["header"]["meta"]["ids"]
+    assert len(ids) == 1 and len(ids[0]) == len(prompt) + 9  # byte-level tokenizer: one token per character
+    res = runner.invoke(app, ["decompress", str(saved), "--dicts", str(trained / "pred.safetensors"), "-o", str(tmp_path / "kv.pt")])
+    assert res.exit_code == 0, res.output
+    assert load_cache(tmp_path / "kv.pt").keys[0].shape[2] == len(prompt) + 9
+    res = runner.invoke(app, [*base, "--resume", str(saved), "--max-new-tokens", "4", "--json", str(tmp_path / "g2.json"), " and"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "g2.json").read_text())["new_tokens"] == 4

@@ -94,7 +94,9 @@ def generate(
     held = result.cache_bytes
     err.print(
         f"prefill {result.prompt_tokens} tokens at {result.prefill_tps:.1f} tok/s, decode {result.new_tokens} tokens at {result.decode_tps:.1f} tok/s; "
-        f"cache {_mb(held['total'])} (codes {_mb(held['codes'])}, uncompressed {_mb(held['dense'])}; dictionaries {_mb(held['dicts'])}) "
+        f"cache {_mb(held['total'])} (codes {_mb(held['codes'])}, uncompressed {_mb(held['dense'])}"
+        + (f", token predictions {_mb(held['predictor'])}" if held.get("predictor") else "")
+        + f"; dictionaries {_mb(held['dicts'])}) "
         f"vs {_mb(result.dynamic_bytes)} in a DynamicCache ({result.dynamic_bytes / max(1, held['total']):.1f}x smaller)",
         highlight=False,
     )
