@@ -50,7 +50,7 @@ class LivePredictions:
         self.tables: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> int8 [H, capacity, D]; rows < len(index) used
         self.scales: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> float16 [H, capacity]
         self.index: dict[tuple[int, ...], int] = {}
-        self.ids: torch.Tensor | None = None  # [B, slots] int64 (CPU): every token fed
+        self.ids: torch.Tensor | None = None  # [B, slots] int32 (CPU): every token fed
         self.rows: torch.Tensor | None = None  # [B, n] int32 (device): the rows of slots 0..n-1
         self._pending: torch.Tensor | None = None
         self._busy = False
@@ -72,11 +72,11 @@ class LivePredictions:
         if ids is None or tuple(ids.shape) != (batch, n):
             raise CsrError("a cache with token-predictor dictionaries needs each step's token ids: run the model with "
                            "input_ids (not inputs_embeds)")
-        ids = ids.to("cpu", torch.long)
+        ids = ids.to("cpu", torch.int32)
         self.ids = ids if self.ids is None else torch.cat([self.ids, ids], 1)
 
     def set_ids(self, ids: torch.Tensor) -> None:
-        self.ids, self.rows = ids.to("cpu", torch.long), None
+        self.ids, self.rows = ids.to("cpu", torch.int32), None
 
     def ids_list(self) -> list[list[int]]:
         return [] if self.ids is None else self.ids.tolist()
