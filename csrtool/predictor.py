@@ -159,15 +159,13 @@ def raw_map(p: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor, t: int) -> torch.Tensor:
-    """[B, H, t, D] float32: the dictionary's mean plus the predicted part of the last t of the tokens ids [B, T]
-    (a sequence from its start, so each prediction can read the tokens before it; code space)."""
+    """[B, H, t, D] float32 (H: G, the mean's heads, where nothing is predicted): the dictionary's mean plus the predicted
+    part of the last t of the tokens ids [B, T] (a sequence from its start, so each prediction can read the tokens before
+    it; code space)."""
     a = dicts.pmap(layer, kind)
-    if a is None:  # a layer the predictor does not serve (train-dict --predictor-depth)
-        mean, atoms = dicts.mean(layer, kind), dicts.get(layer, kind)
-        base = torch.zeros(1, atoms.shape[1] * atoms.shape[3]) if mean is None else mean.to("cpu", torch.float32)
-        return base[None, :, None, :].expand(ids.shape[0], -1, t, -1)
-    if t == 0:
-        pred = torch.zeros(ids.shape[0], a.shape[0], 0, a.shape[2])
+    if a is None or t == 0:  # nothing predicted: a layer the predictor does not serve (--predictor-depth), or no token
+        atoms = dicts.get(layer, kind)
+        pred = torch.zeros(ids.shape[0], 1, t, atoms.shape[1] * atoms.shape[3])
     else:
         pred = torch.stack([apply_map(predictor.kv(layer, kind, row, last=t), a) for row in ids])
     mean = dicts.mean(layer, kind)

@@ -17,6 +17,7 @@ from csrtool.formats.dicts import load_dicts
 from csrtool.models import load_model, rope_info
 from csrtool.predictor import TokenPredictor, apply_map, fit_map, raw_map
 from csrtool.reconstruct import Reconstructor
+from test_cache import _feed
 
 runner = CliRunner()
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 12
@@ -194,13 +195,6 @@ def test_compress_and_decompress_with_the_predictor(trained, tiny_llama_dir):
 
     with pytest.raises(CsrError, match="tokenizer"):
         CSRCache.from_dicts(d / "pred.safetensors", load_model(str(tiny_llama_dir), "cpu", "float32").model)
-
-
-def _feed(model, cache, ids, chunk):
-    """Logits [B, T, V] of ids fed in chunks through `cache`."""
-    with torch.no_grad():
-        return torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits.float()
-                          for s in range(0, ids.shape[1], chunk)], 1)
 
 
 @pytest.mark.parametrize("name", ["pred", "bi", "d1"])
