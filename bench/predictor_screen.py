@@ -29,7 +29,7 @@ from csrtool.engine import pursuit  # noqa: E402
 from csrtool.engine.neuraldict import TrainConfig, train_dictionary  # noqa: E402
 from csrtool.formats.acts import ActsReader  # noqa: E402
 from csrtool.models import load_model  # noqa: E402
-from csrtool.predictor import TokenPredictor, apply_map, fit_map  # noqa: E402
+from csrtool.predictor import TokenPredictor, apply_map, fit_prediction  # noqa: E402
 
 
 def train(x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +69,9 @@ def main() -> None:
     for layer in [int(v) for v in args.layers.split(",")]:
         for kind in ("k", "v"):
             x = reader.load(layer, kind)
-            a = fit_map(x, tp.kv(layer, kind, ids))
+            a, fitted = fit_prediction(x, tp.kv(layer, kind, ids))
             plain, mu = train(x, cfg)
-            pred, mu_r = train(x - apply_map(tp.kv(layer, kind, ids), a).transpose(0, 1), cfg)
+            pred, mu_r = train(x - fitted, cfg)
             for name, t_ids, kv in texts:
                 xt = kv[kind][layer][0].transpose(0, 1).float()  # [T, H, D]
                 d = xt.shape[-1]

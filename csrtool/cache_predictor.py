@@ -7,8 +7,8 @@ prediction, attention adds it back. The cache therefore keeps:
 - each slot's row in a table of the distinct prediction keys (a token and the context - 1
   tokens before it), computed when the slot is first coded or read;
 - per served layer and kind (a layer with a map, coded by the cache), the mapped predictions
-  as int8 [H, rows, D] with a float16 scale per row [H, rows] on the cache's device (every
-  decoder rounds them so: predictor.apply_map / raw_map), grown by a quarter when full. Keys not seen before cost one
+  as int8 [H, rows, D] with a float16 scale per row [H, rows] on the cache's device, and the
+  map's channel scales [H, D] (every decoder rounds them so: predictor.apply_map / raw_map), grown by a quarter when full. Keys not seen before cost one
   model pass over them (TokenPredictor.compute, at most BATCH per pass, outside the cache:
   the pass uses its own DynamicCache and plain attention).
 
@@ -42,7 +42,7 @@ class LivePredictions:
         self.predictor = predictor  # csrtool.predictor.TokenPredictor of the cache's model (its compute() only)
         model = predictor.model
         self.device = model.device
-        self.maps = {}  # (layer, kind) -> A [H, D + 1, D] on the device
+        self.maps = {}  # (layer, kind) -> A [H, D + 2, D] on the device (predictor.fit_prediction)
         for name, a in dicts.maps.items():
             layer, kind = parse_dict_name(name)
             if layer in layers:
@@ -126,7 +126,10 @@ class LivePredictions:
         assert t > 0, t
         self._rows_upto(slot0 + t)
         n = len(self.index)
-        return Pred(self.tables[(layer, kind)][:, :n], self.rows[:, slot0 : slot0 + t], self.scales[(layer, kind)][:, :n])
+        from csrtool.predictor import map_channels
+
+        return Pred(self.tables[(layer, kind)][:, :n], self.rows[:, slot0 : slot0 + t], self.scales[(layer, kind)][:, :n],
+                    map_channels(self.maps[(layer, kind)]))
 
     # ------------------------------------------------------------ batch and bytes
     def map_batch(self, fn) -> None:

@@ -7,9 +7,11 @@ badly (docs/quality.md, fifth pass). The predictor removes that part with the mo
     p(t) = the token's K/V at layer l when the model reads PREFIX + t (its "context-free" K/V),
            or PREFIX + the c - 1 tokens before t + t with a context of c tokens
     x ≈ [p(t), 1] · A[h]        A [H, D + 1, D] per layer and kind, least squares on calibration
-    the dictionary codes x − [p(t), 1] · A[h] (and its mean), decoding adds it back
+    the dictionary codes x − [p(t), 1] · A[h] (and its mean), decoding adds it back, every decoder
+    rounding it alike: divided by c[h] (each channel's RMS on calibration: row D + 1 of the stored map),
+    each vector to int8 with a float16 absmax scale, multiplied back by c[h]
 
-The maps are stored in the dictionary file (`layer.{l}.{k|v}.pmap`); p(t) costs no bits, since
+The maps are stored in the dictionary file (`layer.{l}.{k|v}.pmap`: [H, D + 2, D], A and c); p(t) costs no bits, since
 whoever decodes has the token ids and the model. Keys are predicted in the dictionaries' key
 space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as collect does).
 
@@ -19,8 +21,10 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
     TokenPredictor.kv(layer, kind, ids [T], last=None) -> p [T or last, H, D] float32
     TokenPredictor.compute(keys) -> per model pass: (keys, {kind: per layer [n, H, D]})   unmemoised (the live cache's)
     fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
-    apply_map(p [T, H, D], A) -> [H, T, D]              float32, each vector quantised to int8 (quantize_prediction)
-    raw_map(p, A) -> (int8 [H, T, D], scale float16 [H, T])   the same, as a live cache holds it
+    fit_prediction(x, p) -> (A with c [H, D + 2, D], what coding subtracts [T, H, D])   train-dict's fit
+    apply_map(p [T, H, D], A) -> [H, T, D]              float32, rounded as above (quantize_prediction)
+    raw_map(p, A) -> (int8 [H, T, D], scale float16 [H, T])   the same before c, as a live cache holds it
+    map_channels(A) -> c [H, D] | None                  None: a map of csrtool before c (rounded without it)
     offset(dicts, predictor, layer, kind, ids [B, T], t) -> [B, H, t, D]   what coding subtracts from the last t: mean + prediction
     cache_ids(meta, b, t, vocab) -> ids [B, T]     a saved cache's token ids (meta["ids"], csrtool cache writes them)
     collection_ids(reader) -> ids [T]              an activation set's token ids, checked usable for training (pre-RoPE keys)
@@ -134,28 +138,59 @@ def fit_map(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge, rhs).float()
 
 
-def quantize_prediction(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [..., D] -> (q int8 [..., D], scale float16 [...]): each vector to int8 with its own absmax scale, as the
-    predictions are held and added by every decoder (a live cache keeps them so: about half a float16 table)."""
+def channel_scale(y: torch.Tensor) -> torch.Tensor:
+    """[H, D] float32: each channel's root mean square over the predictions y [H, T, D] (calibration's), the per-channel
+    scale the int8 rounding divides by first, so that a few large channels (Gemma-3's normalised keys) do not set every
+    channel's step; a channel that is always 0 gets 1."""
+    c = y.float().pow(2).mean(1).sqrt()
+    return torch.where(c > 0, c, torch.ones_like(c))
+
+
+def quantize_prediction(v: torch.Tensor, chan: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [H, T, D] (or [..., D] without chan) -> (q int8, scale float16 [H, T]): each vector, divided by its head's channel
+    scales chan [H, D] when given, to int8 with its own absmax scale, as the predictions are held and added by every
+    decoder (a live cache keeps them so: about half a float16 table)."""
+    if chan is not None:
+        v = v / chan.to(v.device, torch.float32)[:, None, :]
     scale = (v.abs().amax(-1) / 127).half()
     s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
     return torch.round(v / s).clamp_(-127, 127).to(torch.int8), scale
 
 
-def dequantize_prediction(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float32) * scale.to(torch.float32)[..., None]
+def dequantize_prediction(q: torch.Tensor, scale: torch.Tensor, chan: torch.Tensor | None = None) -> torch.Tensor:
+    out = q.to(torch.float32) * scale.to(torch.float32)[..., None]
+    return out if chan is None else out * chan.to(out.device, torch.float32)[:, None, :]
+
+
+def exact_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """[H, T, D] float32: [p, 1]·A[h] for p [T, H, D], before any rounding (A's rows 0..D: the linear part and the bias)."""
+    d = p.shape[-1]
+    a = a.to(p.device, torch.float32)
+    return torch.einsum("thd,hde->hte", p, a[:, :d]) + a[:, d][:, None, :]
+
+
+def map_channels(a: torch.Tensor) -> torch.Tensor | None:
+    """A map's channel scales [H, D] (its row D + 1), or None for a map without them (files of csrtool before them)."""
+    return a[:, -1] if a.shape[1] == a.shape[2] + 2 else None
 
 
 def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """[H, T, D] float32: the predicted part of each head's vectors from p [T, H, D], as every decoder adds it:
-    quantised per vector to int8 (quantize_prediction)."""
-    return dequantize_prediction(*raw_map(p, a))
+    divided by the map's channel scales, each vector rounded to int8 with its absmax scale, multiplied back."""
+    return dequantize_prediction(*raw_map(p, a), map_channels(a))
 
 
 def raw_map(p: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """apply_map's prediction as (int8 [H, T, D], scale float16 [H, T]), the form a live cache holds."""
-    a = a.to(p.device, torch.float32)
-    return quantize_prediction(torch.einsum("thd,hde->hte", p, a[:, :-1]) + a[:, -1][:, None, :])
+    """apply_map's prediction as (int8 [H, T, D], scale float16 [H, T]) before the channel scales, as a live cache holds it."""
+    return quantize_prediction(exact_map(p, a), map_channels(a))
+
+
+def fit_prediction(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [H, D + 2, D], the prediction coding subtracts [T, H, D]) for vectors x [T, H, D] and predictor K/V p [T, H, D]:
+    the least-squares map (fit_map) with its predictions' channel scales on these vectors (channel_scale) as row D + 1."""
+    a = fit_map(x, p)
+    a = torch.cat([a, channel_scale(exact_map(p, a))[:, None, :]], 1)
+    return a, apply_map(p, a).transpose(0, 1)
 
 
 def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor, t: int) -> torch.Tensor:

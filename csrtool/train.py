@@ -195,12 +195,11 @@ class _Rows:
     def load(self, layer: int, kind: str) -> torch.Tensor:
         x = self.reader.load(layer, kind)
         if self.predicts(layer):
-            from csrtool.predictor import apply_map, fit_map
+            from csrtool.predictor import fit_prediction
 
-            p = self.predict(layer, kind, self.ids)
-            a = fit_map(x, p)
+            a, pred = fit_prediction(x, self.predict(layer, kind, self.ids))
             self.maps[dict_name(layer, kind)] = a
-            x = x - apply_map(p, a).transpose(0, 1)
+            x = x - pred
         return x.to(self.device)
 
 

@@ -33,8 +33,9 @@ def _codes(b, h, t, c, s, n, g, gen, centred, idx_dtype=torch.int16, fmt=None, p
     p = None
     if pred:  # a token predictor's part: 7 table rows shared by the tokens (float32, or int8 with a scale per row)
         table, rows = torch.randn(h, 7, D, generator=gen), torch.randint(0, 7, (b, t), generator=gen).to(torch.int32)
-        if pred == "int8":
-            p = Pred(torch.randint(-127, 128, (h, 7, D), generator=gen).to(torch.int8), rows, (0.02 * torch.rand(h, 7, generator=gen)).half())
+        if pred in ("int8", "int8-chan"):  # int8 rows with a scale per row (and per channel: the predictor's channel scales)
+            chan = 0.5 + 4 * torch.rand(h, D, generator=gen) if pred == "int8-chan" else None
+            p = Pred(torch.randint(-127, 128, (h, 7, D), generator=gen).to(torch.int8), rows, (0.02 * torch.rand(h, 7, generator=gen)).half(), chan)
         else:
             p = Pred(table, rows)
     return Codes(idx, coef, atoms, scale, mean, p)
@@ -83,6 +84,8 @@ CASES = {
     "predictor-post-fp8-uncentred": dict(pred=True, fmt="fp8", centred=False, g=1, vc=1),
     "predictor-int8-pre": dict(pred="int8", pre_rope=True),
     "predictor-int8-post": dict(pred="int8"),
+    "predictor-int8-chan-pre": dict(pred="int8-chan", pre_rope=True),
+    "predictor-int8-chan-post-window": dict(pred="int8-chan", window=20, tq=3),
 }
 
 
@@ -145,6 +148,11 @@ def test_predictor_part_is_added_to_each_token():
     got = reconstruct(keys) - reconstruct(Codes(keys.idx, keys.coef, keys.atoms, keys.scale, keys.mean))
     row = int(keys.pred.rows[b, t])
     torch.testing.assert_close(got[b, 1, t], keys.pred.table[1, row].float() * keys.pred.scale[1, row].float(), atol=1e-5, rtol=1e-5)
+    _, keys, _, _, _ = _problem(pred="int8-chan")  # and times the channel scales
+    got = reconstruct(keys) - reconstruct(Codes(keys.idx, keys.coef, keys.atoms, keys.scale, keys.mean))
+    row = int(keys.pred.rows[b, t])
+    want = keys.pred.table[1, row].float() * keys.pred.scale[1, row].float() * keys.pred.channel[1]
+    torch.testing.assert_close(got[b, 1, t], want, atol=1e-5, rtol=1e-5)
 
 
 def test_reconstruct_matches_codec_decode():

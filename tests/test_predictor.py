@@ -15,7 +15,7 @@ from csrtool.errors import CsrError
 from csrtool.formats.acts import ActsReader
 from csrtool.formats.dicts import load_dicts
 from csrtool.models import load_model, rope_info
-from csrtool.predictor import TokenPredictor, apply_map, fit_map, raw_map
+from csrtool.predictor import TokenPredictor, apply_map, fit_map, fit_prediction, map_channels, raw_map
 from csrtool.reconstruct import Reconstructor
 from test_cache import _feed
 
@@ -42,18 +42,42 @@ def test_fit_map_recovers_a_linear_relation_per_head():
 
 
 def test_predictions_are_int8_per_vector():
-    """apply_map = the exact map rounded per vector to int8 with a float16 absmax scale: within half a step of it."""
+    """apply_map = the exact map rounded per vector to int8 with a float16 absmax scale: within half a step of it
+    (a map of csrtool before channel scales, [H, D + 1, D])."""
     g = torch.Generator().manual_seed(1)
     p, a = torch.randn(300, 2, 8, generator=g), torch.randn(2, 9, 8, generator=g)
     exact = _linear(p, a).transpose(0, 1)  # [H, T, D]
     got = apply_map(p, a)
     q, scale = raw_map(p, a)
+    assert map_channels(a) is None
     assert q.dtype == torch.int8 and scale.dtype == torch.float16 and q.shape == (2, 300, 8) and scale.shape == (2, 300)
     torch.testing.assert_close(got, q.float() * scale.float()[..., None], rtol=0, atol=0)
     step = exact.abs().amax(-1, keepdim=True) / 127
     assert bool(((got - exact).abs() <= 0.51 * step * 1.002 + 1e-6).all())  # half a step (plus the float16 scale's rounding)
     assert int(q.abs().amax(-1).min()) >= 126  # each vector uses the whole range
     assert float((got - exact).pow(2).sum() / exact.pow(2).sum()) < 1e-4
+
+
+def test_channel_scales_keep_an_outlier_channel_from_setting_every_step():
+    """fit_prediction's map carries each channel's RMS; rounding divides by it first, so a channel 50x larger than the
+    others (Gemma-3's normalised keys) no longer coarsens the small channels' steps."""
+    g = torch.Generator().manual_seed(2)
+    p = torch.randn(400, 2, 8, generator=g)
+    x = _linear(p, torch.randn(2, 9, 8, generator=g)) * torch.tensor([50.0] + [1.0] * 7)  # channel 0 large
+    a, pred = fit_prediction(x, p)
+    assert a.shape == (2, 10, 8)
+    exact = _linear(p, a[:, :9])
+    c = map_channels(a)
+    torch.testing.assert_close(c, exact.pow(2).mean(0).sqrt(), rtol=1e-5, atol=0)
+    assert float(c[:, 0].min()) > 10 * float(c[:, 1:].max())
+    q, scale = raw_map(p, a)
+    torch.testing.assert_close(pred, (q.float() * scale.float()[..., None] * c[:, None, :]).transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(apply_map(p, a).transpose(0, 1), pred, rtol=0, atol=0)
+    step = (exact / c).abs().amax(-1, keepdim=True) / 127 * c  # half a step in the divided space, per channel
+    assert bool(((pred - exact).abs() <= 0.51 * step * 1.002 + 1e-6).all())
+    small = lambda got: float((got - exact)[..., 1:].pow(2).sum() / exact[..., 1:].pow(2).sum())  # noqa: E731
+    per_vector = apply_map(p, a[:, :9]).transpose(0, 1)
+    assert small(pred) * 20 < small(per_vector)  # the small channels: at least 20x less rounding error
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +133,15 @@ def test_collect_stores_the_token_ids(trained, loaded):
 def test_train_dict_writes_the_maps_it_trained_on(trained, loaded):
     ds, plain = load_dicts(trained / "pred.safetensors"), load_dicts(trained / "plain.safetensors")
     assert ds.predicted and not plain.predicted and ds.config["predictor"] is True
-    assert sorted(ds.maps) == sorted(ds.atoms) and ds.pmap(1, "v").shape == (2, 9, 8)
+    assert sorted(ds.maps) == sorted(ds.atoms) and ds.pmap(1, "v").shape == (2, 10, 8)
     reader = ActsReader(trained / "acts")
     tp = TokenPredictor.for_model(loaded, "pre-rope")
-    x = reader.load(1, "k")
-    torch.testing.assert_close(ds.pmap(1, "k"), fit_map(x, tp.kv(1, "k", reader.ids())), rtol=1e-4, atol=1e-4)
+    x, p = reader.load(1, "k"), tp.kv(1, "k", reader.ids())
+    a = fit_map(x, p)
+    torch.testing.assert_close(ds.pmap(1, "k")[:, :9], a, rtol=1e-4, atol=1e-4)
+    # row D + 1: each channel's RMS of the exact predictions on the training vectors
+    rms = _linear(p, a).pow(2).mean(0).sqrt()  # [H, D]
+    torch.testing.assert_close(map_channels(ds.pmap(1, "k")), rms, rtol=1e-3, atol=1e-5)
     # the atoms were trained on what the map leaves, whose mean is zero (the map has an intercept)
     assert float(ds.mean(1, "k").abs().max()) < 1e-3 < float(plain.mean(1, "k").abs().max())
     assert ds.sensitivity["kl"] and set(ds.sensitivity["kl"]) == set(plain.sensitivity["kl"])

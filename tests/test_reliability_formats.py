@@ -215,6 +215,28 @@ def test_non_finite_dictionary_is_refused(tmp_path, what):
         load_dicts(path)
 
 
+def test_predictor_map_shapes_and_channel_scales(tmp_path):
+    """A map with channel scales ([H, D + 2, D]) makes a version 2 file; one without ([H, D + 1, D], older csrtool) still
+    loads as version 1; a channel scale that is not positive, or another shape, is refused."""
+    atoms = make_atoms()
+    d = {name: a.shape[1] * a.shape[3] for name, a in atoms.items()}
+    with_c = {name: torch.cat([torch.randn(2, n + 1, n), torch.rand(2, 1, n) + 0.5], 1) for name, n in d.items()}
+    for maps, version in ((with_c, "2"), ({name: m[:, :-1] for name, m in with_c.items()}, "1"), ({}, "1")):
+        save_dicts(tmp_path / "d.safetensors", atoms, {}, {"key_space": "pre-rope"}, {}, maps=maps)
+        with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+            assert f.metadata()["version"] == version
+        got = load_dicts(tmp_path / "d.safetensors")
+        assert {k: tuple(v.shape) for k, v in got.maps.items()} == {k: tuple(v.shape) for k, v in maps.items()}
+    for bad, says in (("zero", "channel scales that are not positive"), ("shape", "shape \\[2, 19, 16\\], expected \\[H, 18, 16\\]")):
+        maps = {name: m.clone() for name, m in with_c.items()}
+        maps["layer.0.k"] = torch.cat([maps["layer.0.k"], maps["layer.0.k"][:, -1:]], 1) if bad == "shape" else maps["layer.0.k"]
+        if bad == "zero":
+            maps["layer.0.k"][1, -1, 3] = 0.0
+        save_dicts(tmp_path / "d.safetensors", atoms, {}, {"key_space": "pre-rope"}, {}, maps=maps)
+        with pytest.raises(CsrError, match=f"predictor map of layer.0.k has {says}"):
+            load_dicts(tmp_path / "d.safetensors")
+
+
 # ---------------------------------------------------------------- 14.3: sparsity that cannot work
 
 

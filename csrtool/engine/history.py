@@ -2,7 +2,7 @@
 by reconstruction: the reference that engine/attention.py's attention on the codes must match.
 
     Codes(idx, coef, atoms, scale=None, mean=None, pred=None)   one side (K or V): codes of T tokens
-    Pred(table, rows, scale=None)                        a per-token vector added to decoded tokens (token predictor)
+    Pred(table, rows, scale=None, channel=None)          a per-token vector added to decoded tokens (token predictor)
     Segment(k, v, start)                                 dense tokens at slots start..
     Rope(inv_freq, scaling=1.0)                          re-rotation of pre-RoPE keys (cached cos/sin)
     reconstruct(codes) -> [B, H, T, C·Dc] float32         decode one side (scale and mean applied)
@@ -30,18 +30,20 @@ from csrtool.engine import rope as _rope
 @dataclass(frozen=True)
 class Pred:
     """A per-token part added to decoded vectors, looked up in a table (the token predictor's prediction):
-    token t of sequence b, head h gets table[h, rows[b, t]] (times scale[h, rows[b, t]] when scaled).
+    token t of sequence b, head h gets table[h, rows[b, t]] (times scale[h, rows[b, t]] when scaled, times
+    channel[h] when given).
 
     table [H, R, D] float, or int8 with scale [H, R] float (one scale per row); rows [B, T] integer < R
-    (tokens sharing a row share the vector).
+    (tokens sharing a row share the vector); channel None or [H, D] float (a scale per channel, every row's).
     """
 
     table: torch.Tensor
     rows: torch.Tensor
     scale: torch.Tensor | None = None
+    channel: torch.Tensor | None = None
 
     def slice(self, t0: int, t1: int) -> "Pred":
-        return Pred(self.table, self.rows[:, t0:t1], self.scale)
+        return Pred(self.table, self.rows[:, t0:t1], self.scale, self.channel)
 
     def dense(self) -> torch.Tensor:
         """[B, H, T, D] float32: each token's vector."""
@@ -49,12 +51,16 @@ class Pred:
         out = self.table[:, rows].to(torch.float32)
         if self.scale is not None:
             out = out * self.scale[:, rows].to(torch.float32)[..., None]
+        if self.channel is not None:
+            out = out * self.channel.to(torch.float32)[:, None, None, :]
         return out.transpose(0, 1)
 
     def full(self) -> torch.Tensor:
         """[H, R, D] float32: the whole table."""
         out = self.table.to(torch.float32)
-        return out if self.scale is None else out * self.scale.to(torch.float32)[..., None]
+        if self.scale is not None:
+            out = out * self.scale.to(torch.float32)[..., None]
+        return out if self.channel is None else out * self.channel.to(torch.float32)[:, None, :]
 
 
 @dataclass(frozen=True)

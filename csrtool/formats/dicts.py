@@ -3,13 +3,16 @@
 Layout:
 - tensor `layer.{l}.{k|v}.mean` (optional): float32 [G, D], the mean of the training
   vectors, subtracted before coding and added back after decoding (train-dict --center);
-- tensor `layer.{l}.{k|v}.pmap` (optional, train-dict's token predictor): float32 [H, D + 1, D],
-  the token predictor's map (csrtool.predictor): [p(t), 1] · A[h] is subtracted before the
-  mean and added back after decoding; p(t) comes from the model, so these files need it;
+- tensor `layer.{l}.{k|v}.pmap` (optional, train-dict's token predictor): float32 [H, D + 2, D],
+  the token predictor's map (csrtool.predictor): [p(t), 1] · A[h] (rows 0..D) is subtracted before
+  the mean and added back after decoding, rounded to int8 after dividing by the channel scales
+  of row D + 1 (files of csrtool before them: [H, D + 1, D], rounded per vector without them);
+  p(t) comes from the model, so these files need it;
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
   (scope 'layer'), C = channel-split chunks (1 for keys, `value_split` for values),
   N atoms of Dc = D / C channels, each atom of unit norm;
-- string metadata: `format` = 'csrtool-dicts', `version`, `config` (training config,
+- string metadata: `format` = 'csrtool-dicts', `version` (1; 2 when the predictor maps carry
+  channel scales, so an older csrtool refuses what it would round differently), `config` (training config,
   JSON), `source` (model, key_space, num_kv_heads, head_dim, tokens, JSON),
   `errors` (per-dictionary train/val relative error, JSON), `fingerprint`
   (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
@@ -37,7 +40,7 @@ from csrtool.errors import CsrError
 from csrtool.formats.stwrite import save_safetensors
 
 FORMAT = "csrtool-dicts"
-VERSION = 1
+VERSION = 2  # 2: predictor maps with channel scales ([H, D + 2, D]); written only by files that have them, else 1
 KINDS = ("k", "v")
 MEAN_SUFFIX = ".mean"
 PMAP_SUFFIX = ".pmap"
@@ -76,7 +79,7 @@ class DictSet:
     fingerprint: str = ""
     sensitivity: dict = field(default_factory=dict)  # csrtool.calibration.calibrate output; {} when not calibrated
     means: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [G, D]: subtracted before coding
-    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [H, D + 1, D]: token predictor (csrtool.predictor)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [H, D + 2, D]: token predictor (csrtool.predictor)
 
     def get(self, layer: int, kind: str) -> torch.Tensor:
         name = dict_name(layer, kind)
@@ -90,7 +93,7 @@ class DictSet:
         return self.means.get(dict_name(layer, kind))
 
     def pmap(self, layer: int, kind: str) -> torch.Tensor | None:
-        """The token predictor's map A [H, D + 1, D] (csrtool.predictor), or None."""
+        """The token predictor's map A [H, D + 2, D] (or [H, D + 1, D]; csrtool.predictor), or None."""
         return self.maps.get(dict_name(layer, kind))
 
     @property
@@ -120,7 +123,7 @@ def save_dicts(
     fp = fingerprint(tensors)
     meta = {
         "format": FORMAT,
-        "version": str(VERSION),
+        "version": str(2 if any(m.shape[1] == m.shape[2] + 2 for m in (maps or {}).values()) else 1),
         "config": json.dumps(config, sort_keys=True),
         "source": json.dumps(source, sort_keys=True),
         "errors": json.dumps(errors, sort_keys=True),
@@ -218,8 +221,10 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         raise CsrError(f"{path}: the token predictor's map {sorted(set(maps) - set(atoms))[0]} has no dictionary: re-run csrtool train-dict")
     for name, a in maps.items():
         d = atoms[name].shape[1] * atoms[name].shape[3]
-        if a.dim() != 3 or a.shape[0] < 1 or tuple(a.shape[1:]) != (d + 1, d):
-            raise CsrError(f"{path}: predictor map of {name} has shape {list(a.shape)}, expected [H, {d + 1}, {d}]: re-run csrtool train-dict")
+        if a.dim() != 3 or a.shape[0] < 1 or tuple(a.shape[1:]) not in ((d + 1, d), (d + 2, d)):
+            raise CsrError(f"{path}: predictor map of {name} has shape {list(a.shape)}, expected [H, {d + 2}, {d}]: re-run csrtool train-dict")
+        if a.shape[1] == d + 2 and not bool((a[:, -1] > 0).all()):
+            raise CsrError(f"{path}: predictor map of {name} has channel scales that are not positive: re-run csrtool train-dict")
     if len({a.shape[0] for a in maps.values()}) > 1:
         raise CsrError(f"{path}: predictor maps have different head counts: re-run csrtool train-dict")
     every = {**atoms, **{k + MEAN_SUFFIX: v for k, v in means.items()}, **{k + PMAP_SUFFIX: v for k, v in maps.items()}}
