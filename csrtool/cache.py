@@ -33,8 +33,6 @@ position at slot s is s - pad[b] (generate's cumsum(mask) - 1).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -69,7 +67,7 @@ def _setting(dicts, model, bits, coef, method, uniform, sparsity=None, tokenizer
         if tokenizer is None:
             raise CsrError("these dictionaries were trained with the token predictor (train-dict's default): the cache needs the model's tokenizer too "
                            "(CSRCache.from_dicts(..., tokenizer=tokenizer))")
-        predictor = TokenPredictor.for_dicts(SimpleNamespace(model=model, tokenizer=tokenizer), dicts)
+        predictor = TokenPredictor.of_dicts(model, tokenizer, dicts)
     n_layers, heads, head_dim = kv_shape(model.config)
     if sparsity is not None:
         bits = None

@@ -83,17 +83,11 @@ class LivePredictions:
 
     # ------------------------------------------------------------ predictions
     def _store(self, key: tuple[int, str], q: torch.Tensor, scale: torch.Tensor, at: int) -> None:
-        """Write rows q [H, n, D] (int8) and their scales [H, n] at row `at` of a table, growing it by a quarter when full."""
-        tab, sc = self.tables.get(key), self.scales.get(key)
-        n = q.shape[1]
-        if tab is None or at + n > tab.shape[1]:
-            cap = max(64, at + n, 0 if tab is None else tab.shape[1] * 5 // 4)
-            grown, sgrown = q.new_empty(q.shape[0], cap, q.shape[2]), scale.new_empty(scale.shape[0], cap)
-            if tab is not None:
-                grown[:, :at], sgrown[:, :at] = tab[:, :at], sc[:, :at]
-            tab, sc = self.tables[key], self.scales[key] = grown, sgrown
-        tab[:, at : at + n] = q
-        sc[:, at : at + n] = scale
+        """Write rows q [H, n, D] (int8) and their scales [H, n] at row `at` of a table (predictor.store_rows)."""
+        from csrtool.predictor import store_rows
+
+        self.tables[key] = store_rows(self.tables.get(key), q, at, 1)
+        self.scales[key] = store_rows(self.scales.get(key), scale, at, 1)
 
     def _rows_upto(self, n: int) -> None:
         """Rows for slots < n (new keys' predictions computed and mapped)."""

@@ -18,6 +18,7 @@ space (pre-RoPE: p is taken at the prefix's next position and un-rotated, as col
     TokenPredictor(model, tokenizer, key_space, rope_params)   memoised per token id
     TokenPredictor.for_model(loaded, key_space)        models.Loaded; keeps it as .loaded
     TokenPredictor.for_dicts(loaded, dicts)           the one a dictionary file was trained with
+    TokenPredictor.of_dicts(model, tokenizer, dicts)  the same from a model and its tokenizer
     TokenPredictor.kv(layer, kind, ids [T], last=None) -> p [T or last, H, D] float32
     TokenPredictor.compute(keys) -> per model pass: (keys, {kind: per layer [n, H, D]})   unmemoised (the live cache's)
     fit_map(x [T, H, D], p [T, H, D]) -> A [H, D + 1, D]
@@ -75,8 +76,16 @@ class TokenPredictor:
 
     @classmethod
     def for_dicts(cls, loaded, dicts) -> "TokenPredictor":
-        """The predictor a dictionary file was trained with (its source: key space, context)."""
-        return cls.for_model(loaded, dicts.source.get("key_space", "post-rope"), int(dicts.source.get("predictor_context", 1)))
+        """The predictor a dictionary file was trained with (its source: key space, context); keeps `loaded` as .loaded."""
+        tp = cls.of_dicts(loaded.model, loaded.tokenizer, dicts)
+        tp.loaded = loaded
+        return tp
+
+    @classmethod
+    def of_dicts(cls, model, tokenizer, dicts) -> "TokenPredictor":
+        """for_dicts for a model and tokenizer held apart (a live cache's)."""
+        key_space = dicts.source.get("key_space", "post-rope")
+        return cls(model, tokenizer, key_space, key_rope(model, key_space), int(dicts.source.get("predictor_context", 1)))
 
     def keys(self, ids: torch.Tensor, last: int | None = None) -> list[tuple[int, ...]]:
         """The key of each position of ids [T] (of the `last` ones only): its token and the context - 1 before it."""
@@ -88,14 +97,10 @@ class TokenPredictor:
         return [tuple(padded[i : i + self.context]) for i in range(n)]
 
     def _store(self, kind: str, rows: list[torch.Tensor], at: int) -> None:
-        """Write rows (per layer [n, H, D]) at row `at` of the tables, doubling their capacity when full."""
-        tables = self.tables.setdefault(kind, [r.new_empty((0, *r.shape[1:])) for r in rows])
-        n = rows[0].shape[0]
-        if at + n > tables[0].shape[0]:
-            cap = max(2 * tables[0].shape[0], at + n)
-            tables[:] = [torch.cat([t[:at], t.new_empty((cap - at, *t.shape[1:]))]) for t in tables]
-        for t, r in zip(tables, rows):
-            t[at : at + n] = r
+        """Write rows (per layer [n, H, D]) at row `at` of the tables (store_rows)."""
+        tables = self.tables.setdefault(kind, [None] * len(rows))
+        for i, r in enumerate(rows):
+            tables[i] = store_rows(tables[i], r, at, 0)
 
     def compute(self, keys: list[tuple[int, ...]]) -> Iterator[tuple[list[tuple[int, ...]], dict[str, list[torch.Tensor]]]]:
         """The context-free K/V of `keys`, BATCH keys per model pass: (those keys, {kind: per layer [n, H, D] float32
@@ -125,6 +130,22 @@ class TokenPredictor:
         self._extend(keys)
         rows = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
         return self.tables[kind][layer][rows]
+
+
+def store_rows(table: torch.Tensor | None, rows: torch.Tensor, at: int, dim: int) -> torch.Tensor:
+    """`table` (None: none yet) with `rows` written at index `at` along `dim`, the rows before `at` kept; a new table
+    with a quarter more capacity (at least 64, at least enough) when they do not fit. Returns the table to keep."""
+    n = rows.shape[dim]
+    if table is None or at + n > table.shape[dim]:
+        cap = max(64, at + n, 0 if table is None else table.shape[dim] * 5 // 4)
+        shape = list(rows.shape)
+        shape[dim] = cap
+        grown = rows.new_empty(shape)
+        if table is not None:
+            grown.narrow(dim, 0, at).copy_(table.narrow(dim, 0, at))
+        table = grown
+    table.narrow(dim, at, n).copy_(rows)
+    return table
 
 
 def fit_map(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -119,9 +119,17 @@ class ActsReader:
         return int(self.manifest["tokens"])
 
     def ids(self, shards: list[str] | None = None) -> torch.Tensor | None:
-        """The token ids [T] of the stored rows (of `shards` only, if given); None for sets collected without them."""
+        """The token ids [T] of the stored rows (of `shards` only, if given); None for sets collected without them.
+        All of them are read once per reader (train-dict's checks and its training share the read)."""
+        if shards is None:
+            if not hasattr(self, "_ids"):
+                self._ids = self._read_ids(self.manifest["shards"])
+            return self._ids
+        return self._read_ids(shards)
+
+    def _read_ids(self, shards: list[str]) -> torch.Tensor | None:
         parts = []
-        for shard in self.manifest["shards"] if shards is None else shards:
+        for shard in shards:
             try:
                 with safe_open(str(self.dir / shard), framework="pt") as fh:
                     if IDS not in fh.keys():
