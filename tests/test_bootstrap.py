@@ -52,6 +52,30 @@ def test_hand_computed_two_blocks():
     assert iv.lo == pytest.approx(0.0) and iv.hi == pytest.approx(math.expm1(1.0))
 
 
+def test_pooled_runs_add_the_training_noise():
+    """Several trainings of one method: the point is the mean log rise over runs; with one block per document the
+    positions add no spread, so the interval is exactly what drawing the runs gives."""
+    r = Resampler([4, 4], block=4, reps=4000, seed=1)
+    ref = [0.0] * 8
+    runs = [[0.1] * 8, [0.3] * 8]  # two trainings: log rises 0.1 and 0.3
+    iv = r.pooled_increase(ref, runs)
+    assert iv.point == pytest.approx(math.expm1(0.2))
+    assert iv.lo == pytest.approx(math.expm1(0.1)) and iv.hi == pytest.approx(math.expm1(0.3))  # draws: both runs 0.1 or 0.3
+    # against a baseline trained once (log rise 0.4), on the same positions
+    ratio = r.pooled_ratio(ref, runs, [0.4] * 8)
+    assert ratio.point == pytest.approx(math.expm1(0.2) / math.expm1(0.4))
+    assert ratio.hi == pytest.approx(math.expm1(0.3) / math.expm1(0.4))
+    # one run: exactly ppl_increase, positions' noise only
+    g = torch.Generator().manual_seed(0)
+    ref, meth = torch.rand(300, generator=g).tolist(), torch.rand(300, generator=g).tolist()
+    r = Resampler([100, 200], reps=500, seed=2)
+    assert r.pooled_increase(ref, [meth]) == r.ppl_increase(ref, meth)
+    # identical runs: the same interval as one
+    assert r.pooled_increase(ref, [meth, meth, meth]) == r.ppl_increase(ref, meth)
+    with pytest.raises(CsrError, match="at least one run"):
+        r.pooled_increase(ref, [])
+
+
 def test_deterministic_and_seeded():
     g = torch.Generator().manual_seed(0)
     ref, meth = torch.rand(300, generator=g), torch.rand(300, generator=g)
