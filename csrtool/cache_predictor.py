@@ -31,14 +31,14 @@ import torch
 
 from csrtool.engine.history import Pred
 from csrtool.errors import CsrError
+from csrtool.formats.dicts import parse_dict_name
+from csrtool.predictor import map_channels, raw_map, store_rows
 
 
 class LivePredictions:
     """The predictions a CSRCache adds to its coded tokens (see the module doc)."""
 
     def __init__(self, dicts, predictor, layers: set[int]):
-        from csrtool.formats.dicts import parse_dict_name
-
         self.predictor = predictor  # csrtool.predictor.TokenPredictor of the cache's model (its compute() only)
         model = predictor.model
         self.device = model.device
@@ -47,6 +47,7 @@ class LivePredictions:
             layer, kind = parse_dict_name(name)
             if layer in layers:
                 self.maps[(layer, kind)] = a.to(self.device, torch.float32)
+        self.channels = {key: map_channels(a) for key, a in self.maps.items()}  # [H, D] or None (a map without them)
         self.tables: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> int8 [H, capacity, D]; rows < len(index) used
         self.scales: dict[tuple[int, str], torch.Tensor] = {}  # (layer, kind) -> float16 [H, capacity]
         self.index: dict[tuple[int, ...], int] = {}
@@ -84,15 +85,11 @@ class LivePredictions:
     # ------------------------------------------------------------ predictions
     def _store(self, key: tuple[int, str], q: torch.Tensor, scale: torch.Tensor, at: int) -> None:
         """Write rows q [H, n, D] (int8) and their scales [H, n] at row `at` of a table (predictor.store_rows)."""
-        from csrtool.predictor import store_rows
-
         self.tables[key] = store_rows(self.tables.get(key), q, at, 1)
         self.scales[key] = store_rows(self.scales.get(key), scale, at, 1)
 
     def _rows_upto(self, n: int) -> None:
         """Rows for slots < n (new keys' predictions computed and mapped)."""
-        from csrtool.predictor import raw_map
-
         have = 0 if self.rows is None else self.rows.shape[1]
         if n <= have:
             return
@@ -120,10 +117,8 @@ class LivePredictions:
         assert t > 0, t
         self._rows_upto(slot0 + t)
         n = len(self.index)
-        from csrtool.predictor import map_channels
-
         return Pred(self.tables[(layer, kind)][:, :n], self.rows[:, slot0 : slot0 + t], self.scales[(layer, kind)][:, :n],
-                    map_channels(self.maps[(layer, kind)]))
+                    self.channels[(layer, kind)])
 
     # ------------------------------------------------------------ batch and bytes
     def map_batch(self, fn) -> None:

@@ -40,6 +40,7 @@ import torch
 from csrtool.attention_hook import suspended
 from csrtool.collect import capture_kv, key_rope
 from csrtool.errors import CsrError
+from csrtool.formats.dicts import has_channel_scales
 
 PREFIX_TEXT = "\n"  # read before each token: a token at position 0 is an attention sink, not a typical token
 BATCH = 256  # prefix + token pairs per forward pass
@@ -192,7 +193,7 @@ def exact_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def map_channels(a: torch.Tensor) -> torch.Tensor | None:
     """A map's channel scales [H, D] (its row D + 1), or None for a map without them (files of csrtool before them)."""
-    return a[:, -1] if a.shape[1] == a.shape[2] + 2 else None
+    return a[:, -1] if has_channel_scales(a) else None
 
 
 def apply_map(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -210,8 +211,9 @@ def fit_prediction(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torc
     """(A [H, D + 2, D], the prediction coding subtracts [T, H, D]) for vectors x [T, H, D] and predictor K/V p [T, H, D]:
     the least-squares map (fit_map) with its predictions' channel scales on these vectors (channel_scale) as row D + 1."""
     a = fit_map(x, p)
-    a = torch.cat([a, channel_scale(exact_map(p, a))[:, None, :]], 1)
-    return a, apply_map(p, a).transpose(0, 1)
+    y = exact_map(p, a)  # once: the channel scales and the rounding both read it
+    chan = channel_scale(y)
+    return torch.cat([a, chan[:, None, :]], 1), dequantize_prediction(*quantize_prediction(y, chan), chan).transpose(0, 1)
 
 
 def offset(dicts, predictor: TokenPredictor, layer: int, kind: str, ids: torch.Tensor, t: int) -> torch.Tensor:

@@ -113,6 +113,11 @@ class DictSet:
         return next(iter(self.atoms.values())).shape[2]
 
 
+def has_channel_scales(pmap: torch.Tensor) -> bool:
+    """Whether a predictor map [H, D + 2, D] carries its channel scales (row D + 1); [H, D + 1, D]: a version 1 map."""
+    return pmap.shape[1] == pmap.shape[2] + 2
+
+
 def save_dicts(
     path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict, sensitivity: dict | None = None,
     means: dict[str, torch.Tensor] | None = None, maps: dict[str, torch.Tensor] | None = None,
@@ -123,7 +128,7 @@ def save_dicts(
     fp = fingerprint(tensors)
     meta = {
         "format": FORMAT,
-        "version": str(2 if any(m.shape[1] == m.shape[2] + 2 for m in (maps or {}).values()) else 1),
+        "version": str(VERSION if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
         "config": json.dumps(config, sort_keys=True),
         "source": json.dumps(source, sort_keys=True),
         "errors": json.dumps(errors, sort_keys=True),
@@ -223,7 +228,7 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         d = atoms[name].shape[1] * atoms[name].shape[3]
         if a.dim() != 3 or a.shape[0] < 1 or tuple(a.shape[1:]) not in ((d + 1, d), (d + 2, d)):
             raise CsrError(f"{path}: predictor map of {name} has shape {list(a.shape)}, expected [H, {d + 2}, {d}]: re-run csrtool train-dict")
-        if a.shape[1] == d + 2 and not bool((a[:, -1] > 0).all()):
+        if has_channel_scales(a) and not bool((a[:, -1] > 0).all()):
             raise CsrError(f"{path}: predictor map of {name} has channel scales that are not positive: re-run csrtool train-dict")
     if len({a.shape[0] for a in maps.values()}) > 1:
         raise CsrError(f"{path}: predictor maps have different head counts: re-run csrtool train-dict")
