@@ -74,6 +74,10 @@ def test_pooled_runs_add_the_training_noise():
     assert r.pooled_increase(ref, [meth, meth, meth]) == r.ppl_increase(ref, meth)
     with pytest.raises(CsrError, match="at least one run"):
         r.pooled_increase(ref, [])
+    # a per-position mean (KL) over runs: one run is exactly `mean`; two constant runs give their mean, drawn
+    assert r.pooled_mean([meth]) == r.mean(meth)
+    two = Resampler([4, 4], block=4, reps=4000, seed=1).pooled_mean([[0.02] * 8, [0.06] * 8])
+    assert two.point == pytest.approx(0.04) and two.lo == pytest.approx(0.02) and two.hi == pytest.approx(0.06)
 
 
 def test_deterministic_and_seeded():

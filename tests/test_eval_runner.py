@@ -11,6 +11,7 @@ from csrtool import codec
 from csrtool.cli import app
 from csrtool.formats.dicts import DictSet, save_dicts
 from csrtool.eval import needle, pq, runner, suite
+from csrtool.eval.bootstrap import Resampler
 from csrtool.errors import CsrError
 from csrtool.eval.csr import CSR
 from csrtool.eval.methods import Identity, NoiseMethod
@@ -292,3 +293,51 @@ def test_run_eval_fixed_and_adaptive_rows(model, ids):
     assert adapt["rel_err_k"] != fixed["rel_err_k"]  # a different code, really run
     with pytest.raises(CsrError, match="--codes takes fixed and/or adaptive"):
         suite.EvalConfig(codes=("sometimes",))
+
+
+def test_run_eval_pools_several_trainings(model, ids):
+    """--dicts A --dicts B: a row per training, then the row pooled over them, whose interval draws the trainings;
+    the bar judges the pooled row only (the best training would report its luck)."""
+    cfg = suite.EvalConfig(bits=(8.0,), baselines=("kivi2",), solvers=("omp",), tokens=T, chunk=CHUNK, window=WINDOW, needle=False)
+    sets = [tiny_dicts(seed=0), tiny_dicts(seed=1)]
+    doc = suite.run_eval(model, ids, cfg, sets, meta={"model": "tiny"}, per_position=True)
+    rows = {m["name"]: m for m in doc["methods"][1:]}
+    assert list(rows) == ["kivi2", "csr-omp-8b:d1", "csr-omp-8b:d2", "csr-omp-8b"]
+    one, two, pooled = rows["csr-omp-8b:d1"], rows["csr-omp-8b:d2"], rows["csr-omp-8b"]
+    assert (one["run"], two["run"], pooled["runs"]) == (1, 2, 2) and "run" not in pooled
+    # each run is the single-set eval of its dictionaries
+    alone = suite.run_eval(model, ids, cfg, sets[1], meta={"model": "tiny"})
+    assert two["ppl"] == pytest.approx(alone["methods"][-1]["ppl"], rel=1e-12) and two["ppl"] != one["ppl"]
+    # the pooled row: mean log rise, mean KL, the costliest run's bits, intervals as bootstrap.pooled_increase
+    assert pooled["ppl"] == pytest.approx(math.sqrt(one["ppl"] * two["ppl"]))
+    assert pooled["kl"] == pytest.approx((one["kl"] + two["kl"]) / 2)
+    assert pooled["bits_per_channel"] == max(one["bits_per_channel"], two["bits_per_channel"])
+    pp = doc["per_position"]
+    rs = Resampler([d["scored"] for d in pp["documents"]], seed=0)
+    runs = [pp["methods"][n]["nll"] for n in ("csr-omp-8b:d1", "csr-omp-8b:d2")]
+    assert pooled["ci"]["ppl_increase"] == rs.pooled_increase(pp["reference_nll"], runs, seed=1).as_dict()
+    assert pooled["ci"]["ratio_to_kivi2"] == rs.pooled_ratio(pp["reference_nll"], runs, pp["methods"]["kivi2"]["nll"], seed=1).as_dict()
+    assert "csr-omp-8b" not in pp["methods"]  # derived, not measured
+    # the bar: a lucky training does not stand for the setting, its pooled row does
+    lucky = [dict(r, bits_per_channel=1.0) for r in doc["methods"]]
+    for r in lucky[2:]:
+        r["ppl"] = {"csr-omp-8b:d1": 10.0, "csr-omp-8b:d2": 12.0, "csr-omp-8b": 11.0}[r["name"]]
+    assert suite.bar(lucky)["two_bit"]["method"] == "csr-omp-8b"
+    assert doc["documents"][0]["methods"]["csr-omp-8b"]["ppl_increase"] == pytest.approx(pooled["ppl_increase"])
+    assert len(doc["config"]["dicts_fingerprint"]) == 2
+
+
+def test_cli_several_dicts(tiny_llama_dir, dicts_file, tmp_path):
+    other = tmp_path / "seed1.safetensors"
+    save_dicts(other, tiny_dicts(seed=1).atoms, {"n_atoms": 64}, {"key_space": "post-rope", "model": "tiny"}, {})
+    base = ["eval", "--model", str(tiny_llama_dir), "--device", "cpu", "--no-needle", "--baselines", "kivi2", "--calib-tokens", "0",
+            "--tokens", "100", "--chunk", "32", "--window", "16", "--bits", "8", "--docs", "1"]
+    out_json = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, base + ["--dicts", str(dicts_file), "--dicts", str(other), "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out_json.read_text())
+    assert [m["name"] for m in doc["methods"][2:]] == ["csr-omp-8b:d1", "csr-omp-8b:d2", "csr-omp-8b"]
+    assert doc["config"]["dicts"] == [str(dicts_file), str(other)] and len(set(doc["config"]["dicts_fingerprint"])) == 2
+    assert "csr-omp-8b:d2" in res.output and "(pooled, 2 trainings)" in res.output
+    res = CliRunner().invoke(app, base + ["--dicts", str(dicts_file), "--dicts", str(dicts_file)])
+    assert res.exit_code == 1 and "given twice" in res.output and "Traceback" not in res.output

@@ -39,7 +39,7 @@ def _is_partial(msg: str) -> bool:
 @app.command("eval")
 @guarded
 def eval_cmd(
-    dicts: Annotated[Optional[Path], typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict (without it, only baselines run).")] = None,
+    dicts: Annotated[Optional[list[Path]], typer.Option("--dicts", "-d", help="Dictionary file from csrtool train-dict (without it, only baselines run). Repeat it with the same setting trained with other seeds (train-dict --seed N): each CSR row is then given per training (name:d1, name:d2, ...) and pooled over them, with intervals that draw the training as well as the positions, and the bar judges the pooled rows: the verdict a user who trains once can expect.")] = None,
     model: ModelOpt = "smollm2-135m",
     text: Annotated[Optional[list[Path]], typer.Option("--text", "-t", help="UTF-8 text file, one document each (repeatable; its first --tokens tokens). Default: --docs windows of the built-in held-out corpus.")] = None,
     docs: Annotated[int, typer.Option("--docs", help="Documents of the built-in held-out corpus: consecutive non-overlapping windows of --tokens tokens, each fed from an empty cache; results per document and pooled, with bootstrap intervals.")] = DEFAULT_DOCS,
@@ -94,15 +94,18 @@ def eval_cmd(
     if threads:
         torch.set_num_threads(threads)
     loaded = load_model(model, device, dtype, allow_download)
-    ds = load_dicts(dicts, device=loaded.device) if dicts is not None else None
-    if ds is None:
+    sets = [load_dicts(d, device=loaded.device) for d in dicts or []]
+    if not sets:
         err.print("no --dicts: CSR rows skipped (train dictionaries with csrtool train-dict)")
+    if len({ds.fingerprint for ds in sets}) < len(sets):
+        raise CsrError("the same dictionary file was given twice to --dicts: pooling needs different trainings (train-dict --seed N)")
     documents = file_documents(loaded.tokenizer, text, tokens) if text else heldout_documents(loaded.tokenizer, docs, tokens)
     for d in documents:
         if d.tokens < tokens:
             err.print(f"{d.name} has only {d.tokens} tokens (asked for {tokens}): evaluating all of them")
     calib_ids = token_ids(loaded.tokenizer, load_text(None, "calibration"), calib_tokens) if calib_tokens else None
-    meta = {"model": loaded.name, "text": text_source(text, "heldout"), "dicts": str(dicts) if dicts else None,
+    names = [str(d) for d in dicts or []]
+    meta = {"model": loaded.name, "text": text_source(text, "heldout"), "dicts": (names[0] if len(names) == 1 else names) or None,
             "device": str(loaded.device), "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     with err.status("evaluating") as status:
 
@@ -112,13 +115,17 @@ def eval_cmd(
             elif not _is_partial(msg):
                 err.print(msg, highlight=False)
 
-        predictor = None
-        if ds is not None and ds.predicted:  # the dictionaries code what the token predictor leaves
-            from csrtool.predictor import TokenPredictor
+        predictors, shared = [None] * len(sets), {}
+        for i, ds in enumerate(sets):
+            if ds.predicted:  # the dictionaries code what the token predictor leaves; its K/V tables serve every set alike
+                from csrtool.predictor import TokenPredictor
 
-            predictor = TokenPredictor.for_dicts(loaded, ds)
-        doc = run_eval(loaded.model, documents, cfg, ds, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta,
-                       per_position=per_position, predictor=predictor)
+                like = (ds.source.get("key_space"), ds.source.get("predictor_context", 1))
+                if like not in shared:
+                    shared[like] = TokenPredictor.for_dicts(loaded, ds)
+                predictors[i] = shared[like]
+        doc = run_eval(loaded.model, documents, cfg, sets or None, loaded.tokenizer if needle else None, calib_ids, progress=progress, meta=meta,
+                       per_position=per_position, predictor=predictors)
     width = None if out.is_terminal else TABLE_WIDTH  # files/pipes: do not squash to 80 columns
     out.print(report.table(doc), width=width)
     per_doc = report.documents_table(doc)

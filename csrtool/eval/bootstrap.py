@@ -15,6 +15,7 @@ methods on the same positions and shared difficulty cancels.
     r.ratio(nll_ref, nll_a, nll_b)     -> Interval       Δppl(a) / Δppl(b), same draws
     r.pooled_increase(nll_ref, runs)   -> Interval       Δppl over several trainings (runs drawn too)
     r.pooled_ratio(nll_ref, runs, nll_b) -> Interval     the same over Δppl(b)
+    r.pooled_mean(runs)                -> Interval       a per-position mean (KL) over several trainings
 
 Inputs are per-position float sequences concatenated over the documents in the
 order of `doc_lengths`. Intervals are percentile intervals (default 95 %),
@@ -125,30 +126,37 @@ class Resampler:
         point = pa / pb if pb != 0 else math.nan
         return self._interval(point, ra / rb)
 
-    def _pooled(self, nll_ref, runs: list, seed: int) -> tuple[float, torch.Tensor]:
-        """Δppl of a method trained several times (runs: its per-position NLL with each training), point and replicates:
-        the mean log increase over runs and positions; each replicate draws as many runs as there are, with replacement
-        (seeded by `seed`), on its own blocks of positions."""
+    def _pooled(self, runs: list, seed: int, base=None) -> tuple[float, torch.Tensor]:
+        """Mean per position of a quantity measured on several trainings (runs: per-position values of each, minus
+        `base` if given), point and replicates: the mean over runs and positions; each replicate draws as many runs
+        as there are, with replacement (seeded by `seed`), on its own blocks of positions."""
         if not runs:
             raise CsrError("pooling needs at least one run")
-        ref = torch.as_tensor(nll_ref, dtype=torch.float64)
-        sums = [self._sums(torch.as_tensor(r, dtype=torch.float64) - ref) for r in runs]
+        shift = 0.0 if base is None else torch.as_tensor(base, dtype=torch.float64)
+        sums = [self._sums(torch.as_tensor(r, dtype=torch.float64) - shift) for r in runs]
         totals = torch.tensor([t for t, _ in sums], dtype=torch.float64)
         reps = torch.stack([r for _, r in sums], 1)  # [R, runs]
         k = len(runs)
         draws = torch.randint(0, k, (reps.shape[0], k), generator=torch.Generator().manual_seed(seed))
         taken = torch.zeros_like(reps).scatter_add_(1, draws, torch.ones_like(reps))
-        return math.expm1(float(totals.mean()) / max(1, self.n)), torch.expm1((reps * taken).sum(1) / k / self.counts.clamp_min(1))
+        return float(totals.mean()) / max(1, self.n), (reps * taken).sum(1) / k / self.counts.clamp_min(1)
 
     def pooled_increase(self, nll_ref, runs: list, seed: int = 1) -> Interval:
-        """ppl_increase of a method over several trainings (e.g. dictionary seeds): the interval holds the training's
-        noise as well as the positions' (one run: exactly ppl_increase)."""
-        return self._interval(*self._pooled(nll_ref, runs, seed))
+        """ppl_increase of a method over several trainings (e.g. dictionary seeds): exp of the mean log increase over
+        runs and positions, minus 1; the interval holds the training's noise as well as the positions' (one run:
+        exactly ppl_increase)."""
+        point, reps = self._pooled(runs, seed, nll_ref)
+        return self._interval(math.expm1(point), torch.expm1(reps))
+
+    def pooled_mean(self, runs: list, seed: int = 1) -> Interval:
+        """mean (e.g. the KL per position) over several trainings, runs drawn as in pooled_increase."""
+        return self._interval(*self._pooled(runs, seed))
 
     def pooled_ratio(self, nll_ref, runs: list, nll_b, seed: int = 1) -> Interval:
         """pooled_increase over Δppl(b) of a method trained once (KIVI-2), each replicate on the same positions."""
-        pa, ra = self._pooled(nll_ref, runs, seed)
+        pa, ra = self._pooled(runs, seed, nll_ref)
         pb, rb = self._increase(nll_ref, nll_b)
+        pa, ra = math.expm1(pa), torch.expm1(ra)
         return self._interval(pa / pb if pb != 0 else math.nan, ra / rb)
 
 

@@ -8,7 +8,8 @@ intervals: "met" only when the whole interval clears the bar.
 
     Pool(doc_names, doc_lengths)            one per eval
     pool.add(name, doc_index, PassResult)   every (method, document) pass
-    pool.intervals(block, seed) -> {name: {"ppl_increase": .., "kl": .., "ratio_to_kivi2": ..}}
+    pool.intervals(block, seed, groups) -> {name: {"ppl_increase": .., "kl": .., "ratio_to_kivi2": ..}}
+    pool.pooled_runs(names, ref)            one method trained several times (eval --dicts A --dicts B)
     bar(rows) -> dict                       the issue's bar with verdicts
 """
 
@@ -53,22 +54,36 @@ class Pool:
         top1 = sum(t * m for t, m in zip(self.top1[name], lengths)) / max(1, n)
         return {"ppl": math.exp(float(nll.sum()) / max(1, n)), "kl": float(kl.sum()) / max(1, n), "top1_agreement": top1}
 
-    def per_document(self, name: str, ref: str) -> list[dict]:
+    def pooled_runs(self, names: list[str], ref: str) -> dict:
+        """`pooled` of one method trained several times (one name per training): ppl = exp of the mean NLL over the
+        runs and positions (its Δppl is the mean log increase, as bootstrap.pooled_increase); KL and top-1 the runs' means."""
+        each = [self.pooled(n, ref) for n in names]
+        return {"ppl": math.exp(sum(math.log(e["ppl"]) for e in each) / len(each)),
+                "kl": sum(e["kl"] for e in each) / len(each), "top1_agreement": sum(e["top1_agreement"] for e in each) / len(each)}
+
+    def per_document(self, name: str, ref: str, runs: list[str] | None = None) -> list[dict]:
+        """Each document's ppl, Δppl and KL; with `runs`, those of the method `name` stands for, pooled as pooled_runs."""
         out = []
         for d, doc in enumerate(self.doc_names):
-            nll, rnll = self.nll[name][d].double(), self.nll[ref][d].double()
-            n = max(1, nll.numel())
-            kl = self.kl[name][d]
+            rnll = self.nll[ref][d].double()
+            n = max(1, rnll.numel())
+            nlls = [self.nll[m][d].double() for m in runs or [name]]
+            kls = [self.kl[m][d] for m in runs or [name]]
+            mean_nll = sum(float(x.sum()) for x in nlls) / len(nlls) / n
             out.append({
                 "document": doc,
-                "ppl": math.exp(float(nll.sum()) / n),
-                "ppl_increase": math.expm1(float((nll - rnll).sum()) / n),
-                "kl": float(kl.double().sum()) / n if kl is not None else 0.0,
+                "ppl": math.exp(mean_nll),
+                "ppl_increase": math.expm1(mean_nll - float(rnll.sum()) / n),
+                "kl": sum(float(k.double().sum()) for k in kls) / len(kls) / n if kls[0] is not None else 0.0,
             })
         return out
 
-    def intervals(self, ref: str, block: int = bootstrap.BLOCK, seed: int = 0, reps: int = bootstrap.REPS) -> dict[str, dict]:
-        """Bootstrap intervals of every method's pooled Δppl and KL, and of CSR rows' ratio to KIVI-2."""
+    def intervals(self, ref: str, block: int = bootstrap.BLOCK, seed: int = 0, reps: int = bootstrap.REPS,
+                  groups: dict[str, list[str]] | None = None) -> dict[str, dict]:
+        """Bootstrap intervals of every method's pooled Δppl and KL, and of CSR rows' ratio to KIVI-2.
+
+        `groups`: {name: [one method's rows, one per training]}; each name gets intervals whose replicates
+        draw the trainings as well as the positions (bootstrap.pooled_increase)."""
         rs = bootstrap.Resampler(self.lengths(ref), block=block, reps=reps, seed=seed)
         r = self.flat(self.nll, ref)
         out = {}
@@ -80,6 +95,13 @@ class Pool:
             entry = {"ppl_increase": rs.ppl_increase(r, m).as_dict(), "kl": rs.mean(self.flat(self.kl, name)).as_dict()}
             if kivi2 is not None and name.startswith("csr"):
                 entry["ratio_to_kivi2"] = rs.ratio(r, m, kivi2).as_dict()
+            out[name] = entry
+        for name, members in (groups or {}).items():
+            runs = [self.flat(self.nll, m) for m in members]
+            entry = {"ppl_increase": rs.pooled_increase(r, runs, seed + 1).as_dict(),
+                     "kl": rs.pooled_mean([self.flat(self.kl, m) for m in members], seed + 1).as_dict()}
+            if kivi2 is not None and name.startswith("csr"):
+                entry["ratio_to_kivi2"] = rs.pooled_ratio(r, runs, kivi2, seed + 1).as_dict()
             out[name] = entry
         return out
 
@@ -99,6 +121,8 @@ def bar(rows: list[dict]) -> dict:
     """The issue's bar: CSR at <= 1 bit vs KIVI-2, CSR at <= 2 bits within 2% of the reference, with verdicts.
 
     Baseline: the fp16 row when run (the cache dtype a user starts from), else the reference.
+    With several dictionary sets (rows carrying "run"), only the rows pooled over them compete: picking
+    the best training would report its luck.
     The verdicts use the reference-based intervals; with fp16 as baseline the two differ by fp16's own
     (near-zero) rise, reported in `baseline_ppl`.
     """
@@ -106,7 +130,7 @@ def bar(rows: list[dict]) -> dict:
     base = by_name.get("fp16") or rows[0]
     kivi2 = by_name.get("kivi2")
     out: dict = {"baseline_ppl": base["ppl"], "baseline": base["name"]}
-    csr = [r for r in rows if r["kind"] == "CSR"]
+    csr = [r for r in rows if r["kind"] == "CSR" and "run" not in r]  # with several trainings: their pooled rows
     for limit, key in ((1.0, "one_bit"), (2.0, "two_bit")):
         fits = [r for r in csr if r["bits_per_channel"] <= limit + 1e-9]
         if not fits:
@@ -115,6 +139,8 @@ def bar(rows: list[dict]) -> dict:
         inc = best["ppl"] / base["ppl"] - 1.0
         ci = best.get("ci", {})
         entry = {"method": best["name"], "bits_per_channel": best["bits_per_channel"], "ppl_increase": inc}
+        if best.get("runs"):
+            entry["runs"] = best["runs"]
         if "ppl_increase" in ci:
             entry["ppl_increase_ci"] = ci["ppl_increase"]
         if key == "one_bit" and kivi2 is not None:

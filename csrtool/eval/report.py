@@ -50,7 +50,7 @@ def table(doc: dict) -> Table:
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in doc["methods"]:
         cells = [
-            r["name"],
+            r["name"] + (f" (pooled, {r['runs']} trainings)" if r.get("runs") else ""),
             _f(r["bits_per_channel"], ".3g"),
             _f(r.get("bits_with_window"), ".3g"),
             _f(r.get("bits_total"), ".3g"),
@@ -110,7 +110,8 @@ def lines(doc: dict) -> list[str]:
         e = doc.get("bar", {}).get(key)
         if not e:
             continue
-        msg = (f"bar {label}: best {e['method']} ({e['bits_per_channel']:.3g} b/ch) ppl {100 * e['ppl_increase']:+.1f}% "
+        pooled = f", pooled over {e['runs']} trainings" if e.get("runs") else ""
+        msg = (f"bar {label}: best {e['method']} ({e['bits_per_channel']:.3g} b/ch{pooled}) ppl {100 * e['ppl_increase']:+.1f}% "
                f"{_ci(e.get('ppl_increase_ci'), 100, '+.1f')} vs {doc['bar']['baseline']}")
         if "kivi2_ppl_increase" in e:
             msg += f"; KIVI-2 {100 * e['kivi2_ppl_increase']:+.1f}% {_ci(e.get('kivi2_ppl_increase_ci'), 100, '+.1f')}"

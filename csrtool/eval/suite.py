@@ -141,15 +141,36 @@ def build_methods(cfg: EvalConfig, model, dicts=None, calib: Callable[[], dict] 
                 skipped.append((name, missing))
                 continue
             methods.append(quanto.QuantizedCacheMethod(backend, num or 8, cfg.window, dtype_bits=quanto.dtype_bits(dtype), name=name))
-    if dicts is not None:
+    sets = dict_sets(dicts)
+    predictors = list(predictor) if isinstance(predictor, (list, tuple)) else [predictor] * len(sets)
+    if len(predictors) != len(sets):
+        raise CsrError(f"{len(sets)} dictionary sets but {len(predictors)} token predictors")
+    if sets:
         rope = rope_info(model)
         for b in cfg.bits:
             for solver in cfg.solvers:
                 for mode in cfg.codes:
                     name = None if mode == DEFAULT_CODE else f"csr-{solver}-{b:g}b-{mode}"
-                    methods.append(CSR(dicts, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope,
-                                       uniform=cfg.uniform, adaptive=mode == "adaptive", name=name, predictor=predictor))
+                    for i, (ds, pred) in enumerate(zip(sets, predictors)):
+                        m = CSR(ds, n_layers, heads, head_dim, bits=b, method=solver, coef=cfg.coef, rope_info=rope,
+                                uniform=cfg.uniform, adaptive=mode == "adaptive", name=name, predictor=pred)
+                        if len(sets) > 1:  # one row per training, then the row pooled over them (run_eval)
+                            m.group, m.run = m.name, i + 1
+                            m.name = run_name(m.name, i + 1)
+                        methods.append(m)
     return methods, skipped
+
+
+def dict_sets(dicts) -> list:
+    """None, one DictSet, or several (eval --dicts A --dicts B: the same setting trained with other seeds) -> a list."""
+    if dicts is None:
+        return []
+    return list(dicts) if isinstance(dicts, (list, tuple)) else [dicts]
+
+
+def run_name(name: str, run: int) -> str:
+    """The row of one training among several: 'csr-omp-1b' -> 'csr-omp-1b:d2' (the second --dicts)."""
+    return f"{name}:d{run}"
 
 
 def memory(method, tokens: int, window: int, n_layers: int, heads: int, head_dim: int, sink: int = 0) -> dict:
@@ -216,6 +237,9 @@ def run_eval(
     """Run the reference and every method on each document; return the result document.
 
     `predictor`: the model's csrtool.predictor.TokenPredictor, needed by dictionaries trained with it.
+    `dicts` may be a list: the same setting trained several times (seeds). Each CSR setting then has a row
+    per training (`run`: 1, 2, ...) and a row pooled over them whose intervals draw the trainings too;
+    the bar judges the pooled rows. `predictor` is then one per set (or one for all).
 
     `ids` is one text [1, T] or a list of documents.Document, each fed from an empty cache.
     Rows are pooled over the documents (with bootstrap intervals); `documents` has each one's rows.
@@ -274,6 +298,7 @@ def run_eval(
         say("needle: reference")
         rows[0]["needle"] = needle.accuracy(model, tokenizer, trials, Identity(), cfg.chunk, tokens)
 
+    groups: dict[str, list[str]] = {}  # pooled row -> its rows, one per training (several --dicts)
     for method in methods:
         merged = runner.PassResult(method.name, 0.0, 0.0, 0.0, 0)
         for i, (d, ref) in enumerate(zip(docs, refs)):
@@ -299,9 +324,14 @@ def run_eval(
             row["needle"] = needle.accuracy(model, tokenizer, trials, method, cfg.chunk, cfg.window, cfg.sink)
         rows.append(row)
         say(f"{method.name}: ppl {pooled['ppl']:.3f} (reference {rows[0]['ppl']:.3f}), KL {pooled['kl']:.4f}, {merged.seconds:.0f} s")
+        if getattr(method, "run", None) is not None:
+            row["run"] = method.run
+            groups.setdefault(method.group, []).append(method.name)
+            if method.run == len(dict_sets(dicts)):
+                rows.append(pooled_row(method.group, [r for r in rows if r["name"] in groups[method.group]], pool.pooled_runs(groups[method.group], ref_name)))
 
     ref_ppl = rows[0]["ppl"]
-    intervals = pool.intervals(ref_name, block=block, seed=cfg.seed)
+    intervals = pool.intervals(ref_name, block=block, seed=cfg.seed, groups=groups)
     for row in rows:
         row["ppl_increase"] = row["ppl"] / ref_ppl - 1.0
         if row["name"] in intervals:
@@ -315,14 +345,14 @@ def run_eval(
             "scored_predictions": sum(pool.lengths(ref_name)),
             "bootstrap": {"block": block, "replicates": bootstrap.REPS, "level": bootstrap.LEVEL, "seed": cfg.seed},
             "num_layers": n_layers, "num_kv_heads": heads, "head_dim": head_dim,
-            "dicts_fingerprint": getattr(dicts, "fingerprint", None),
-            "dicts_source": getattr(dicts, "source", None),
+            "dicts_fingerprint": _each(dicts, "fingerprint"),
+            "dicts_source": _each(dicts, "source"),
         },
         "reference_ppl": ref_ppl,
         "methods": rows,
         "documents": [
             {"name": d.name, "tokens": d.tokens, "scored": n, "reference_ppl": math.exp(float(r.nll_pos.sum()) / max(1, n)),
-             "methods": {row["name"]: pool.per_document(row["name"], ref_name)[i] for row in rows[1:]}}
+             "methods": {row["name"]: pool.per_document(row["name"], ref_name, groups.get(row["name"]))[i] for row in rows[1:]}}
             for i, (d, r, n) in enumerate(zip(docs, refs, pool.lengths(ref_name)))
         ],
         "skipped": [{"name": n, "reason": r} for n, r in skipped],
@@ -332,6 +362,31 @@ def run_eval(
     if per_position:
         doc["per_position"] = pool.per_position(ref_name)
     return doc
+
+
+def pooled_row(name: str, members: list[dict], pooled: dict) -> dict:
+    """The row of one CSR setting over several trainings: Δppl, KL and top-1 pooled (Pool.pooled_runs), errors the
+    runs' means, and the memory of the costliest run (each run is a dictionary set a user could have)."""
+    costliest = max(members, key=lambda r: (r["bits_per_channel"], r["bits_total"]))
+    row = {"name": name, "kind": "CSR", "runs": len(members), **{k: costliest[k] for k in MEMORY_KEYS}, **pooled}
+    for key in SUMMARY_KEYS:
+        vals = [r[key] for r in members if r.get(key) is not None]
+        row[key] = sum(vals) / len(vals) if vals else None
+    row["seconds"] = sum(r["seconds"] for r in members)
+    row["layers"] = []
+    if "config" in costliest:
+        row["config"] = costliest["config"]
+    return row
+
+
+MEMORY_KEYS = ("bits_per_channel", "bits_k", "bits_v", "bits_with_window", "bits_total", "side_bits", "ratio_vs_fp16", "ratio_total_vs_fp16")
+SUMMARY_KEYS = ("rel_err_k", "rel_err_v", "cos_k", "cos_v", "attn_err")
+
+
+def _each(dicts, attr: str):
+    """A dictionary-set attribute for the JSON: one value, a list with several sets, None without."""
+    vals = [getattr(d, attr, None) for d in dict_sets(dicts)]
+    return vals[0] if len(vals) == 1 else (vals or None)
 
 
 def _merge(into: runner.PassResult, res: runner.PassResult) -> None:
