@@ -6,7 +6,8 @@ passes). Given the --json outputs of the same eval (same texts, tokens and basel
 dictionary file per seed, this reports each CSR row's Δppl pooled over the seeds, with an interval
 whose replicates draw the seeds as well as the positions (csrtool.eval.bootstrap.pooled_increase),
 and the issue's bars on the pooled rows: at <= 1 bit the rise at most half of KIVI-2's, at
-<= 2 bits within 2%.
+<= 2 bits within 2%. `csrtool eval --dicts D0 --dicts D1 ...` gives the same pooled rows in one
+run; this script pools runs made apart (e.g. one per core, or on several machines).
 
     csrtool eval --dicts D0 --per-position --json s0.json ...   (then D1, D2 with the same flags)
     python bench/seed_pool.py s0.json s1.json s2.json --json pooled.json

@@ -245,7 +245,7 @@ def _source(reader: ActsReader, fp: str) -> dict:
 
 
 def train_dicts(
-    acts_dir: Path,
+    acts_dir: Path | ActsReader,
     out: Path,
     cfg: TrainConfig,
     layers: Optional[list[int]] = None,
@@ -269,7 +269,7 @@ def train_dicts(
     if dist_mode not in DIST_MODES:
         raise CsrError(f"--dist {dist_mode!r} is not one of {', '.join(DIST_MODES)}")
     emit = progress or (lambda event, info: None)
-    reader = ActsReader(acts_dir)
+    reader = acts_dir if isinstance(acts_dir, ActsReader) else ActsReader(acts_dir)  # the CLI's, its token ids read once
     have = reader.layers
     layers = have if layers is None else layers
     missing = [layer for layer in layers if layer not in have]

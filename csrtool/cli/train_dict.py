@@ -122,7 +122,7 @@ def train_dict(
         elif calibrate and dist.root:
             why = "--layers picks a subset" if picked is not None else f"{acts_dir} has no probe window (collected by an older csrtool or with too little text)"
             err.print(f"not calibrating layer sensitivities ({why}): compress --bits will give every layer the same sparsity")
-        report = train_dicts(acts_dir, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode, predict=predict)
+        report = train_dicts(reader, output, cfg, picked, dev, on_event, calibrate=calib, dist=dist, dist_mode=dist_mode, predict=predict)
     if dist.root:
         _show(report, cfg, output, json_out, why_not)
     dist.close()  # ranks leave together, after rank 0 reported
