@@ -27,6 +27,7 @@ from csrtool.formats.dicts import load_dicts  # noqa: E402
 from csrtool.eval import runner  # noqa: E402
 from csrtool.eval.csr import CSR  # noqa: E402
 from csrtool.models import rope_info  # noqa: E402
+from csrtool.predictor import TokenPredictor  # noqa: E402
 from heldout import add_eval_args, heldout_reference  # noqa: E402
 
 
@@ -37,9 +38,9 @@ class Subset:
         self.inner, self.layers, self.kinds, self.name = inner, layers, kinds, name
         self.bits_k, self.bits_v, self.side_bits = inner.bits_k, inner.bits_v, 0
 
-    def reconstruct(self, layer, kind, x, positions):
+    def reconstruct(self, layer, kind, x, positions, ids=None):
         if layer in self.layers and kind in self.kinds:
-            return self.inner.reconstruct(layer, kind, x, positions)
+            return self.inner.reconstruct(layer, kind, x, positions, ids)
         return x
 
 
@@ -61,7 +62,9 @@ def main() -> None:
     model = loaded.model
     sk, sv = (int(v) for v in args.sparsity.split("/"))
     plan = {"sparsity": (sk, sv)} if args.bits is None else {"bits": args.bits, "adaptive": True}
-    csr = CSR(load_dicts(Path(args.dicts)), n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), **plan)
+    ds = load_dicts(Path(args.dicts))
+    predictor = TokenPredictor.for_dicts(loaded, ds) if ds.predicted else None  # dictionaries of what the token predictor leaves
+    csr = CSR(ds, n_layers, heads, head_dim, method=args.solver, rope_info=rope_info(model), predictor=predictor, **plan)
     subsets: list[tuple[str, set[int]]] = []
     if args.per_layer:
         subsets += [(f"L{i}", {i}) for i in range(n_layers)]
