@@ -85,8 +85,13 @@ class TokenPredictor:
     @classmethod
     def of_dicts(cls, model, tokenizer, dicts) -> "TokenPredictor":
         """for_dicts for a model and tokenizer held apart (a live cache's)."""
-        key_space = dicts.source.get("key_space", "post-rope")
-        return cls(model, tokenizer, key_space, key_rope(model, key_space), int(dicts.source.get("predictor_context", 1)))
+        key_space, context = cls.setting(dicts)
+        return cls(model, tokenizer, key_space, key_rope(model, key_space), context)
+
+    @staticmethod
+    def setting(dicts) -> tuple[str, int]:
+        """(key space, context) of the predictor a dictionary file was trained with: files alike in it share one."""
+        return dicts.source.get("key_space", "post-rope"), int(dicts.source.get("predictor_context", 1))
 
     def keys(self, ids: torch.Tensor, last: int | None = None) -> list[tuple[int, ...]]:
         """The key of each position of ids [T] (of the `last` ones only): its token and the context - 1 before it."""

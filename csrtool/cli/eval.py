@@ -120,7 +120,7 @@ def eval_cmd(
             if ds.predicted:  # the dictionaries code what the token predictor leaves; its K/V tables serve every set alike
                 from csrtool.predictor import TokenPredictor
 
-                like = (ds.source.get("key_space"), ds.source.get("predictor_context", 1))
+                like = TokenPredictor.setting(ds)
                 if like not in shared:
                     shared[like] = TokenPredictor.for_dicts(loaded, ds)
                 predictors[i] = shared[like]

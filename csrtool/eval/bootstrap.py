@@ -141,12 +141,16 @@ class Resampler:
         taken = torch.zeros_like(reps).scatter_add_(1, draws, torch.ones_like(reps))
         return float(totals.mean()) / max(1, self.n), (reps * taken).sum(1) / k / self.counts.clamp_min(1)
 
+    def _pooled_rise(self, nll_ref, runs: list, seed: int) -> tuple[float, torch.Tensor]:
+        """Δppl over several trainings, point and replicates: exp of the pooled mean log increase, minus 1."""
+        point, reps = self._pooled(runs, seed, nll_ref)
+        return math.expm1(point), torch.expm1(reps)
+
     def pooled_increase(self, nll_ref, runs: list, seed: int = 1) -> Interval:
         """ppl_increase of a method over several trainings (e.g. dictionary seeds): exp of the mean log increase over
         runs and positions, minus 1; the interval holds the training's noise as well as the positions' (one run:
         exactly ppl_increase)."""
-        point, reps = self._pooled(runs, seed, nll_ref)
-        return self._interval(math.expm1(point), torch.expm1(reps))
+        return self._interval(*self._pooled_rise(nll_ref, runs, seed))
 
     def pooled_mean(self, runs: list, seed: int = 1) -> Interval:
         """mean (e.g. the KL per position) over several trainings, runs drawn as in pooled_increase."""
@@ -154,9 +158,8 @@ class Resampler:
 
     def pooled_ratio(self, nll_ref, runs: list, nll_b, seed: int = 1) -> Interval:
         """pooled_increase over Δppl(b) of a method trained once (KIVI-2), each replicate on the same positions."""
-        pa, ra = self._pooled(runs, seed, nll_ref)
+        pa, ra = self._pooled_rise(nll_ref, runs, seed)
         pb, rb = self._increase(nll_ref, nll_b)
-        pa, ra = math.expm1(pa), torch.expm1(ra)
         return self._interval(pa / pb if pb != 0 else math.nan, ra / rb)
 
 

@@ -173,6 +173,10 @@ def run_name(name: str, run: int) -> str:
     return f"{name}:d{run}"
 
 
+MEMORY_KEYS = ("bits_per_channel", "bits_k", "bits_v", "bits_with_window", "bits_total", "side_bits", "ratio_vs_fp16", "ratio_total_vs_fp16")  # memory()'s
+SUMMARY_KEYS = ("rel_err_k", "rel_err_v", "cos_k", "cos_v", "attn_err")  # summarize()'s means over layers
+
+
 def memory(method, tokens: int, window: int, n_layers: int, heads: int, head_dim: int, sink: int = 0) -> dict:
     """Bits per channel: payload, with the fp16 window and sink tokens, and with side data amortised over `tokens`."""
     payload = bits_per_channel(method)
@@ -211,14 +215,7 @@ def summarize(result: runner.PassResult, n_layers: int) -> tuple[dict, list[dict
         at = result.attn.get(layer)
         row["attn_err"] = at.value if at else None
         layers.append(row)
-    summary = {
-        "rel_err_k": _mean([r["rel_err_k"] for r in layers]),
-        "rel_err_v": _mean([r["rel_err_v"] for r in layers]),
-        "cos_k": _mean([r["cos_k"] for r in layers]),
-        "cos_v": _mean([r["cos_v"] for r in layers]),
-        "attn_err": _mean([r["attn_err"] for r in layers]),
-    }
-    return summary, layers
+    return {key: _mean([r[key] for r in layers]) for key in SUMMARY_KEYS}, layers
 
 
 def run_eval(
@@ -299,6 +296,7 @@ def run_eval(
         rows[0]["needle"] = needle.accuracy(model, tokenizer, trials, Identity(), cfg.chunk, tokens)
 
     groups: dict[str, list[str]] = {}  # pooled row -> its rows, one per training (several --dicts)
+    n_sets = len(dict_sets(dicts))
     for method in methods:
         merged = runner.PassResult(method.name, 0.0, 0.0, 0.0, 0)
         for i, (d, ref) in enumerate(zip(docs, refs)):
@@ -327,7 +325,7 @@ def run_eval(
         if getattr(method, "run", None) is not None:
             row["run"] = method.run
             groups.setdefault(method.group, []).append(method.name)
-            if method.run == len(dict_sets(dicts)):
+            if method.run == n_sets:
                 rows.append(pooled_row(method.group, [r for r in rows if r["name"] in groups[method.group]], pool.pooled_runs(groups[method.group], ref_name)))
 
     ref_ppl = rows[0]["ppl"]
@@ -370,17 +368,12 @@ def pooled_row(name: str, members: list[dict], pooled: dict) -> dict:
     costliest = max(members, key=lambda r: (r["bits_per_channel"], r["bits_total"]))
     row = {"name": name, "kind": "CSR", "runs": len(members), **{k: costliest[k] for k in MEMORY_KEYS}, **pooled}
     for key in SUMMARY_KEYS:
-        vals = [r[key] for r in members if r.get(key) is not None]
-        row[key] = sum(vals) / len(vals) if vals else None
+        row[key] = _mean([r.get(key) for r in members])
     row["seconds"] = sum(r["seconds"] for r in members)
     row["layers"] = []
     if "config" in costliest:
         row["config"] = costliest["config"]
     return row
-
-
-MEMORY_KEYS = ("bits_per_channel", "bits_k", "bits_v", "bits_with_window", "bits_total", "side_bits", "ratio_vs_fp16", "ratio_total_vs_fp16")
-SUMMARY_KEYS = ("rel_err_k", "rel_err_v", "cos_k", "cos_v", "attn_err")
 
 
 def _each(dicts, attr: str):
