@@ -1,10 +1,12 @@
 """Bit accounting of CSR codes: what a code costs, how many atoms a budget buys, adaptive slot budgets.
 
-    vector_bits(N, S, C, coef) -> bits of one coded vector
+    coef_sides(coef) -> (keys' format, values' format)   a coefficient spec: "fp8", or keys/values "fp8/int3"
+    coef_side(coef, kind) -> the format of one side ("k" or "v")
+    vector_bits(N, S, C, fmt) -> bits of one coded vector (fmt: one side's format)
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     max_sparsity(D) / check_sparsity(S, D, what, N)      the most atoms worth spending on a vector
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)    fits a bit budget
-    adaptive_for(adaptive, S) / adaptive_max(S, D, N) / adaptive_slots(M, S, D, N, coef) / count_bits(S, D, N)
+    adaptive_for(adaptive, S) / adaptive_max(S, D, N) / adaptive_slots(M, S, D, N, fmt) / count_bits(S, D, N)
                                                           adaptive codes (engine/adaptive.py): where they apply,
                                                           their most atoms per vector, a section's atom slots
 
@@ -23,15 +25,32 @@ from csrtool.errors import CsrError
 COEF_FORMATS = packing.COEF_FORMATS
 
 
-def vector_bits(n_atoms: int, sparsity: int, chunks: int, coef: str) -> int:
-    """Bits of one coded vector: C*S*(index + coefficient) + vector scale."""
-    return chunks * sparsity * (packing.index_bits(n_atoms) + packing.COEF_BITS[coef]) + packing.VECTOR_SCALE_BITS[coef]
+def coef_sides(coef: str) -> tuple[str, str]:
+    """(keys' format, values' format) of a coefficient spec: one format for both sides ("fp8") or
+    keys/values ("fp8/int3"). CsrError for anything else."""
+    parts = coef.split("/") if isinstance(coef, str) else []
+    parts = parts * 2 if len(parts) == 1 else parts
+    if len(parts) != 2 or any(p not in COEF_FORMATS for p in parts):
+        raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, or one for keys and one for values "
+                       f"written keys/values (e.g. fp8/int3), got {coef!r}")
+    return parts[0], parts[1]
+
+
+def coef_side(coef: str, kind: str) -> str:
+    """The coefficient format of the keys ("k") or values ("v") under the spec `coef`."""
+    return coef_sides(coef)[0 if kind == "k" else 1]
+
+
+def vector_bits(n_atoms: int, sparsity: int, chunks: int, fmt: str) -> int:
+    """Bits of one coded vector in the coefficient format `fmt` (one side's): C*S*(index + coefficient) + vector scale."""
+    return chunks * sparsity * (packing.index_bits(n_atoms) + packing.COEF_BITS[fmt]) + packing.VECTOR_SCALE_BITS[fmt]
 
 
 def bits_per_channel(n_atoms: int, head_dim: int, sparsity_k: int, sparsity_v: int, value_split: int, coef: str) -> float:
     """Code bits per channel, keys and values averaged (group scales, padding and tail excluded)."""
-    k = vector_bits(n_atoms, sparsity_k, 1, coef)
-    v = vector_bits(n_atoms, sparsity_v, value_split, coef)
+    fk, fv = coef_sides(coef)
+    k = vector_bits(n_atoms, sparsity_k, 1, fk)
+    v = vector_bits(n_atoms, sparsity_v, value_split, fv)
     return (k + v) / (2 * head_dim)
 
 
@@ -59,11 +78,11 @@ def adaptive_max(sparsity: int, dim: int, n_atoms: int) -> int:
     return max(sparsity, min(2 * sparsity, max_sparsity(dim), n_atoms))
 
 
-def adaptive_slots(vectors: int, sparsity: int, dim: int, n_atoms: int, coef: str) -> int:
+def adaptive_slots(vectors: int, sparsity: int, dim: int, n_atoms: int, fmt: str) -> int:
     """Atoms that `vectors` adaptive codes (chunks of `dim` channels) may use in all: with their count
     fields (count_bits(adaptive_max) each) they cost no more than S fixed atoms per vector. A file
     section stores exactly this many atom slots (docs/format.md §3)."""
-    atom_bits = packing.index_bits(n_atoms) + packing.COEF_BITS[coef]
+    atom_bits = packing.index_bits(n_atoms) + packing.COEF_BITS[fmt]
     return adaptive_counts.slots(vectors, sparsity, atom_bits, adaptive_max(sparsity, dim, n_atoms))
 
 
@@ -91,16 +110,15 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     is closest to twice the value cost, then the one with more key atoms: key errors
     pass through the softmax and dominate perplexity (measured splits: docs/quality.md §2).
     """
-    if coef not in COEF_FORMATS:
-        raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {coef!r}")
+    fk, fv = coef_sides(coef)
     if not (bits > 0 and math.isfinite(bits)):
         raise CsrError(f"--bits must be a positive number, got {bits}")
     budget = bits * 2 * head_dim
     best = None
     for s_k in range(1, min(n_atoms, max_sparsity(head_dim)) + 1):
-        ck = vector_bits(n_atoms, s_k, 1, coef)
+        ck = vector_bits(n_atoms, s_k, 1, fk)
         for s_v in range(1, min(n_atoms, max_sparsity(head_dim // value_split)) + 1):
-            cv = vector_bits(n_atoms, s_v, value_split, coef)
+            cv = vector_bits(n_atoms, s_v, value_split, fv)
             if ck + cv > budget + 1e-9:
                 break
             key = (ck + cv, -abs(ck - 2 * cv), s_k)

@@ -92,7 +92,7 @@ class _Side:
 
     def __init__(self, atoms: torch.Tensor, mean: torch.Tensor | None, sparsity: int, fmt: str):
         self.atoms, self.mean, self.sparsity, self.fmt = atoms, mean, sparsity, fmt
-        self.q = self.vscale = None  # vscale [B, H, T] float16 (int8 only)
+        self.q = self.vscale = None  # vscale [B, H, T]: float16 (int8), float8_e4m3fn (int4, int3; q held as int8)
         self.g = None  # [B, H, blocks] float32
         self.lengths: list[int] = []
         n = atoms.shape[2]
@@ -185,8 +185,8 @@ class CSRLayer(DynamicLayer):
         s_k, s_v = st.sparsity(layer_idx)
         dev = cache.device
         mk, mv = st.dicts.mean(layer_idx, "k"), st.dicts.mean(layer_idx, "v")
-        self.k = _Side(st.dicts.get(layer_idx, "k").to(dev, torch.float32), None if mk is None else mk.to(dev, torch.float32), s_k, st.coef)
-        self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, st.coef)
+        self.k = _Side(st.dicts.get(layer_idx, "k").to(dev, torch.float32), None if mk is None else mk.to(dev, torch.float32), s_k, codec.coef_side(st.coef, "k"))
+        self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, codec.coef_side(st.coef, "v"))
         self.rope = cache.layer_rope(layer_idx)  # this layer's rotation (pre-RoPE keys), else None
         self.sink_k = self.sink_v = None  # [B, H, <= sink, D]
         self.tokens = 0  # slots held (sink + coded + tail)

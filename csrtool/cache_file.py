@@ -71,11 +71,11 @@ def load(path: Path, dicts, model, block: int, reference: bool = False, tokenize
         for side, buf, shape in ((layer.k, kb, sk), (layer.v, vb, sv)):
             n, c, sp = side.atoms.shape[2], side.atoms.shape[1], side.sparsity
             try:
-                sec = parse_section(buf, shape, n, c, sp, cfg.coef, cfg.window, hd.torch_dtype, cfg.sink)
+                sec = parse_section(buf, shape, n, c, sp, side.fmt, cfg.window, hd.torch_dtype, cfg.sink)
             except CsrError as exc:
                 raise CsrError(f"{path} layer {i}: {exc}") from None
             idx, tail = sec.idx, sec.verbatim
-            cf = codec.dequantize_codes(sec.q, sec.g, sec.v, cfg.coef, tuple(sec.idx.shape))
+            cf = codec.dequantize_codes(sec.q, sec.g, sec.v, side.fmt, tuple(sec.idx.shape))
             if tc:
                 side.put(idx.to(dev), cf.to(dev))
             verb.append(tail.to(dev, dtype))
@@ -105,9 +105,10 @@ def save(cache, path: Path, model_name: str | None = None) -> int:
 
     def sections():
         for i, layer in enumerate(cache.layers):
-            parts = [_section(side, sink, tail, st.coef) for side, sink, tail in ((layer.k, layer.sink_k, layer.keys), (layer.v, layer.sink_v, layer.values))]
-            for part in parts:
-                if not codec.finite_coefficients(part, st.coef):
+            sides = ((layer.k, layer.sink_k, layer.keys), (layer.v, layer.sink_v, layer.values))
+            parts = [_section(side, sink, tail, side.fmt) for side, sink, tail in sides]
+            for part, (side, _, _) in zip(parts, sides):
+                if not codec.finite_coefficients(part, side.fmt):
                     raise CsrError(f"layer {i}: the cache holds non-finite coefficients; it cannot be saved")
             yield csrfile.layer_bytes(header, i, *parts)
 

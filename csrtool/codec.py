@@ -2,7 +2,8 @@
 
 No bytes here: formats/csrsection.py turns SectionCodes into the bytes of docs/format.md §3.
 
-    CodecConfig(sparsity_k, sparsity_v, coef, method, window, sink) frozen, validated
+    CodecConfig(sparsity_k, sparsity_v, coef, method, window, sink) frozen, validated; coef: one format or keys/values
+                                                                    ("fp8/int3"), .coef_for(kind) one side's
     spans(T, window, sink) -> (s, Tc, w)                            sink / coded / tail tokens
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)              fits a bit budget
@@ -27,6 +28,8 @@ import torch
 from csrtool.engine import packing, pursuit
 from csrtool.errors import CsrError
 from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes lives in budget.py)
+    coef_side,
+    coef_sides,
     vector_bits,
     bits_per_channel,
     max_sparsity,
@@ -41,6 +44,7 @@ from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes
 from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
 
 COEF_FORMATS = packing.COEF_FORMATS
+DEFAULT_COEF = "fp8/int3"  # keys fp8, values 3-bit integers with an fp8 scale per vector (docs/quality.md, tenth pass)
 METHODS = pursuit.METHODS
 KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")
@@ -66,8 +70,9 @@ class CodecConfig:
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise CsrError(f"{name} must be an integer >= 1, got {val!r}")
-        if self.coef not in COEF_FORMATS:
-            raise CsrError(f"coefficient format must be one of {', '.join(COEF_FORMATS)}, got {self.coef!r}")
+        k_fmt, v_fmt = coef_sides(self.coef)
+        if k_fmt == v_fmt and self.coef != k_fmt:
+            object.__setattr__(self, "coef", k_fmt)  # "fp8/fp8" is "fp8"
         if self.method not in METHODS:
             raise CsrError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
@@ -81,6 +86,10 @@ class CodecConfig:
                 ok = isinstance(pair, tuple) and len(pair) == 2
                 if not ok or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in pair):
                     raise CsrError(f"layer_sparsity[{i}] must be a pair of integers >= 1, got {pair!r}")
+
+    def coef_for(self, kind: str) -> str:
+        """The coefficient format of the keys ("k") or values ("v")."""
+        return coef_side(self.coef, kind)
 
     def for_layer(self, layer: int) -> "CodecConfig":
         """The uniform config of one layer (its own sparsities when layer_sparsity is set)."""
@@ -152,7 +161,7 @@ def encode_counted(
     ag = atoms.reshape(g * c, n, dc).to(torch.float32)
     if adaptive_for(adaptive, sparsity):
         s = adaptive_max(sparsity, dc, n)
-        total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, coef)
+        total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, coef_side(coef, kind))
         idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v")
     else:
         s = sparsity
@@ -213,8 +222,9 @@ def roundtrip(
     section, so pass the coded tokens only (without the window) to match a file.
     `mean` [G, D] (the dictionary's, if it has one) is subtracted before coding."""
     idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind)
-    q, g, v = quantize_codes(c, coef)
-    c_hat = dequantize_codes(q, g, v, coef, tuple(c.shape))
+    fmt = coef_side(coef, kind)
+    q, g, v = quantize_codes(c, fmt)
+    c_hat = dequantize_codes(q, g, v, fmt, tuple(c.shape))
     return to_dtype(shift(decode_codes(idx, c_hat, atoms), mean, 1.0), x.dtype)
 
 
@@ -257,9 +267,9 @@ class SectionCodes:
     """One key or value section of a layer as tensors (docs/format.md §3)."""
 
     idx: torch.Tensor  # [B, H, Tc, C, S] int64 atom indices
-    q: torch.Tensor  # [B*H, Tc, C*S] stored coefficients (float16, float8_e4m3fn or int8)
+    q: torch.Tensor  # [B*H, Tc, C*S] stored coefficients (float16, float8_e4m3fn or int8; int4/int3 held as int8)
     g: torch.Tensor  # [B*H] float32 group scales
-    v: torch.Tensor | None  # [B*H, Tc] float16 vector scales (int8 only)
+    v: torch.Tensor | None  # [B*H, Tc] vector scales: float16 (int8), float8_e4m3fn (int4, int3), else None
     verbatim: torch.Tensor  # [B, H, s + w, D] the sink then the tail tokens, in the cache's dtype
     counts: torch.Tensor | None = None  # [B, H, Tc, C] atoms used per vector chunk (adaptive codes; idx/q hold S_max slots, zero past a count)
 
@@ -281,8 +291,9 @@ def encode_section(
     else:
         idx, cf = no_codes(b, h, c, adaptive_max(sparsity, dc, n) if adaptive else sparsity)
         counts = idx.new_zeros(b, h, 0, c) if adaptive else None
-    codes = quantized_section(idx, cf, x_tail, coef, counts)
-    if not finite_coefficients(codes, coef):
+    fmt = coef_side(coef, kind)
+    codes = quantized_section(idx, cf, x_tail, fmt, counts)
+    if not finite_coefficients(codes, fmt):
         _too_large(x_code)
     return codes
 
@@ -301,7 +312,8 @@ def no_codes(b: int, h: int, c: int, s: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantized_section(idx: torch.Tensor, cf: torch.Tensor, verbatim: torch.Tensor, coef: str, counts: torch.Tensor | None = None) -> SectionCodes:
-    """A section (on the CPU) from codes idx, cf [B, H, Tc, C, S] (float coefficients, quantised here with one
+    """A section (on the CPU) from codes idx, cf [B, H, Tc, C, S] (float coefficients, quantised here to `coef`, the
+    side's one format, with one
     scale per (b, h) as the file stores them), the verbatim tokens [B, H, s + w, D] and, for adaptive
     codes, the counts [B, H, Tc, C]."""
     q, g, v = quantize_codes(cf, coef)
@@ -382,8 +394,8 @@ def decode_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of encode_layer: k, v [B, H, T, D] in `dtype` (clamped to its finite range)."""
     s, _, _ = spans(ck.idx.shape[2] + ck.verbatim.shape[2], cfg.window, cfg.sink)
-    kc = decode_section(ck, atoms_k, cfg.coef, means[0])
-    vc = decode_section(cv, atoms_v, cfg.coef, means[1])
+    kc = decode_section(ck, atoms_k, cfg.coef_for("k"), means[0])
+    vc = decode_section(cv, atoms_v, cfg.coef_for("v"), means[1])
     kc = from_code_space(kc, key_space, cache_key_space, None if rope_p is None else rope_p.shifted(s))
     k = torch.cat([ck.verbatim[:, :, :s], to_dtype(kc, dtype), ck.verbatim[:, :, s:]], dim=2)
     v = torch.cat([cv.verbatim[:, :, :s], to_dtype(vc, dtype), cv.verbatim[:, :, s:]], dim=2)

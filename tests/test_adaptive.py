@@ -186,7 +186,7 @@ def test_adaptive_section_parses_back_and_rejects_bad_counts_and_dirty_slots():
         _parse(bad)
 
 
-@pytest.mark.parametrize("coef", ["fp8", "fp16", "int8"])
+@pytest.mark.parametrize("coef", ["fp8", "fp16", "int8", "int4", "int3"])
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_adaptive_sections_round_trip_in_every_coefficient_format(coef, chunks):
     """Bytes -> codes -> bytes for each coefficient format and value split; the size is the one the header implies
@@ -213,7 +213,7 @@ def test_adaptive_header_fields_are_validated(files):
     assert obj["version"] == 4 and obj["codec"]["adaptive"] is True
     with pytest.raises(CsrError, match="codec.adaptive must be true in a version 4 header"):
         header_from_json({**obj, "codec": {**obj["codec"], "adaptive": 1}})
-    with pytest.raises(CsrError, match="codec.adaptive is only allowed in a version 4 header"):
+    with pytest.raises(CsrError, match="codec.adaptive is only allowed in a version 4 or 5 header"):
         header_from_json({**obj, "version": 1})
 
 
@@ -231,6 +231,6 @@ def test_compress_cli_adaptive_inspect_and_decompress(files, tmp_path):
     assert res.exit_code == 0, res.output
     assert "adaptive" in res.output
     res = runner.invoke(app, ["inspect", str(tmp_path / "a.csr")])
-    assert res.exit_code == 0 and ".csr v4" in res.output and "adaptive counts" in res.output
+    assert res.exit_code == 0 and ".csr v5" in res.output and "adaptive counts" in res.output  # v5: the default fp8/int3 coefficients
     res = runner.invoke(app, ["decompress", str(tmp_path / "a.csr"), "-d", str(d), "-o", str(tmp_path / "r.pt")])
     assert res.exit_code == 0, res.output

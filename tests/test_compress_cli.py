@@ -94,7 +94,7 @@ def test_refusals_leave_everything_untouched(files):
     r = run("compress", cache_path, "--dicts", dicts, "-o", d / "exists.csr", "--force", "--sparsity", "1")
     assert r.exit_code == 0 and (d / "exists.csr").read_bytes()[:4] == b"\x89CSR"
     assert err_line(run("compress", cache_path, "--dicts", dicts, "-o", d / "x.csr", "--bits", "1", "--sparsity", "2")) == "error: pass either --bits or --sparsity, not both"
-    assert err_line(run("compress", cache_path, "--dicts", dicts, "-o", d / "x.csr", "--coef", "fp4")) == "error: coefficient format must be one of fp16, fp8, int8, got 'fp4'"
+    assert err_line(run("compress", cache_path, "--dicts", dicts, "-o", d / "x.csr", "--coef", "fp4")) == "error: coefficient format must be one of fp16, fp8, int8, int4, int3, or one for keys and one for values written keys/values (e.g. fp8/int3), got 'fp4'"
 
 
 def test_bad_caches(files):

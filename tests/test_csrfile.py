@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csrtool import codec
-from csrtool.formats import csrfile
+from csrtool.formats import csrfile, csrsection
 from csrtool.formats.dicts import load_dicts, save_dicts
 from csrtool.engine import packing
 from csrtool.errors import CsrError
@@ -126,7 +126,7 @@ def test_deterministic_bytes(env, tmp_path):
     assert (tmp_path / "again.csr").read_bytes() == env["bytes"]
 
 
-@pytest.mark.parametrize("coef", ["fp16", "int8"])
+@pytest.mark.parametrize("coef", ["fp16", "int8", "int4", "fp8/int3", "int3/fp16"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_formats_and_dtypes(tmp_path, coef, dtype):
     dicts_path = make_dicts(tmp_path / "d.safetensors", groups=1, split=1, key_space="post-rope")
@@ -137,9 +137,12 @@ def test_other_formats_and_dtypes(tmp_path, coef, dtype):
     reader = csrfile.open_csr(tmp_path / "c.csr")
     assert reader.header.dict_scope == "layer" and reader.header.dtype == str(dtype).split(".")[1]
     dec = csrfile.read_csr(tmp_path / "c.csr", load_dicts(dicts_path))
+    assert reader.header.version == (1 if coef in ("fp16", "int8") else 5)  # per-side or int4/int3 coefficients: version 5
     for layer in range(L):
         want = codec.roundtrip(cache.keys[layer][:, :, :7], load_dicts(dicts_path).get(layer, "k"), 4, coef, "mp")
         assert torch.equal(dec.keys[layer][:, :, :7], want)
+        want = codec.roundtrip(cache.values[layer][:, :, :7], load_dicts(dicts_path).get(layer, "v"), 4, coef, "mp", kind="v")
+        assert torch.equal(dec.values[layer][:, :, :7], want)
         assert torch.equal(dec.values[layer][:, :, 7:], cache.values[layer][:, :, 7:])
 
 
@@ -159,6 +162,10 @@ def test_bits_per_channel_and_choose_sparsity():
     assert codec.bits_per_channel(4096, 128, 4, 2, 2, "fp16") == (4 * 28 + 4 * 28) / 256
     assert codec.bits_per_channel(4096, 64, 2, 1, 2, "fp8") == 40 / 64
     assert codec.vector_bits(4096, 3, 1, "int8") == 3 * 20 + 16
+    assert codec.vector_bits(4096, 3, 1, "int3") == 3 * 15 + 8  # 3-bit coefficients, one fp8 scale per vector
+    assert codec.vector_bits(4096, 2, 2, "int4") == 4 * 16 + 8
+    # keys and values in their own formats: fp8 keys (2 x 20 bits), int3 values in 2 chunks (2 x 15 + 8)
+    assert codec.bits_per_channel(4096, 64, 2, 1, 2, "fp8/int3") == (40 + 38) / 128
     for bits in (0.5, 0.75, 1.0, 1.5, 2.0, 4.0):
         for coef in packing.COEF_FORMATS:
             if codec.bits_per_channel(4096, 64, 1, 1, 2, coef) > bits:
@@ -188,10 +195,58 @@ def test_size_report(env):
     assert rep["code_bits_per_channel"]["k"] == 3 * (6 + 8) / D
 
 
+def test_coefficient_specs():
+    assert codec.coef_sides("fp8") == ("fp8", "fp8") and codec.coef_sides("fp8/int3") == ("fp8", "int3")
+    assert codec.coef_side("int4/fp16", "k") == "int4" and codec.coef_side("int4/fp16", "v") == "fp16"
+    for bad in ("fp8/", "/int3", "fp8/int3/int4", "fp8/int2", "", "FP8"):
+        with pytest.raises(CsrError, match="coefficient format must be one of"):
+            codec.coef_sides(bad)
+    cfg = codec.CodecConfig(1, 1, "fp8/fp8")
+    assert cfg.coef == "fp8" and codec.CodecConfig(1, 1, "fp8/int3").coef_for("v") == "int3"
+
+
+def test_version_5_header_fields(tmp_path):
+    from csrtool.formats.csrheader import header_from_json
+
+    dicts_path = make_dicts(tmp_path / "d.safetensors")
+    write(tmp_path / "c.csr", make_cache(3), dicts_path, codec.CodecConfig(3, 2, "fp8/int3", window=5, sink=2))
+    obj = csrfile.open_csr(tmp_path / "c.csr").header.to_json()
+    assert obj["version"] == 5 and obj["codec"]["coef"] == "fp8/int3" and obj["codec"]["adaptive"] is False
+    with pytest.raises(CsrError, match=re.escape("codec.coef fp8 belongs in a version 1-4 header, not version 5")):
+        header_from_json({**obj, "codec": {**obj["codec"], "coef": "fp8"}})
+    with pytest.raises(CsrError, match=re.escape("codec.coef must be a coefficient format, or keys/values (e.g. fp8/int3), got")):
+        header_from_json({**obj, "codec": {**obj["codec"], "coef": "fp8/int9"}})
+    with pytest.raises(CsrError, match="codec.adaptive must be true or false in a version 5 header"):
+        header_from_json({**obj, "codec": {k: v for k, v in obj["codec"].items() if k != "adaptive"}})
+    with pytest.raises(CsrError, match="codec.coef must be one of"):  # a version 4 reader's formats
+        header_from_json({**obj, "version": 4, "codec": {**obj["codec"], "adaptive": True}})
+
+
+def test_narrow_coefficients_are_checked_on_read(tmp_path):
+    """A value section of int3 codes: a field at -4 (never written) and a negative fp8 vector scale are corruption."""
+    atoms = make_atoms(4)["layer.0.k"]  # [H, 1, N, D]
+    x = torch.randn(1, H, 6, D, generator=torch.Generator().manual_seed(9))
+    sec = codec.encode_section(x, torch.zeros(1, H, 1, D), atoms, 2, "int3", "omp")
+    buf = bytearray(csrsection.section_bytes(sec, N, 2, "int3"))
+    shape, m = (1, H, 7, D), H * 6
+    back = csrsection.parse_section(bytes(buf), shape, N, 1, 2, "int3", 1, torch.float32, 0)
+    assert torch.equal(back.q, sec.q) and torch.equal(back.v.view(torch.uint8), sec.v.view(torch.uint8))
+    vstart = 4 * H  # after the group scales
+    bad = bytearray(buf)
+    bad[vstart] |= 0x80  # the first vector scale's sign bit
+    with pytest.raises(CsrError, match="negative int3 vector scale"):
+        csrsection.parse_section(bytes(bad), shape, N, 1, 2, "int3", 1, torch.float32, 0)
+    cstart = vstart + m + packing.packed_nbytes(m * 2, packing.index_bits(N))
+    bad = bytearray(buf)
+    bad[cstart] = (bad[cstart] & ~0x07) | 0x04  # the first coefficient's field: 100 = -4
+    with pytest.raises(CsrError, match="int3 coefficient -4"):
+        csrsection.parse_section(bytes(bad), shape, N, 1, 2, "int3", 1, torch.float32, 0)
+
+
 def test_config_validates():
     with pytest.raises(CsrError, match=re.escape("sparsity_k must be an integer >= 1, got 0")):
         codec.CodecConfig(0, 1)
-    with pytest.raises(CsrError, match=re.escape("coefficient format must be one of fp16, fp8, int8, got 'fp4'")):
+    with pytest.raises(CsrError, match=re.escape("coefficient format must be one of fp16, fp8, int8, int4, int3, or one for keys and one for values written keys/values (e.g. fp8/int3), got 'fp4'")):
         codec.CodecConfig(1, 1, "fp4")
     with pytest.raises(CsrError, match=re.escape("window must be an integer >= 0 (tokens kept uncompressed), got -1")):
         codec.CodecConfig(1, 1, window=-1)
@@ -229,9 +284,9 @@ def test_bad_magic(env, tmp_path):
 
 def test_newer_version(env, tmp_path):
     raw = bytearray(env["bytes"])
-    raw[8:10] = struct.pack("<H", 5)
+    raw[8:10] = struct.pack("<H", 6)
     p = corrupt(env, tmp_path, bytes(raw))
-    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 5, newer than this csrtool (4): upgrade csrtool"
+    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 6, newer than this csrtool (5): upgrade csrtool"
 
 
 def test_flipped_payload_byte(env, tmp_path):

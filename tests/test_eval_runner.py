@@ -161,7 +161,7 @@ def test_attention_error_hand_computed_layer0(model, ids, ref):
 
 def test_csr_method_matches_codec(model, ids, ref):
     ds = tiny_dicts()
-    csr = CSR(ds, 2, 2, 8, bits=8.0, method="mp")
+    csr = CSR(ds, 2, 2, 8, bits=8.0, method="mp", coef="fp8")
     s_k, s_v = codec.choose_sparsity(8.0, 64, 8, 2, "fp8")
     assert (csr.s_k, csr.s_v) == (s_k, s_v)
     assert (csr.bits_k + csr.bits_v) / 2 == pytest.approx(codec.bits_per_channel(64, 8, s_k, s_v, 2, "fp8"))

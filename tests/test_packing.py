@@ -94,7 +94,38 @@ def test_int8_range():
     assert v.dtype == torch.float16 and float(v.max()) <= 1.0
 
 
-@pytest.mark.parametrize("fmt", packing.COEF_FORMATS)
+def test_narrow_quantize_by_hand():
+    # int3: absmax 5.25 -> g = 5.25 / (3 * 448) = 1/256, the vector's scale 448 (exact in fp8), one level 448/256 = 1.75,
+    # so q = round(c / 1.75) = round(3, -1.5, 0.75) = 3, -2 (half to even), 1
+    q, g, v = packing.quantize(torch.tensor([[[5.25, -2.625, 1.3125], [0.0, 0.0, 0.0]]]), "int3")
+    assert q.dtype == torch.int8 and q.tolist() == [[[3, -2, 1], [0, 0, 0]]]
+    assert g.tolist() == [1 / 256] and v.dtype == torch.float8_e4m3fn and v.float().tolist() == [[448.0, 0.0]]
+    assert packing.dequantize(q, g, v, "int3").tolist() == [[[5.25, -3.5, 1.75], [0.0, 0.0, 0.0]]]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3"])
+def test_narrow_quantize_error_and_range(fmt):
+    c = _coefs(5, decades=2)  # vectors within fp8's normal range of their group's largest (far smaller ones flush to zero)
+    q, g, v = packing.quantize(c, fmt)
+    lim = packing.NARROW_LEVELS[fmt]
+    assert int(q.abs().max()) == lim and v.dtype == torch.float8_e4m3fn
+    step = v.float() * g[:, None]  # [G, M]: one level of each vector
+    assert (step[:, :, None] * lim >= c.abs().amax(dim=2, keepdim=True) * (1 - 1e-6)).all()  # the scale never clips
+    err = (packing.dequantize(q, g, v, fmt) - c).abs()
+    assert (err <= step[:, :, None] / 2 * (1 + 1e-5)).all()
+
+
+def test_narrow_fields_known_bytes():
+    # int3 two's complement: -3, 3, 0, -1 -> fields 101 011 000 111, LSB first -> 0x1D, 0x0E
+    buf = packing.pack_narrow(torch.tensor([-3, 3, 0, -1]), 3)
+    assert bytes(buf.tolist()) == bytes([0x1D, 0x0E])
+    back, ok = packing.unpack_narrow(buf, 4, 3)
+    assert ok and back.tolist() == [-3, 3, 0, -1]
+    assert not packing.unpack_narrow(torch.tensor([0x04, 0x00], dtype=torch.uint8), 4, 3)[1]  # -4: never written
+    assert not packing.unpack_narrow(torch.tensor([0x00, 0x10], dtype=torch.uint8), 4, 3)[1]  # nonzero padding
+
+
+@pytest.mark.parametrize("fmt", ("fp16", "fp8", "int8"))  # whole-byte formats; int4/int3: test_csrfile's bit streams
 def test_bytes_view_roundtrip(fmt):
     q, _, _ = packing.quantize(_coefs(2), fmt)
     raw = packing.to_bytes_view(q)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from csrtool import codec
 from csrtool.formats import csrfile
 from csrtool.cli import app
 from csrtool.formats.dicts import load_dicts
@@ -133,14 +134,14 @@ def test_train_dict_stores_calibrated_curves(pipeline):
 
 def test_compress_spends_bits_per_layer(pipeline):
     d, dicts = pipeline, pipeline / "dicts.safetensors"
-    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--fixed", "-o", str(d / "a.csr"), "--json", str(d / "a.json")])
+    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--fixed", "--coef", "fp8", "-o", str(d / "a.csr"), "--json", str(d / "a.json")])
     assert res.exit_code == 0, res.output
     rep = json.loads((d / "a.json").read_text())
     plan = [tuple(p) for p in rep["layer_sparsity"]]
     assert len(plan) == 2 and rep["code_bits_per_channel"]["avg"] <= 4.0
     header = csrfile.open_csr(d / "a.csr").header
     assert header.version == 2 and header.config.layer_sparsity == tuple(plan)
-    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--uniform", "--fixed", "-o", str(d / "u.csr"), "--json", str(d / "u.json")])
+    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--bits", "4", "--uniform", "--fixed", "--coef", "fp8", "-o", str(d / "u.csr"), "--json", str(d / "u.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((d / "u.json").read_text())["layer_sparsity"] is None
     assert csrfile.open_csr(d / "u.csr").header.version == 1
@@ -151,7 +152,7 @@ def test_compress_spends_bits_per_layer(pipeline):
     uniform = csrfile.open_csr(d / "u.csr").header.config
     assert any(p != (uniform.sparsity_k, uniform.sparsity_v) for p in plan)  # calibration moved atoms
     for layer, (s_k, s_v) in enumerate(plan):
-        res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--sparsity", f"{s_k},{s_v}", "--fixed", "-o", str(d / f"s{layer}.csr")])
+        res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--sparsity", f"{s_k},{s_v}", "--fixed", "--coef", "fp8", "-o", str(d / f"s{layer}.csr")])
         assert res.exit_code == 0, res.output
         s = csrfile.read_csr(d / f"s{layer}.csr", ds)
         assert torch.equal(a.keys[layer], s.keys[layer]) and torch.equal(a.values[layer], s.values[layer])
@@ -181,7 +182,7 @@ def test_eval_uses_the_calibrated_plan_unless_uniform(pipeline, tiny_llama_dir):
         plans[bool(flag)] = m["config"]["layer_sparsity"]
         assert m["bits_per_channel"] <= 4.0
     ds = load_dicts(dicts)
-    want = allocate.plan(ds.sensitivity, 2, 4.0, ds.n_atoms, 8, 1, "fp8")
+    want = allocate.plan(ds.sensitivity, 2, 4.0, ds.n_atoms, 8, 1, codec.DEFAULT_COEF)
     assert [tuple(p) for p in plans[False]] == list(want) and plans[True] is None
 
 

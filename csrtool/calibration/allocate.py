@@ -114,10 +114,11 @@ def codec_plan(
     if sparsity is not None:
         s_k, s_v = sparsity
     else:
+        codec.coef_sides(coef)  # a format that does not exist is its own error
         try:
             s_k, s_v = codec.choose_sparsity(bits, n_atoms, head_dim, value_split, coef)
         except CsrError:
-            if coef not in codec.COEF_FORMATS or not (bits > 0 and math.isfinite(bits)):
+            if not (bits > 0 and math.isfinite(bits)):
                 raise
             least = codec.bits_per_channel(n_atoms, head_dim, 1, 1, value_split, coef)
             raise CsrError(
@@ -161,9 +162,10 @@ def allocate(
         for kind in ("k", "v"):
             if not curves.get((layer, kind)):
                 raise CsrError(f"the dictionary file has no distortion curve for layer {layer} ({kind}): re-run csrtool train-dict")
-    cost = {"k": codec.vector_bits(n_atoms, 1, 1, coef) - codec.vector_bits(n_atoms, 0, 1, coef),
-            "v": codec.vector_bits(n_atoms, 1, value_split, coef) - codec.vector_bits(n_atoms, 0, value_split, coef)}
-    base = {"k": codec.vector_bits(n_atoms, 0, 1, coef), "v": codec.vector_bits(n_atoms, 0, value_split, coef)}
+    fmt = dict(zip("kv", codec.coef_sides(coef)))
+    chunks = {"k": 1, "v": value_split}
+    base = {kind: codec.vector_bits(n_atoms, 0, chunks[kind], fmt[kind]) for kind in "kv"}
+    cost = {kind: codec.vector_bits(n_atoms, 1, chunks[kind], fmt[kind]) - base[kind] for kind in "kv"}
     budget = bits * 2 * head_dim * len(layers)  # bits per token and head, summed over layers
     s = {(layer, kind): 1 for layer in layers for kind in ("k", "v")}
     spent = sum(base[kind] + cost[kind] for (_, kind) in s)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from csrtool.cli import app
 from csrtool.cli.common import ForceOpt, JsonOpt, err, guarded, out, write_json
-from csrtool.codec import ADAPTIVE_DEFAULT
+from csrtool.codec import ADAPTIVE_DEFAULT, DEFAULT_COEF
 from csrtool.errors import CsrError
 from csrtool.formats.io import check_input, check_json_output, check_output
 from csrtool.formats.kvcache import open_cache
@@ -52,12 +52,12 @@ def compress(
     output: OutputOpt,
     bits: Annotated[Optional[float], typer.Option("--bits", "-b", help="Target code bits per channel (K and V averaged). Default 1.")] = None,
     sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Atoms per vector: S, or SK,SV (values: per chunk).")] = None,
-    coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16 or int8.")] = "fp8",
+    coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16, int8, int4 or int3 for keys and values alike, or KEYS/VALUES such as fp8/int3 (the default: fp8 keys; values as 3-bit integers with an fp8 scale per vector, which buy more atoms at the same bits).")] = DEFAULT_COEF,
     window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed, in the original dtype (default 4).")] = None,
     sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
     uniform: Annotated[bool, typer.Option("--uniform", help="With --bits: same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration.")] = False,
-    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed", help="Adaptive: each vector gets as many atoms as its fit needs (up to twice S), the same bits on average with the counts paid for (format version 4). Fixed: S atoms for every vector (what CSRCache.from_csr and generate --resume read).")] = ADAPTIVE_DEFAULT,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed", help="Adaptive: each vector gets as many atoms as its fit needs (up to twice S), the same bits on average with the counts paid for (format version 4, or 5 with the default coefficients). Fixed: S atoms for every vector (what CSRCache.from_csr and generate --resume read).")] = ADAPTIVE_DEFAULT,
     force: ForceOpt = False,
     json_out: JsonOpt = None,
 ) -> None:

@@ -41,9 +41,9 @@ def generate(
 ) -> None:
     """Generate text with the KV cache held compressed in memory.
 
-    Tokens older than the window are coded with the dictionaries exactly as
-    compress --bits codes them (same per-layer plan, key space, coefficients);
-    attention runs on the codes. The text streams to stdout; prefill and decode
+    Tokens older than the window are coded with the dictionaries as compress
+    --bits --fixed --coef fp8 codes them (same per-layer plan and key space, S
+    atoms per vector, fp8 coefficients); attention runs on the codes. The text streams to stdout; prefill and decode
     speed and the cache's bytes (next to an uncompressed cache's) go to stderr.
     --save writes the cache as a .csr file (its codes, not coded again) for --resume.
     """

@@ -7,11 +7,13 @@ Pure torch, device-agnostic, no Python loop per element:
     unpack_indices(buf uint8, n, b) -> int64 [n]
     pack_split(idx [..., K], b) -> (lo uint8 [..., K] | None, hi uint8 [..., ceil(K*w/8)])   in memory
     unpack_split(lo, hi, K, b, dtype) -> [..., K]
-    quantize(coef [G, M, K], fmt) -> (q [G, M, K], g [G] f32, v [G, M] f16 | None)
+    quantize(coef [G, M, K], fmt) -> (q [G, M, K], g [G] f32, v [G, M] | None)
     dequantize(q, g, v, fmt) -> float32 [G, M, K]
+    pack_narrow(q int [n], bits) -> uint8 / unpack_narrow(buf, n, bits) -> (int8 [n], ok)   int4/int3 fields
 
-G groups share one float32 scale g; M vectors (int8 only) share one float16
-scale v; K = C*S coefficients per vector.
+G groups share one float32 scale g; each of the M vectors has its own scale v
+for the integer formats (int8: float16; int4, int3: fp8 e4m3fn); K = C*S
+coefficients per vector.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import math
 
 import torch
 
-COEF_FORMATS = ("fp16", "fp8", "int8")
-COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8}
-VECTOR_SCALE_BITS = {"fp16": 0, "fp8": 0, "int8": 16}
-_STORE_DTYPE = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+COEF_FORMATS = ("fp16", "fp8", "int8", "int4", "int3")
+COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "int3": 3}
+VECTOR_SCALE_BITS = {"fp16": 0, "fp8": 0, "int8": 16, "int4": 8, "int3": 8}
+NARROW_LEVELS = {"int4": 7, "int3": 3}  # symmetric integer levels, one fp8 scale per vector
+_STORE_DTYPE = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.int8, "int3": torch.int8}
 FP8_MAX = 448.0
 FP16_LIMIT = 32768.0
 INT8_MAX = 127
@@ -150,6 +153,8 @@ def quantize(coef: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, 
         g = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
         q = (c / g[:, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return q, g, None
+    if fmt in NARROW_LEVELS:
+        return _quantize_narrow(c, absmax, NARROW_LEVELS[fmt])
     g = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
     vmax = c.abs().amax(dim=2) if c.shape[2] else c.new_zeros(c.shape[:2])  # [G, M]
     v = (vmax / (INT8_MAX * g[:, None])).to(torch.float16)
@@ -160,14 +165,47 @@ def quantize(coef: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, 
     return q, g, v
 
 
+def _quantize_narrow(c: torch.Tensor, absmax: torch.Tensor, lim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integers in [-lim, lim] times one fp8 scale per vector (rounded up, so the largest never clips) times g.
+
+    g is a power of two: codes re-quantised under another group's g (a live cache's blocks joined into one
+    file section) then keep their vector scales exactly, within fp8's normal range."""
+    g = torch.where(absmax > 0, torch.exp2(torch.ceil(torch.log2(absmax / (lim * FP8_MAX)))), torch.ones_like(absmax))
+    vmax = c.abs().amax(dim=2) if c.shape[2] else c.new_zeros(c.shape[:2])  # [G, M]
+    want = (vmax / (lim * g[:, None])).clamp(max=FP8_MAX)
+    near = want.to(torch.float8_e4m3fn).to(torch.float32)
+    up = (want * (1 + 2**-4)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    vf = torch.where(near < want, up, near)
+    denom = vf * g[:, None]
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    q = torch.round(c / safe[:, :, None]).clamp(-lim, lim)
+    q = torch.where(denom[:, :, None] > 0, q, torch.zeros_like(q)).to(torch.int8)
+    return q, g, vf.to(torch.float8_e4m3fn)
+
+
 def dequantize(q: torch.Tensor, g: torch.Tensor, v: torch.Tensor | None, fmt: str) -> torch.Tensor:
     """float32 [G, M, K] coefficients from storage (docs/format.md §3.2)."""
     assert fmt in COEF_FORMATS, fmt
     c = q.to(torch.float32)
-    if fmt == "int8":
+    if fmt == "int8" or fmt in NARROW_LEVELS:
         assert v is not None
         c = c * v.to(torch.float32)[:, :, None]
     return c * g.to(torch.float32)[:, None, None]
+
+
+def pack_narrow(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] as `bits`-bit two's-complement fields, LSB-first
+    like pack_indices: zero is all bits clear."""
+    return pack_indices(q.reshape(-1).to(torch.int64) & ((1 << bits) - 1), bits)
+
+
+def unpack_narrow(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, bool]:
+    """Inverse of pack_narrow: (int8 [n], ok); ok is False for nonzero padding or a field at -2^(bits-1),
+    which pack_narrow never writes."""
+    fields, pad_ok = unpack_indices(buf, n, bits)
+    half = 1 << (bits - 1)
+    ok = pad_ok and not bool((fields == half).any())
+    return torch.where(fields >= half, fields - 2 * half, fields).to(torch.int8), ok
 
 
 def to_bytes_view(q: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ class EvalConfig:
     chunk: int = CHUNK
     window: int = WINDOW
     sink: int = SINK  # first tokens kept in full precision for every method (attention sinks; docs/quality.md)
-    coef: str = "fp8"
+    coef: str = codec.DEFAULT_COEF
     kivi_group: int = 32
     calib_tokens: int = 1024
     needle: bool = True

@@ -171,7 +171,7 @@ def layer_bytes(header: CsrHeader, i: int, ck: codec.SectionCodes, cv: codec.Sec
     written that decompress would refuse (CsrError naming the layer instead)."""
     try:
         c = header.config.for_layer(i)
-        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, c.coef), section_bytes(cv, header.n_atoms, c.sparsity_v, c.coef)
+        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, c.coef_for("k")), section_bytes(cv, header.n_atoms, c.sparsity_v, c.coef_for("v"))
         _parse_layer(header, i, kb, vb)
     except CsrError as exc:
         raise CsrError(f"cache layer {i}: {exc}") from None
@@ -182,8 +182,8 @@ def _parse_layer(hd: CsrHeader, i: int, kb: bytes, vb: bytes) -> tuple[codec.Sec
     sk, sv = hd.shapes(i)
     c = hd.config.for_layer(i)
     return (
-        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, c.coef, c.window, hd.torch_dtype, c.sink, c.adaptive),
-        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, c.coef, c.window, hd.torch_dtype, c.sink, c.adaptive),
+        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, c.coef_for("k"), c.window, hd.torch_dtype, c.sink, c.adaptive),
+        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, c.coef_for("v"), c.window, hd.torch_dtype, c.sink, c.adaptive),
     )
 
 
@@ -368,8 +368,8 @@ def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = N
     n = len(header.layers)
     cfgs = [header.config.for_layer(i) for i in range(n)]
     d_k = header.layers[0][3]
-    k_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_k, 1, c.coef) for c in cfgs) / n / d_k
-    v_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_v, header.value_split, c.coef) for c in cfgs) / n / header.layers[0][4]
+    k_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_k, 1, c.coef_for("k")) for c in cfgs) / n / d_k
+    v_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_v, header.value_split, c.coef_for("v")) for c in cfgs) / n / header.layers[0][4]
     return {
         "file_bytes": file_nbytes,
         "header_bytes": head,

@@ -21,7 +21,8 @@ from csrtool.formats import csrsection
 from csrtool.keyspace import RopeParams
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
-VERSION = 4  # the newest; every version is still read and written (see CsrHeader.version)
+VERSION = 5  # the newest; every version is still read and written (see CsrHeader.version)
+CLASSIC_COEF = ("fp16", "fp8", "int8")  # one format for both sides: what versions 1-4 allow
 FORMAT = "csrtool-csr"
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len
 DIGEST = 32
@@ -58,10 +59,10 @@ class CsrHeader:
     def section_sizes(self, layer: int) -> tuple[int, int]:
         sk, sv = self.shapes(layer)
         cfg = self.config.for_layer(layer)
-        c, n, w, dt, s = cfg.coef, self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
+        n, w, dt, s = self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
         return (
-            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, c, w, dt, s, cfg.adaptive),
-            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, c, w, dt, s, cfg.adaptive),
+            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, cfg.coef_for("k"), w, dt, s, cfg.adaptive),
+            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, cfg.coef_for("v"), w, dt, s, cfg.adaptive),
         )
 
     def layer_rope(self, layer: int) -> RopeParams | None:
@@ -72,7 +73,10 @@ class CsrHeader:
     def version(self) -> int:
         """1 for one sparsity for all layers, 2 with per-layer sparsities, 3 with per-layer rotations
         (rope.layers; the sparsities as in 1 or 2), 4 with adaptive codes (per-vector atom counts,
-        §3.3; sparsities and rotations as in 1-3) (docs/format.md §2, §6)."""
+        §3.3; sparsities and rotations as in 1-3), 5 with a coefficient format per side or int4/int3
+        coefficients (§3.2; codes adaptive or not, the rest as in 1-4) (docs/format.md §2, §6)."""
+        if self.config.coef not in CLASSIC_COEF:
+            return 5
         if self.config.adaptive:
             return 4
         if self.rope is not None and self.rope.layers:
@@ -118,8 +122,8 @@ class CsrHeader:
         }
         if self.config.layer_sparsity is not None:
             obj["codec"]["layer_sparsity"] = [list(p) for p in self.config.layer_sparsity]
-        if self.config.adaptive:
-            obj["codec"]["adaptive"] = True
+        if self.config.adaptive or self.version == 5:
+            obj["codec"]["adaptive"] = self.config.adaptive
         return obj
 
     def encode(self) -> bytes:
@@ -273,21 +277,38 @@ def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
             pairs.append(tuple(_int_value(v, f"codec.layer_sparsity[{i}]", 1, MAX_SPARSITY) for v in r))
         per_layer = tuple(pairs)
     elif "layer_sparsity" in cd:
-        raise CsrError("codec.layer_sparsity is only allowed in a version 2, 3 or 4 header")
+        raise CsrError("codec.layer_sparsity is only allowed in a version 2 to 5 header")
     if version == 4 and cd.get("adaptive") is not True:
         raise CsrError(f"codec.adaptive must be true in a version 4 header, got {_show(cd.get('adaptive'))}")
+    if version == 5 and not isinstance(cd.get("adaptive"), bool):
+        raise CsrError(f"codec.adaptive must be true or false in a version 5 header, got {_show(cd.get('adaptive'))}")
     if version < 4 and "adaptive" in cd:
-        raise CsrError("codec.adaptive is only allowed in a version 4 header")
+        raise CsrError("codec.adaptive is only allowed in a version 4 or 5 header")
     return codec.CodecConfig(
         sparsity_k=_int(cd, "sparsity_k", 1, MAX_SPARSITY, "codec."),
         sparsity_v=_int(cd, "sparsity_v", 1, MAX_SPARSITY, "codec."),
-        coef=_choice(cd, "coef", codec.COEF_FORMATS, "codec."),
+        coef=_coef(cd, version),
         method=_choice(cd, "method", codec.METHODS, "codec."),
         window=_int(cd, "window", 0, MAX_DIM, "codec."),
         sink=_int(cd, "sink", 0, MAX_DIM, "codec."),
         layer_sparsity=per_layer,
-        adaptive=version == 4,
+        adaptive=version == 4 or (version == 5 and cd["adaptive"]),
     )
+
+
+def _coef(cd: dict, version: int) -> str:
+    """codec.coef: one of CLASSIC_COEF before version 5; in version 5 a spec that needs it (a format per
+    side, or int4/int3)."""
+    coef = cd.get("coef")
+    if version < 5:
+        return _choice(cd, "coef", CLASSIC_COEF, "codec.")
+    try:
+        codec.coef_sides(coef)
+    except CsrError:
+        raise CsrError(f"codec.coef must be a coefficient format, or keys/values (e.g. fp8/int3), got {_show(coef)}") from None
+    if coef in CLASSIC_COEF:
+        raise CsrError(f"codec.coef {coef} belongs in a version 1-4 header, not version 5")
+    return coef
 
 
 def parse_header(raw: bytes) -> CsrHeader:

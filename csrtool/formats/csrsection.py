@@ -6,9 +6,10 @@
     parse_section(buf, shape, N, C, S, coef, window, dtype, sink, adaptive) -> codec.SectionCodes
 
 The codec (csrtool/codec.py) makes and consumes the tensors; this module owns their
-byte layout. parse_section rejects what a valid writer never produces (an index >= N,
-nonzero padding, an int8 coefficient of -128, adaptive counts above S_max or over the
-section's atom slots, nonzero unused slots).
+byte layout. `coef` here is the section's one format (codec.coef_side of the file's spec).
+parse_section rejects what a valid writer never produces (an index >= N, nonzero padding,
+an int8 coefficient of -128 (int4: -8, int3: -4), a negative int4/int3 vector scale,
+adaptive counts above S_max or over the section's atom slots, nonzero unused slots).
 
 Adaptive sections (docs/format.md §3.3) store each vector chunk's atom count and then
 a fixed number of atom slots, codec.adaptive_slots(M·C, S, ...), filled in vector order
@@ -31,6 +32,33 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _vscale_bytes(m: int, coef: str) -> int:
+    """Bytes of a section's M vector scales: float16 (int8), fp8 e4m3fn (int4, int3), none otherwise."""
+    return m * packing.VECTOR_SCALE_BITS[coef] // 8
+
+
+def _coef_bytes(n: int, coef: str) -> int:
+    """Bytes of n coefficients: COEF_BITS each, whole bytes (fp16, fp8, int8) or one bit stream (int4, int3)."""
+    return packing.packed_nbytes(n, packing.COEF_BITS[coef])
+
+
+def _coef_part(q: torch.Tensor, narrow: str | None) -> bytes:
+    """The stored coefficients' bytes: whole elements, or for `narrow` (int4, int3) one bit stream (§3.2)."""
+    if narrow is None:
+        return packing.to_bytes_view(q).numpy().tobytes()
+    return packing.pack_narrow(q, packing.COEF_BITS[narrow]).numpy().tobytes()
+
+
+def _read_coefs(buf: torch.Tensor, n: int, coef: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of _coef_part; CsrError for a narrow field at its most negative value or nonzero padding."""
+    if coef not in packing.NARROW_LEVELS:
+        return packing.from_bytes_view(buf, coef, shape)
+    q, ok = packing.unpack_narrow(buf, n, packing.COEF_BITS[coef])
+    if not ok:
+        raise CsrError(f"corrupted codes ({coef} coefficient {-packing.NARROW_LEVELS[coef] - 1} or nonzero padding)")
+    return q.reshape(shape)
+
+
 def _layout(shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, adaptive: bool, window: int, sink: int):
     """(m vectors, atom slots, count bits or 0, slots per chunk in memory) of a section."""
     b, h, t, d = shape
@@ -50,8 +78,8 @@ def section_nbytes(
     b, h, t, d = shape
     s, tc, w = spans(t, window, sink)
     m, n, cbits, _ = _layout(shape, n_atoms, chunks, sparsity, coef, adaptive, window, sink)
-    coef_bytes = n * packing.COEF_BITS[coef] // 8
-    vscale = 2 * m if coef == "int8" else 0
+    coef_bytes = _coef_bytes(n, coef)
+    vscale = _vscale_bytes(m, coef)
     counts = packing.packed_nbytes(m * chunks, cbits) if cbits else 0
     return 4 * b * h + vscale + counts + packing.packed_nbytes(n, packing.index_bits(n_atoms)) + coef_bytes + b * h * (s + w) * d * _elem(dtype)
 
@@ -63,10 +91,14 @@ def _ints(q: torch.Tensor) -> torch.Tensor:
 
 def section_bytes(codes: SectionCodes, n_atoms: int, sparsity: int | None = None, coef: str | None = None) -> bytes:
     """The section's bytes, parts in the order of docs/format.md §3, no padding between them.
-    Adaptive codes (codes.counts) need the plan's `sparsity` and `coef`, which fix the atom slots."""
+    Adaptive codes (codes.counts) need the plan's `sparsity` and `coef` (the section's format), which fix
+    the atom slots; int4/int3 codes need `coef` too."""
     parts = [codes.g.to(torch.float32).numpy().tobytes()]
+    narrow = codes.v is not None and codes.v.dtype == torch.float8_e4m3fn
+    if narrow and coef not in packing.NARROW_LEVELS:
+        raise ValueError("int4/int3 codes need their coefficient format to be written")
     if codes.v is not None:
-        parts.append(codes.v.to(torch.float16).numpy().tobytes())
+        parts.append(packing.to_bytes_view(codes.v).numpy().tobytes() if narrow else codes.v.to(torch.float16).numpy().tobytes())
     idx, q = codes.idx.reshape(-1), codes.q
     if codes.counts is not None:
         if sparsity is None or coef is None:
@@ -81,7 +113,7 @@ def section_bytes(codes: SectionCodes, n_atoms: int, sparsity: int | None = None
         idx, q = torch.cat([idx[used], idx.new_zeros(pad)]), torch.cat([qi[used], qi.new_zeros(pad)])
         parts.append(packing.pack_indices(codes.counts.reshape(-1), codec.count_bits(sparsity, dc, n_atoms)).numpy().tobytes())
     parts.append(packing.pack_indices(idx, packing.index_bits(n_atoms)).numpy().tobytes())
-    parts.append(packing.to_bytes_view(q).numpy().tobytes())
+    parts.append(_coef_part(q, coef if narrow else None))
     parts.append(codes.verbatim.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return b"".join(parts)
 
@@ -105,7 +137,13 @@ def parse_section(
         return out
 
     g = packing.from_bytes_view(take(4 * b * h), torch.float32, (b * h,))
-    v = packing.from_bytes_view(take(2 * m), torch.float16, (b * h, tc)) if coef == "int8" else None
+    v = None
+    if coef == "int8":
+        v = packing.from_bytes_view(take(2 * m), torch.float16, (b * h, tc))
+    elif coef in packing.NARROW_LEVELS:
+        v = packing.from_bytes_view(take(m), torch.float8_e4m3fn, (b * h, tc))
+        if bool((v.to(torch.float32) < 0).any()):
+            raise CsrError(f"corrupted codes (negative {coef} vector scale)")
     counts = None
     if cbits:
         counts, cnt_ok = packing.unpack_indices(take(packing.packed_nbytes(m * chunks, cbits)), m * chunks, cbits)
@@ -113,7 +151,7 @@ def parse_section(
             raise CsrError("corrupted codes (atom count out of range)")
     bits = packing.index_bits(n_atoms)
     idx, pad_ok = packing.unpack_indices(take(packing.packed_nbytes(n, bits)), n, bits)
-    q = packing.from_bytes_view(take(n * packing.COEF_BITS[coef] // 8), coef, (n,) if cbits else (b * h, tc, chunks * sparsity))
+    q = _read_coefs(take(_coef_bytes(n, coef)), n, coef, (n,) if cbits else (b * h, tc, chunks * sparsity))
     verbatim = packing.from_bytes_view(take(b * h * (s + w) * d * _elem(dtype)), dtype, (b, h, s + w, d))
     assert pos == len(buf), (pos, len(buf))
     if not pad_ok or (n and int(idx.max()) >= n_atoms):
