@@ -2,6 +2,8 @@
 
     coef_sides(coef) -> (keys' format, values' format)   a coefficient spec: "fp8", or keys/values "fp8/int3"
     coef_side(coef, kind) -> the format of one side ("k" or "v")
+    section_format(coef, kind, S, Dc) -> the format a section of S atoms per Dc-channel chunk stores: the side's,
+                                         but fp8 where a narrow one (int4, int3) would have too many atoms
     vector_bits(N, S, C, fmt) -> bits of one coded vector (fmt: one side's format)
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     max_sparsity(D) / check_sparsity(S, D, what, N)      the most atoms worth spending on a vector
@@ -41,6 +43,21 @@ def coef_side(coef: str, kind: str) -> str:
     return coef_sides(coef)[0 if kind == "k" else 1]
 
 
+NARROW_MOST = {"int4": 4, "int3": 8}  # a narrow format codes sections of at most Dc / this many atoms per chunk
+
+
+def section_format(coef: str, kind: str, sparsity: int, dim: int) -> str:
+    """The coefficient format of a key or value section coded with `sparsity` atoms per chunk of `dim` channels.
+
+    The side's format, except that a narrow one (int4, int3: integers on a scale set by the vector's largest
+    coefficient) gives way to fp8 beyond dim / NARROW_MOST atoms: its rounding error grows with the atoms
+    it rounds, and past that many it costs more than the atoms it buys (docs/quality.md, tenth pass)."""
+    fmt = coef_side(coef, kind)
+    if fmt in NARROW_MOST and sparsity > dim // NARROW_MOST[fmt]:
+        return "fp8"
+    return fmt
+
+
 def vector_bits(n_atoms: int, sparsity: int, chunks: int, fmt: str) -> int:
     """Bits of one coded vector in the coefficient format `fmt` (one side's): C*S*(index + coefficient) + vector scale."""
     return chunks * sparsity * (packing.index_bits(n_atoms) + packing.COEF_BITS[fmt]) + packing.VECTOR_SCALE_BITS[fmt]
@@ -48,9 +65,8 @@ def vector_bits(n_atoms: int, sparsity: int, chunks: int, fmt: str) -> int:
 
 def bits_per_channel(n_atoms: int, head_dim: int, sparsity_k: int, sparsity_v: int, value_split: int, coef: str) -> float:
     """Code bits per channel, keys and values averaged (group scales, padding and tail excluded)."""
-    fk, fv = coef_sides(coef)
-    k = vector_bits(n_atoms, sparsity_k, 1, fk)
-    v = vector_bits(n_atoms, sparsity_v, value_split, fv)
+    k = vector_bits(n_atoms, sparsity_k, 1, section_format(coef, "k", sparsity_k, head_dim))
+    v = vector_bits(n_atoms, sparsity_v, value_split, section_format(coef, "v", sparsity_v, head_dim // value_split))
     return (k + v) / (2 * head_dim)
 
 
@@ -110,15 +126,15 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     is closest to twice the value cost, then the one with more key atoms: key errors
     pass through the softmax and dominate perplexity (measured splits: docs/quality.md §2).
     """
-    fk, fv = coef_sides(coef)
+    coef_sides(coef)
     if not (bits > 0 and math.isfinite(bits)):
         raise CsrError(f"--bits must be a positive number, got {bits}")
     budget = bits * 2 * head_dim
     best = None
     for s_k in range(1, min(n_atoms, max_sparsity(head_dim)) + 1):
-        ck = vector_bits(n_atoms, s_k, 1, fk)
+        ck = vector_bits(n_atoms, s_k, 1, section_format(coef, "k", s_k, head_dim))
         for s_v in range(1, min(n_atoms, max_sparsity(head_dim // value_split)) + 1):
-            cv = vector_bits(n_atoms, s_v, value_split, fv)
+            cv = vector_bits(n_atoms, s_v, value_split, section_format(coef, "v", s_v, head_dim // value_split))
             if ck + cv > budget + 1e-9:
                 break
             key = (ck + cv, -abs(ck - 2 * cv), s_k)

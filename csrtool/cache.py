@@ -90,14 +90,19 @@ class _Side:
     Indices are held in index_dtype, or split-packed (packs_indices: low bytes lo [B, H, T, C·S],
     high fields hi [B, H, T, bytes]) and unpacked to index_dtype when read (`idx`, `codes()`)."""
 
-    def __init__(self, atoms: torch.Tensor, mean: torch.Tensor | None, sparsity: int, fmt: str):
-        self.atoms, self.mean, self.sparsity, self.fmt = atoms, mean, sparsity, fmt
+    def __init__(self, atoms: torch.Tensor, mean: torch.Tensor | None, sparsity: int, coef: str, kind: str):
+        self.atoms, self.mean, self.sparsity, self.coef, self.kind = atoms, mean, sparsity, coef, kind
         self.q = self.vscale = None  # vscale [B, H, T]: float16 (int8), float8_e4m3fn (int4, int3; q held as int8)
         self.g = None  # [B, H, blocks] float32
         self.lengths: list[int] = []
         n = atoms.shape[2]
         self.bits, self.packed = packing.index_bits(n), packs_indices(n)
         self._idx = self._lo = self._hi = None  # plain [B, H, T, C, S], or split: lo, hi
+
+    @property
+    def fmt(self) -> str:
+        """The coefficient format this side's codes are held in (codec.section_format of its sparsity)."""
+        return codec.section_format(self.coef, self.kind, self.sparsity, self.atoms.shape[-1])
 
     @property
     def tokens(self) -> int:
@@ -185,8 +190,8 @@ class CSRLayer(DynamicLayer):
         s_k, s_v = st.sparsity(layer_idx)
         dev = cache.device
         mk, mv = st.dicts.mean(layer_idx, "k"), st.dicts.mean(layer_idx, "v")
-        self.k = _Side(st.dicts.get(layer_idx, "k").to(dev, torch.float32), None if mk is None else mk.to(dev, torch.float32), s_k, codec.coef_side(st.coef, "k"))
-        self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, codec.coef_side(st.coef, "v"))
+        self.k = _Side(st.dicts.get(layer_idx, "k").to(dev, torch.float32), None if mk is None else mk.to(dev, torch.float32), s_k, st.coef, "k")
+        self.v = _Side(st.dicts.get(layer_idx, "v").to(dev, torch.float32), None if mv is None else mv.to(dev, torch.float32), s_v, st.coef, "v")
         self.rope = cache.layer_rope(layer_idx)  # this layer's rotation (pre-RoPE keys), else None
         self.sink_k = self.sink_v = None  # [B, H, <= sink, D]
         self.tokens = 0  # slots held (sink + coded + tail)

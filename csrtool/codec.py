@@ -3,7 +3,7 @@
 No bytes here: formats/csrsection.py turns SectionCodes into the bytes of docs/format.md §3.
 
     CodecConfig(sparsity_k, sparsity_v, coef, method, window, sink) frozen, validated; coef: one format or keys/values
-                                                                    ("fp8/int3"), .coef_for(kind) one side's
+                                                                    ("fp8/int4"), .section_coef(kind, Dc) a section's
     spans(T, window, sink) -> (s, Tc, w)                            sink / coded / tail tokens
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)              fits a bit budget
@@ -30,6 +30,7 @@ from csrtool.errors import CsrError
 from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes lives in budget.py)
     coef_side,
     coef_sides,
+    section_format,
     vector_bits,
     bits_per_channel,
     max_sparsity,
@@ -44,7 +45,8 @@ from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes
 from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa: F401 (re-exported)
 
 COEF_FORMATS = packing.COEF_FORMATS
-DEFAULT_COEF = "fp8/int3"  # keys fp8, values 3-bit integers with an fp8 scale per vector (docs/quality.md, tenth pass)
+DEFAULT_COEF = "fp8/int4"  # keys fp8; values 4-bit integers with an fp8 scale per vector where a section has at most
+                           # Dc/4 atoms per chunk, fp8 beyond (budget.section_format; docs/quality.md, tenth pass)
 METHODS = pursuit.METHODS
 KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")
@@ -87,9 +89,10 @@ class CodecConfig:
                 if not ok or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in pair):
                     raise CsrError(f"layer_sparsity[{i}] must be a pair of integers >= 1, got {pair!r}")
 
-    def coef_for(self, kind: str) -> str:
-        """The coefficient format of the keys ("k") or values ("v")."""
-        return coef_side(self.coef, kind)
+    def section_coef(self, kind: str, dim: int) -> str:
+        """The coefficient format of this config's key ("k") or value ("v") sections, chunks of `dim` channels
+        (budget.section_format: the side's, or fp8 for a narrow side with too many atoms)."""
+        return section_format(self.coef, kind, self.sparsity_k if kind == "k" else self.sparsity_v, dim)
 
     def for_layer(self, layer: int) -> "CodecConfig":
         """The uniform config of one layer (its own sparsities when layer_sparsity is set)."""
@@ -161,7 +164,7 @@ def encode_counted(
     ag = atoms.reshape(g * c, n, dc).to(torch.float32)
     if adaptive_for(adaptive, sparsity):
         s = adaptive_max(sparsity, dc, n)
-        total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, coef_side(coef, kind))
+        total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, section_format(coef, kind, sparsity, dc))
         idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v")
     else:
         s = sparsity
@@ -222,7 +225,7 @@ def roundtrip(
     section, so pass the coded tokens only (without the window) to match a file.
     `mean` [G, D] (the dictionary's, if it has one) is subtracted before coding."""
     idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind)
-    fmt = coef_side(coef, kind)
+    fmt = section_format(coef, kind, sparsity, atoms.shape[-1])
     q, g, v = quantize_codes(c, fmt)
     c_hat = dequantize_codes(q, g, v, fmt, tuple(c.shape))
     return to_dtype(shift(decode_codes(idx, c_hat, atoms), mean, 1.0), x.dtype)
@@ -291,7 +294,7 @@ def encode_section(
     else:
         idx, cf = no_codes(b, h, c, adaptive_max(sparsity, dc, n) if adaptive else sparsity)
         counts = idx.new_zeros(b, h, 0, c) if adaptive else None
-    fmt = coef_side(coef, kind)
+    fmt = section_format(coef, kind, sparsity, dc)
     codes = quantized_section(idx, cf, x_tail, fmt, counts)
     if not finite_coefficients(codes, fmt):
         _too_large(x_code)
@@ -394,8 +397,8 @@ def decode_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of encode_layer: k, v [B, H, T, D] in `dtype` (clamped to its finite range)."""
     s, _, _ = spans(ck.idx.shape[2] + ck.verbatim.shape[2], cfg.window, cfg.sink)
-    kc = decode_section(ck, atoms_k, cfg.coef_for("k"), means[0])
-    vc = decode_section(cv, atoms_v, cfg.coef_for("v"), means[1])
+    kc = decode_section(ck, atoms_k, cfg.section_coef("k", atoms_k.shape[-1]), means[0])
+    vc = decode_section(cv, atoms_v, cfg.section_coef("v", atoms_v.shape[-1]), means[1])
     kc = from_code_space(kc, key_space, cache_key_space, None if rope_p is None else rope_p.shifted(s))
     k = torch.cat([ck.verbatim[:, :, :s], to_dtype(kc, dtype), ck.verbatim[:, :, s:]], dim=2)
     v = torch.cat([cv.verbatim[:, :, :s], to_dtype(vc, dtype), cv.verbatim[:, :, s:]], dim=2)

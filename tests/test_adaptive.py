@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from csrtool import codec
+from csrtool import budget, codec
 from csrtool.engine import adaptive, packing, pursuit
 from csrtool.errors import CsrError
 from csrtool.formats import csrfile, csrsection
@@ -191,12 +191,14 @@ def test_adaptive_section_parses_back_and_rejects_bad_counts_and_dirty_slots():
 def test_adaptive_sections_round_trip_in_every_coefficient_format(coef, chunks):
     """Bytes -> codes -> bytes for each coefficient format and value split; the size is the one the header implies
     and never more than the fixed section's."""
-    atoms = unit(2 * chunks * N, D // chunks, 6).reshape(2, chunks, N, D // chunks)
-    x = torch.randn(1, 2, 20, D, generator=torch.Generator().manual_seed(7))
-    tail = torch.randn(1, 2, 5, D, generator=torch.Generator().manual_seed(8)).half()
+    d = D if coef not in budget.NARROW_MOST else 24 * chunks  # int4/int3 code chunks of at least 8·S channels
+    atoms = unit(2 * chunks * N, d // chunks, 6).reshape(2, chunks, N, d // chunks)
+    x = torch.randn(1, 2, 20, d, generator=torch.Generator().manual_seed(7))
+    tail = torch.randn(1, 2, 5, d, generator=torch.Generator().manual_seed(8)).half()
+    assert codec.section_format(coef, "v", 3, d // chunks) == coef
     sec = codec.encode_section(x, tail, atoms, 3, coef, "omp", None, True, "v")
     buf = csrsection.section_bytes(sec, N, 3, coef)
-    shape = (1, 2, 25, D)
+    shape = (1, 2, 25, d)
     assert len(buf) == csrsection.section_nbytes(shape, N, chunks, 3, coef, 1, torch.float16, 4, True)
     assert len(buf) <= csrsection.section_nbytes(shape, N, chunks, 3, coef, 1, torch.float16, 4, False)
     back = csrsection.parse_section(buf, shape, N, chunks, 3, coef, 1, torch.float16, 4, True)

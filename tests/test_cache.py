@@ -158,7 +158,7 @@ def test_codes_attention_equals_reference(key_space):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("key_space,coef", [("post-rope", "fp8"), ("pre-rope", "fp8"), ("pre-rope", "fp8/int3")])
+@pytest.mark.parametrize("key_space,coef", [("post-rope", "fp8"), ("pre-rope", "fp8"), ("pre-rope", "fp8/int4")])
 def test_chunked_pass_equals_eval_runner(key_space, coef):
     """block=1: tokens are coded exactly when eval's CompressedFeed.age codes them, by the same codec calls.
     Tolerance 1e-4 on the logits: eval decodes and attends with sdpa, the cache attends on the codes (float32 sums in another order)."""

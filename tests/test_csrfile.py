@@ -131,17 +131,19 @@ def test_deterministic_bytes(env, tmp_path):
 def test_other_formats_and_dtypes(tmp_path, coef, dtype):
     dicts_path = make_dicts(tmp_path / "d.safetensors", groups=1, split=1, key_space="post-rope")
     cache = make_cache(1, t=9, dtype=dtype, meta={"model": "x"})
-    cfg = codec.CodecConfig(4, 4, coef, "mp", window=2, sink=0)
+    sp = 1 if "int3" in coef else 2 if "int4" in coef else 4  # within the narrow formats' atoms (8 channels: int4 2, int3 1)
+    cfg = codec.CodecConfig(sp, sp, coef, "mp", window=2, sink=0)
     size = write(tmp_path / "c.csr", cache, dicts_path, cfg)
     assert size == (tmp_path / "c.csr").stat().st_size
     reader = csrfile.open_csr(tmp_path / "c.csr")
     assert reader.header.dict_scope == "layer" and reader.header.dtype == str(dtype).split(".")[1]
     dec = csrfile.read_csr(tmp_path / "c.csr", load_dicts(dicts_path))
     assert reader.header.version == (1 if coef in ("fp16", "int8") else 5)  # per-side or int4/int3 coefficients: version 5
+    assert reader.header.section_coefs(0) == codec.coef_sides(coef)
     for layer in range(L):
-        want = codec.roundtrip(cache.keys[layer][:, :, :7], load_dicts(dicts_path).get(layer, "k"), 4, coef, "mp")
+        want = codec.roundtrip(cache.keys[layer][:, :, :7], load_dicts(dicts_path).get(layer, "k"), sp, coef, "mp")
         assert torch.equal(dec.keys[layer][:, :, :7], want)
-        want = codec.roundtrip(cache.values[layer][:, :, :7], load_dicts(dicts_path).get(layer, "v"), 4, coef, "mp", kind="v")
+        want = codec.roundtrip(cache.values[layer][:, :, :7], load_dicts(dicts_path).get(layer, "v"), sp, coef, "mp", kind="v")
         assert torch.equal(dec.values[layer][:, :, :7], want)
         assert torch.equal(dec.values[layer][:, :, 7:], cache.values[layer][:, :, 7:])
 
@@ -202,7 +204,17 @@ def test_coefficient_specs():
         with pytest.raises(CsrError, match="coefficient format must be one of"):
             codec.coef_sides(bad)
     cfg = codec.CodecConfig(1, 1, "fp8/fp8")
-    assert cfg.coef == "fp8" and codec.CodecConfig(1, 1, "fp8/int3").coef_for("v") == "int3"
+    assert cfg.coef == "fp8" and codec.CodecConfig(1, 1, "fp8/int3").section_coef("v", 64) == "int3"
+
+
+def test_narrow_formats_give_way_to_fp8_past_their_atoms():
+    """int4 codes at most Dc/4 atoms per chunk, int3 Dc/8; beyond, the section is fp8, and the bits follow."""
+    assert [codec.section_format("fp8/int4", "v", s, 64) for s in (1, 16, 17)] == ["int4", "int4", "fp8"]
+    assert [codec.section_format("int3/fp16", "k", s, 64) for s in (8, 9)] == ["int3", "fp8"]
+    assert codec.section_format("int3/fp16", "v", 60, 64) == "fp16"
+    assert codec.bits_per_channel(4096, 64, 16, 16, 1, "fp8/int4") == (16 * 20 + 16 * 16 + 8) / 128
+    assert codec.bits_per_channel(4096, 64, 17, 17, 1, "fp8/int4") == (17 * 20 + 17 * 20) / 128
+    assert codec.CodecConfig(3, 17, "fp8/int4").section_coef("v", 64) == "fp8"
 
 
 def test_version_5_header_fields(tmp_path):

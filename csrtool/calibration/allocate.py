@@ -162,13 +162,17 @@ def allocate(
         for kind in ("k", "v"):
             if not curves.get((layer, kind)):
                 raise CsrError(f"the dictionary file has no distortion curve for layer {layer} ({kind}): re-run csrtool train-dict")
-    fmt = dict(zip("kv", codec.coef_sides(coef)))
-    chunks = {"k": 1, "v": value_split}
-    base = {kind: codec.vector_bits(n_atoms, 0, chunks[kind], fmt[kind]) for kind in "kv"}
-    cost = {kind: codec.vector_bits(n_atoms, 1, chunks[kind], fmt[kind]) - base[kind] for kind in "kv"}
+    chunks, dims = {"k": 1, "v": value_split}, {"k": head_dim, "v": head_dim // value_split}
+
+    def bits_at(kind: str, s: int) -> int:  # one vector's bits at s atoms (the section's format may change with s)
+        return codec.vector_bits(n_atoms, s, chunks[kind], codec.section_format(coef, kind, s, dims[kind]))
+
+    def cost(key: tuple[int, str]) -> int:  # the next atom's bits
+        return bits_at(key[1], s[key] + 1) - bits_at(key[1], s[key])
+
     budget = bits * 2 * head_dim * len(layers)  # bits per token and head, summed over layers
     s = {(layer, kind): 1 for layer in layers for kind in ("k", "v")}
-    spent = sum(base[kind] + cost[kind] for (_, kind) in s)
+    spent = sum(bits_at(kind, 1) for (_, kind) in s)
     if spent > budget + 1e-9:
         least = spent / (2 * head_dim * len(layers))
         raise CsrError(f"--bits {bits} is below the smallest code ({least:.4f} bits per channel with one atom for K and V): raise --bits")
@@ -176,7 +180,7 @@ def allocate(
 
     def gain(key: tuple[int, str]) -> float:
         c, n = mono[key], s[key]
-        return (c[n - 1] - c[n]) / cost[key[1]] if n < len(c) else -1.0
+        return (c[n - 1] - c[n]) / cost(key) if n < len(c) else -1.0
 
     heap = [(-gain(key), key) for key in sorted(s)]
     heapq.heapify(heap)
@@ -184,10 +188,11 @@ def allocate(
         g, key = heapq.heappop(heap)
         if -g < 0:
             break
-        if spent + cost[key[1]] > budget + 1e-9:
+        step = cost(key)
+        if spent + step > budget + 1e-9:
             continue  # this kind's atom no longer fits; a cheaper kind's still may
         s[key] += 1
-        spent += cost[key[1]]
+        spent += step
         heapq.heappush(heap, (-gain(key), key))
     return [(s[(layer, "k")], s[(layer, "v")]) for layer in layers]
 

@@ -50,7 +50,7 @@ def eval_cmd(
     chunk: Annotated[int, typer.Option("--chunk", help="Tokens fed per forward pass.")] = EvalConfig.chunk,
     window: Annotated[int, typer.Option("--window", help="Most recent tokens kept in full precision.")] = EvalConfig.window,
     sink: Annotated[int, typer.Option("--sink", help="First tokens of the text kept in full precision by every method (attention sinks).")] = EvalConfig.sink,
-    coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16, int8, int4 or int3 for keys and values alike, or KEYS/VALUES such as fp8/int3 (the default: fp8 keys; values as 3-bit integers with an fp8 scale per vector, which buy more atoms at the same bits).")] = EvalConfig.coef,
+    coef: Annotated[str, typer.Option("--coef", help="CSR coefficient format: fp8, fp16, int8, int4 or int3 for keys and values alike, or KEYS/VALUES such as fp8/int3 or fp16/fp8 (the default: fp8 keys; values as 4-bit integers with an fp8 scale per vector, which buy more atoms at the same bits, where a layer has at most a quarter of a chunk's channels in atoms, fp8 beyond).")] = EvalConfig.coef,
     uniform: Annotated[bool, typer.Option("--uniform", help="CSR: the same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration (as compress --uniform).")] = EvalConfig.uniform,
     codes: Annotated[str, typer.Option("--codes", help="CSR codes: 'fixed' (S atoms for every vector), 'adaptive' (each vector as many atoms as its fit needs, the same bits on average, counts paid for) or both, comma-separated.")] = ",".join(EvalConfig.codes),
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens for PQ codebooks (built-in calibration text).")] = EvalConfig.calib_tokens,

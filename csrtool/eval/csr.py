@@ -1,7 +1,7 @@
 """CSR as an evaluated method: exactly what compress -> decompress gives, per token batch.
 
 Reconstruction is csrtool.reconstruct.Reconstructor's (codec.roundtrip / roundtrip_keys),
-so the coefficient quantisation (codec.DEFAULT_COEF: fp8 keys, int3 values) and the key space (pre- or post-RoPE,
+so the coefficient quantisation (codec.DEFAULT_COEF: fp8 keys, int4 values where they have few atoms) and the key space (pre- or post-RoPE,
 from the dictionary file's source) are those of a .csr file.
 
 The plan is csrtool.calibration.allocate.codec_plan's, exactly as `compress --bits` picks it:
@@ -58,9 +58,9 @@ class CSR(Reconstructor):
         self.s_k, self.s_v = config.sparsity_k, config.sparsity_v
         self.layer_sparsity = config.layer_sparsity  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
-        fk, fv = codec.coef_sides(coef)
-        self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, fk) for p in plan) / n_layers / head_dim
-        self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, fv) for p in plan) / n_layers / head_dim
+        dv = head_dim // self.value_split
+        self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, codec.section_format(coef, "k", p[0], head_dim)) for p in plan) / n_layers / head_dim
+        self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, codec.section_format(coef, "v", p[1], dv)) for p in plan) / n_layers / head_dim
         # the atoms and the token predictor's maps (if any) of the model's layers
         self.side_bits = sum(a.numel() for tensors in (dicts.atoms, dicts.maps) for n, a in tensors.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"

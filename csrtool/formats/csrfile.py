@@ -171,7 +171,8 @@ def layer_bytes(header: CsrHeader, i: int, ck: codec.SectionCodes, cv: codec.Sec
     written that decompress would refuse (CsrError naming the layer instead)."""
     try:
         c = header.config.for_layer(i)
-        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, c.coef_for("k")), section_bytes(cv, header.n_atoms, c.sparsity_v, c.coef_for("v"))
+        fk, fv = header.section_coefs(i)
+        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, fk), section_bytes(cv, header.n_atoms, c.sparsity_v, fv)
         _parse_layer(header, i, kb, vb)
     except CsrError as exc:
         raise CsrError(f"cache layer {i}: {exc}") from None
@@ -181,9 +182,10 @@ def layer_bytes(header: CsrHeader, i: int, ck: codec.SectionCodes, cv: codec.Sec
 def _parse_layer(hd: CsrHeader, i: int, kb: bytes, vb: bytes) -> tuple[codec.SectionCodes, codec.SectionCodes]:
     sk, sv = hd.shapes(i)
     c = hd.config.for_layer(i)
+    fk, fv = hd.section_coefs(i)
     return (
-        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, c.coef_for("k"), c.window, hd.torch_dtype, c.sink, c.adaptive),
-        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, c.coef_for("v"), c.window, hd.torch_dtype, c.sink, c.adaptive),
+        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, fk, c.window, hd.torch_dtype, c.sink, c.adaptive),
+        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, fv, c.window, hd.torch_dtype, c.sink, c.adaptive),
     )
 
 
@@ -368,8 +370,9 @@ def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = N
     n = len(header.layers)
     cfgs = [header.config.for_layer(i) for i in range(n)]
     d_k = header.layers[0][3]
-    k_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_k, 1, c.coef_for("k")) for c in cfgs) / n / d_k
-    v_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_v, header.value_split, c.coef_for("v")) for c in cfgs) / n / header.layers[0][4]
+    fmts = [header.section_coefs(i) for i in range(n)]
+    k_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_k, 1, f[0]) for c, f in zip(cfgs, fmts)) / n / d_k
+    v_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_v, header.value_split, f[1]) for c, f in zip(cfgs, fmts)) / n / header.layers[0][4]
     return {
         "file_bytes": file_nbytes,
         "header_bytes": head,

@@ -60,10 +60,16 @@ class CsrHeader:
         sk, sv = self.shapes(layer)
         cfg = self.config.for_layer(layer)
         n, w, dt, s = self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
+        fk, fv = self.section_coefs(layer)
         return (
-            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, cfg.coef_for("k"), w, dt, s, cfg.adaptive),
-            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, cfg.coef_for("v"), w, dt, s, cfg.adaptive),
+            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, fk, w, dt, s, cfg.adaptive),
+            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, fv, w, dt, s, cfg.adaptive),
         )
+
+    def section_coefs(self, layer: int) -> tuple[str, str]:
+        """The coefficient formats of layer `layer`'s key and value sections (codec.section_format)."""
+        cfg, (_, _, _, dk, dv) = self.config.for_layer(layer), self.layers[layer]
+        return cfg.section_coef("k", dk), cfg.section_coef("v", dv // self.value_split)
 
     def layer_rope(self, layer: int) -> RopeParams | None:
         """Layer `layer`'s own rotation (RopeParams.for_layer), or None when the file has none."""
