@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 import struct
 
@@ -233,6 +235,8 @@ def test_compress_cli_adaptive_inspect_and_decompress(files, tmp_path):
     assert res.exit_code == 0, res.output
     assert "adaptive" in res.output
     res = runner.invoke(app, ["inspect", str(tmp_path / "a.csr")])
-    assert res.exit_code == 0 and ".csr v5" in res.output and "adaptive counts" in res.output  # v5: the default fp8/int3 coefficients
+    assert res.exit_code == 0 and ".csr v5" in res.output and "adaptive counts" in res.output  # v5: the default fp8/int4 coefficients
+    res = runner.invoke(app, ["inspect", str(tmp_path / "a.csr"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["section_coefs"] == [["fp8", "int4"]] * len(files["cache"].keys)
     res = runner.invoke(app, ["decompress", str(tmp_path / "a.csr"), "-d", str(d), "-o", str(tmp_path / "r.pt")])
     assert res.exit_code == 0, res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -166,7 +167,8 @@ def inspect(
     dict_bytes = None
     if dicts is not None:
         dict_bytes = check_input(dicts, "dictionary file").stat().st_size
-    report = {"file": str(file), "header": hd.to_json(), **csrfile.size_report(hd, reader.size, dict_bytes)}
+    report = {"file": str(file), "header": hd.to_json(), **csrfile.size_report(hd, reader.size, dict_bytes),
+              "section_coefs": [list(hd.section_coefs(i)) for i in range(len(hd.layers))]}
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
         return
@@ -177,6 +179,9 @@ def inspect(
     out.print(f"  codec     N={hd.n_atoms} ({report['header']['codec']['index_bits']}-bit indices), S_k={cfg.sparsity_k}, "
               f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}, sink {cfg.sink}"
               f"{', adaptive counts (up to twice S per vector, S on average)' if cfg.adaptive else ''}")
+    if len({tuple(f) for f in report["section_coefs"]}) > 1:  # narrow formats give way to fp8 in layers with many atoms
+        kinds = Counter("/".join(f) for f in report["section_coefs"])
+        out.print("  sections  K/V coefficients " + ", ".join(f"{k} in {n} layers" for k, n in kinds.items()))
     if cfg.layer_sparsity is not None:
         out.print("  per layer S_k/S_v " + " ".join(f"{a}/{b}" for a, b in cfg.layer_sparsity) + " (the two above are the maxima)")
     out.print(f"  keys      coded {hd.key_space}, cache {hd.cache_key_space}; dictionary {hd.dict_fingerprint[:16]} ({hd.dict_scope} scope)")
