@@ -43,7 +43,7 @@ def coef_side(coef: str, kind: str) -> str:
     return coef_sides(coef)[0 if kind == "k" else 1]
 
 
-NARROW_MOST = {"int4": 4, "int3": 8}  # a narrow format codes sections of at most Dc / this many atoms per chunk
+NARROW_MOST = {"int4": 8, "int3": 16}  # a narrow format codes sections of at most Dc / this many atoms per chunk
 
 
 def section_format(coef: str, kind: str, sparsity: int, dim: int) -> str:
@@ -51,7 +51,8 @@ def section_format(coef: str, kind: str, sparsity: int, dim: int) -> str:
 
     The side's format, except that a narrow one (int4, int3: integers on a scale set by the vector's largest
     coefficient) gives way to fp8 beyond dim / NARROW_MOST atoms: its rounding error grows with the atoms
-    it rounds, and past that many it costs more than the atoms it buys (docs/quality.md, tenth pass)."""
+    it rounds, and beyond about dim / 4 (int4) or dim / 8 (int3) atoms in a vector it costs more than the
+    atoms it buys; adaptive codes give a vector up to twice S, hence half those (docs/quality.md, tenth pass)."""
     fmt = coef_side(coef, kind)
     if fmt in NARROW_MOST and sparsity > dim // NARROW_MOST[fmt]:
         return "fp8"

@@ -46,7 +46,7 @@ from csrtool.keyspace import RopeParams, from_code_space, to_code_space  # noqa:
 
 COEF_FORMATS = packing.COEF_FORMATS
 DEFAULT_COEF = "fp8/int4"  # keys fp8; values 4-bit integers with an fp8 scale per vector where a section has at most
-                           # Dc/4 atoms per chunk, fp8 beyond (budget.section_format; docs/quality.md, tenth pass)
+                           # Dc/8 atoms per chunk, fp8 beyond (budget.section_format; docs/quality.md, tenth pass)
 METHODS = pursuit.METHODS
 KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")

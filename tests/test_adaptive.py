@@ -193,7 +193,7 @@ def test_adaptive_section_parses_back_and_rejects_bad_counts_and_dirty_slots():
 def test_adaptive_sections_round_trip_in_every_coefficient_format(coef, chunks):
     """Bytes -> codes -> bytes for each coefficient format and value split; the size is the one the header implies
     and never more than the fixed section's."""
-    d = D if coef not in budget.NARROW_MOST else 24 * chunks  # int4/int3 code chunks of at least 8·S channels
+    d = D if coef not in budget.NARROW_MOST else 48 * chunks  # int4/int3 code chunks of at least 8·S / 16·S channels
     atoms = unit(2 * chunks * N, d // chunks, 6).reshape(2, chunks, N, d // chunks)
     x = torch.randn(1, 2, 20, d, generator=torch.Generator().manual_seed(7))
     tail = torch.randn(1, 2, 5, d, generator=torch.Generator().manual_seed(8)).half()
@@ -237,6 +237,7 @@ def test_compress_cli_adaptive_inspect_and_decompress(files, tmp_path):
     res = runner.invoke(app, ["inspect", str(tmp_path / "a.csr")])
     assert res.exit_code == 0 and ".csr v5" in res.output and "adaptive counts" in res.output  # v5: the default fp8/int4 coefficients
     res = runner.invoke(app, ["inspect", str(tmp_path / "a.csr"), "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)["section_coefs"] == [["fp8", "int4"]] * len(files["cache"].keys)
+    want = [codec.section_format(codec.DEFAULT_COEF, "k", 3, D), codec.section_format(codec.DEFAULT_COEF, "v", 2, D // 2)]  # values in 2 chunks
+    assert res.exit_code == 0 and json.loads(res.output)["section_coefs"] == [want] * len(files["cache"].keys)
     res = runner.invoke(app, ["decompress", str(tmp_path / "a.csr"), "-d", str(d), "-o", str(tmp_path / "r.pt")])
     assert res.exit_code == 0, res.output

@@ -28,14 +28,14 @@ def test_greedy_order_by_gain_per_bit():
 
 
 def test_narrow_values_are_priced_per_atom_count():
-    """fp8/int4: a value atom costs 10 + 4 bits (plus 8 for the vector's scale) up to D/4 = 16 atoms; the 17th moves
-    the section to fp8, re-pricing all 17 at 18 bits (a step of 17·18 - (16·14 + 8) = 74 bits)."""
+    """fp8/int4: a value atom costs 10 + 4 bits (plus 8 for the vector's scale) up to D/8 = 8 atoms; the 9th moves
+    the section to fp8, re-pricing all 9 at 18 bits (a step of 9·18 - (8·14 + 8) = 42 bits)."""
     curves = {(0, "k"): [1.0], (0, "v"): [float(32 - i) for i in range(32)]}  # the keys stop at one atom
-    at16 = 18 + 16 * 14 + 8  # one key atom (fp8) + 16 int4 value atoms
-    assert allocate.allocate(curves, [0], at16 / (2 * D), N, D, 1, "fp8/int4") == [(1, 16)]
-    assert allocate.allocate(curves, [0], (at16 + 73) / (2 * D), N, D, 1, "fp8/int4") == [(1, 16)]
-    assert allocate.allocate(curves, [0], (at16 + 74) / (2 * D), N, D, 1, "fp8/int4") == [(1, 17)]
-    assert codec.bits_per_channel(N, D, 1, 17, 1, "fp8/int4") == (at16 + 74) / (2 * D)
+    at8 = 18 + 8 * 14 + 8  # one key atom (fp8) + 8 int4 value atoms
+    assert allocate.allocate(curves, [0], at8 / (2 * D), N, D, 1, "fp8/int4") == [(1, 8)]
+    assert allocate.allocate(curves, [0], (at8 + 41) / (2 * D), N, D, 1, "fp8/int4") == [(1, 8)]
+    assert allocate.allocate(curves, [0], (at8 + 42) / (2 * D), N, D, 1, "fp8/int4") == [(1, 9)]
+    assert codec.bits_per_channel(N, D, 1, 9, 1, "fp8/int4") == (at8 + 42) / (2 * D)
 
 
 def test_sensitive_layers_get_more_atoms_within_budget():

@@ -158,7 +158,7 @@ def test_codes_attention_equals_reference(key_space):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("key_space,coef", [("post-rope", "fp8"), ("pre-rope", "fp8"), ("pre-rope", "fp8/int4")])
+@pytest.mark.parametrize("key_space,coef", [("post-rope", "fp8"), ("pre-rope", "fp8"), ("pre-rope", "int4/fp8")])
 def test_chunked_pass_equals_eval_runner(key_space, coef):
     """block=1: tokens are coded exactly when eval's CompressedFeed.age codes them, by the same codec calls.
     Tolerance 1e-4 on the logits: eval decodes and attends with sdpa, the cache attends on the codes (float32 sums in another order)."""
@@ -167,11 +167,13 @@ def test_chunked_pass_equals_eval_runner(key_space, coef):
     ids = torch.randint(0, 256, (1, 96), generator=g)
     d = tiny_dicts(key_space, centred=True)
     chunk, window, sink = 16, 8, 4
-    method = CSR(d, 2, 2, 8, bits=None, sparsity=(2, 1), method="omp", coef=coef, rope_info=rope_info(model))
+    sp = (1, 1) if coef == "int4/fp8" else (2, 1)  # int4 holds up to Dc/8 atoms: 1 of the keys' 8 channels
+    method = CSR(d, 2, 2, 8, bits=None, sparsity=sp, method="omp", coef=coef, rope_info=rope_info(model))
     feed = runner.CompressedFeed(model, method, window=window, sink=sink)
     with torch.no_grad():
         want = torch.cat([feed.step(ids[:, s : s + chunk])[None] for s in range(0, ids.shape[1], chunk)], 1)
-    with CSRCache.from_dicts(d, model, sparsity=(2, 1), coef=coef, window=window, sink=sink, block=1) as cache:
+    with CSRCache.from_dicts(d, model, sparsity=sp, coef=coef, window=window, sink=sink, block=1) as cache:
+        assert cache.layers[0].k.fmt == codec.coef_side(coef, "k")
         got = _feed(model, cache, ids, chunk)
         assert cache.layers[1].k.tokens == feed.done - sink
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -131,7 +131,7 @@ def test_deterministic_bytes(env, tmp_path):
 def test_other_formats_and_dtypes(tmp_path, coef, dtype):
     dicts_path = make_dicts(tmp_path / "d.safetensors", groups=1, split=1, key_space="post-rope")
     cache = make_cache(1, t=9, dtype=dtype, meta={"model": "x"})
-    sp = 1 if "int3" in coef else 2 if "int4" in coef else 4  # within the narrow formats' atoms (8 channels: int4 2, int3 1)
+    sp = 1 if "int" in coef and coef != "int8" else 4  # within the narrow formats' atoms (8 channels: int4 1, int3 none)
     cfg = codec.CodecConfig(sp, sp, coef, "mp", window=2, sink=0)
     size = write(tmp_path / "c.csr", cache, dicts_path, cfg)
     assert size == (tmp_path / "c.csr").stat().st_size
@@ -208,13 +208,13 @@ def test_coefficient_specs():
 
 
 def test_narrow_formats_give_way_to_fp8_past_their_atoms():
-    """int4 codes at most Dc/4 atoms per chunk, int3 Dc/8; beyond, the section is fp8, and the bits follow."""
-    assert [codec.section_format("fp8/int4", "v", s, 64) for s in (1, 16, 17)] == ["int4", "int4", "fp8"]
-    assert [codec.section_format("int3/fp16", "k", s, 64) for s in (8, 9)] == ["int3", "fp8"]
+    """int4 codes at most Dc/8 atoms per chunk, int3 Dc/16; beyond, the section is fp8, and the bits follow."""
+    assert [codec.section_format("fp8/int4", "v", s, 64) for s in (1, 8, 9)] == ["int4", "int4", "fp8"]
+    assert [codec.section_format("int3/fp16", "k", s, 64) for s in (4, 5)] == ["int3", "fp8"]
     assert codec.section_format("int3/fp16", "v", 60, 64) == "fp16"
-    assert codec.bits_per_channel(4096, 64, 16, 16, 1, "fp8/int4") == (16 * 20 + 16 * 16 + 8) / 128
-    assert codec.bits_per_channel(4096, 64, 17, 17, 1, "fp8/int4") == (17 * 20 + 17 * 20) / 128
-    assert codec.CodecConfig(3, 17, "fp8/int4").section_coef("v", 64) == "fp8"
+    assert codec.bits_per_channel(4096, 64, 8, 8, 1, "fp8/int4") == (8 * 20 + 8 * 16 + 8) / 128
+    assert codec.bits_per_channel(4096, 64, 9, 9, 1, "fp8/int4") == (9 * 20 + 9 * 20) / 128
+    assert codec.CodecConfig(3, 9, "fp8/int4").section_coef("v", 64) == "fp8"
 
 
 def test_version_5_header_fields(tmp_path):
@@ -238,21 +238,22 @@ def test_narrow_coefficients_are_checked_on_read(tmp_path):
     """A value section of int3 codes: a field at -4 (never written) and a negative fp8 vector scale are corruption."""
     atoms = make_atoms(4)["layer.0.k"]  # [H, 1, N, D]
     x = torch.randn(1, H, 6, D, generator=torch.Generator().manual_seed(9))
-    sec = codec.encode_section(x, torch.zeros(1, H, 1, D), atoms, 2, "int3", "omp")
-    buf = bytearray(csrsection.section_bytes(sec, N, 2, "int3"))
+    sec = codec.encode_section(x, torch.zeros(1, H, 1, D), atoms, 1, "int3", "omp")  # int3: at most D/16 = 1 atom
+    assert sec.v is not None and sec.v.dtype == torch.float8_e4m3fn
+    buf = bytearray(csrsection.section_bytes(sec, N, 1, "int3"))
     shape, m = (1, H, 7, D), H * 6
-    back = csrsection.parse_section(bytes(buf), shape, N, 1, 2, "int3", 1, torch.float32, 0)
+    back = csrsection.parse_section(bytes(buf), shape, N, 1, 1, "int3", 1, torch.float32, 0)
     assert torch.equal(back.q, sec.q) and torch.equal(back.v.view(torch.uint8), sec.v.view(torch.uint8))
     vstart = 4 * H  # after the group scales
     bad = bytearray(buf)
     bad[vstart] |= 0x80  # the first vector scale's sign bit
     with pytest.raises(CsrError, match="negative int3 vector scale"):
-        csrsection.parse_section(bytes(bad), shape, N, 1, 2, "int3", 1, torch.float32, 0)
-    cstart = vstart + m + packing.packed_nbytes(m * 2, packing.index_bits(N))
+        csrsection.parse_section(bytes(bad), shape, N, 1, 1, "int3", 1, torch.float32, 0)
+    cstart = vstart + m + packing.packed_nbytes(m, packing.index_bits(N))
     bad = bytearray(buf)
     bad[cstart] = (bad[cstart] & ~0x07) | 0x04  # the first coefficient's field: 100 = -4
     with pytest.raises(CsrError, match="int3 coefficient -4"):
-        csrsection.parse_section(bytes(bad), shape, N, 1, 2, "int3", 1, torch.float32, 0)
+        csrsection.parse_section(bytes(bad), shape, N, 1, 1, "int3", 1, torch.float32, 0)
 
 
 def test_config_validates():

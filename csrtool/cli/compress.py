@@ -53,7 +53,7 @@ def compress(
     output: OutputOpt,
     bits: Annotated[Optional[float], typer.Option("--bits", "-b", help="Target code bits per channel (K and V averaged). Default 1.")] = None,
     sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Atoms per vector: S, or SK,SV (values: per chunk).")] = None,
-    coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16, int8, int4 or int3 for keys and values alike, or KEYS/VALUES such as fp8/int3 or fp16/fp8 (the default: fp8 keys; values as 4-bit integers with an fp8 scale per vector, which buy more atoms at the same bits, where a layer has at most a quarter of a chunk's channels in atoms, fp8 beyond).")] = DEFAULT_COEF,
+    coef: Annotated[str, typer.Option("--coef", help="Coefficient format: fp8, fp16, int8, int4 or int3 for keys and values alike, or KEYS/VALUES such as fp8/int3 or fp16/fp8 (the default: fp8 keys; values as 4-bit integers with an fp8 scale per vector, which buy more atoms at the same bits, where a layer has at most an eighth of a chunk's channels in atoms, fp8 beyond).")] = DEFAULT_COEF,
     window: Annotated[Optional[int], typer.Option("--window", "-w", help="Most recent tokens kept uncompressed, in the original dtype (default 4).")] = None,
     sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
