@@ -5,6 +5,7 @@
     section_format(coef, kind, S, Dc) -> the format a section of S atoms per Dc-channel chunk stores: the side's,
                                          but fp8 where a narrow one (int4, int3) would have too many atoms
     vector_bits(N, S, C, fmt) -> bits of one coded vector (fmt: one side's format)
+    side_bits(N, kind, S, D, C, coef) -> bits of one coded key or value vector under a spec (its section's format)
     bits_per_channel(N, D, s_k, s_v, C, coef) -> code bits/channel (K and V averaged)
     max_sparsity(D) / check_sparsity(S, D, what, N)      the most atoms worth spending on a vector
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)    fits a bit budget
@@ -64,10 +65,17 @@ def vector_bits(n_atoms: int, sparsity: int, chunks: int, fmt: str) -> int:
     return chunks * sparsity * (packing.index_bits(n_atoms) + packing.COEF_BITS[fmt]) + packing.VECTOR_SCALE_BITS[fmt]
 
 
+def side_bits(n_atoms: int, kind: str, sparsity: int, head_dim: int, value_split: int, coef: str) -> int:
+    """Bits of one coded key ("k") or value ("v") vector of head_dim channels at `sparsity` atoms per chunk (values in
+    value_split chunks), in the format its section takes under the spec `coef` (section_format)."""
+    chunks = 1 if kind == "k" else value_split
+    return vector_bits(n_atoms, sparsity, chunks, section_format(coef, kind, sparsity, head_dim // chunks))
+
+
 def bits_per_channel(n_atoms: int, head_dim: int, sparsity_k: int, sparsity_v: int, value_split: int, coef: str) -> float:
     """Code bits per channel, keys and values averaged (group scales, padding and tail excluded)."""
-    k = vector_bits(n_atoms, sparsity_k, 1, section_format(coef, "k", sparsity_k, head_dim))
-    v = vector_bits(n_atoms, sparsity_v, value_split, section_format(coef, "v", sparsity_v, head_dim // value_split))
+    k = side_bits(n_atoms, "k", sparsity_k, head_dim, value_split, coef)
+    v = side_bits(n_atoms, "v", sparsity_v, head_dim, value_split, coef)
     return (k + v) / (2 * head_dim)
 
 
@@ -133,9 +141,9 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     budget = bits * 2 * head_dim
     best = None
     for s_k in range(1, min(n_atoms, max_sparsity(head_dim)) + 1):
-        ck = vector_bits(n_atoms, s_k, 1, section_format(coef, "k", s_k, head_dim))
+        ck = side_bits(n_atoms, "k", s_k, head_dim, value_split, coef)
         for s_v in range(1, min(n_atoms, max_sparsity(head_dim // value_split)) + 1):
-            cv = vector_bits(n_atoms, s_v, value_split, section_format(coef, "v", s_v, head_dim // value_split))
+            cv = side_bits(n_atoms, "v", s_v, head_dim, value_split, coef)
             if ck + cv > budget + 1e-9:
                 break
             key = (ck + cv, -abs(ck - 2 * cv), s_k)

@@ -31,6 +31,7 @@ from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes
     coef_side,
     coef_sides,
     section_format,
+    side_bits,
     vector_bits,
     bits_per_channel,
     max_sparsity,

@@ -162,10 +162,8 @@ def allocate(
         for kind in ("k", "v"):
             if not curves.get((layer, kind)):
                 raise CsrError(f"the dictionary file has no distortion curve for layer {layer} ({kind}): re-run csrtool train-dict")
-    chunks, dims = {"k": 1, "v": value_split}, {"k": head_dim, "v": head_dim // value_split}
-
     def bits_at(kind: str, s: int) -> int:  # one vector's bits at s atoms (the section's format may change with s)
-        return codec.vector_bits(n_atoms, s, chunks[kind], codec.section_format(coef, kind, s, dims[kind]))
+        return codec.side_bits(n_atoms, kind, s, head_dim, value_split, coef)
 
     def cost(key: tuple[int, str]) -> int:  # the next atom's bits
         return bits_at(key[1], s[key] + 1) - bits_at(key[1], s[key])

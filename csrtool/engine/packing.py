@@ -26,6 +26,7 @@ COEF_FORMATS = ("fp16", "fp8", "int8", "int4", "int3")
 COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "int3": 3}
 VECTOR_SCALE_BITS = {"fp16": 0, "fp8": 0, "int8": 16, "int4": 8, "int3": 8}
 NARROW_LEVELS = {"int4": 7, "int3": 3}  # symmetric integer levels, one fp8 scale per vector
+VECTOR_SCALE_DTYPE = {"int8": torch.float16, "int4": torch.float8_e4m3fn, "int3": torch.float8_e4m3fn}  # formats with a scale per vector: its type
 _STORE_DTYPE = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.int8, "int3": torch.int8}
 FP8_MAX = 448.0
 FP16_LIMIT = 32768.0

@@ -58,9 +58,8 @@ class CSR(Reconstructor):
         self.s_k, self.s_v = config.sparsity_k, config.sparsity_v
         self.layer_sparsity = config.layer_sparsity  # per-layer (s_k, s_v) from the dictionaries' sensitivity calibration
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
-        dv = head_dim // self.value_split
-        self.bits_k = sum(codec.vector_bits(self.n_atoms, p[0], 1, codec.section_format(coef, "k", p[0], head_dim)) for p in plan) / n_layers / head_dim
-        self.bits_v = sum(codec.vector_bits(self.n_atoms, p[1], self.value_split, codec.section_format(coef, "v", p[1], dv)) for p in plan) / n_layers / head_dim
+        self.bits_k = sum(codec.side_bits(self.n_atoms, "k", p[0], head_dim, self.value_split, coef) for p in plan) / n_layers / head_dim
+        self.bits_v = sum(codec.side_bits(self.n_atoms, "v", p[1], head_dim, self.value_split, coef) for p in plan) / n_layers / head_dim
         # the atoms and the token predictor's maps (if any) of the model's layers
         self.side_bits = sum(a.numel() for tensors in (dicts.atoms, dicts.maps) for n, a in tensors.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"

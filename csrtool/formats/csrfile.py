@@ -370,9 +370,9 @@ def size_report(header: CsrHeader, file_nbytes: int, dict_nbytes: int | None = N
     n = len(header.layers)
     cfgs = [header.config.for_layer(i) for i in range(n)]
     d_k = header.layers[0][3]
-    fmts = [header.section_coefs(i) for i in range(n)]
-    k_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_k, 1, f[0]) for c, f in zip(cfgs, fmts)) / n / d_k
-    v_bits = sum(codec.vector_bits(header.n_atoms, c.sparsity_v, header.value_split, f[1]) for c, f in zip(cfgs, fmts)) / n / header.layers[0][4]
+    d_v, c_v, coef = header.layers[0][4], header.value_split, header.config.coef
+    k_bits = sum(codec.side_bits(header.n_atoms, "k", c.sparsity_k, d_k, c_v, coef) for c in cfgs) / n / d_k
+    v_bits = sum(codec.side_bits(header.n_atoms, "v", c.sparsity_v, d_v, c_v, coef) for c in cfgs) / n / d_v
     return {
         "file_bytes": file_nbytes,
         "header_bytes": head,

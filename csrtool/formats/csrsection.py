@@ -98,7 +98,7 @@ def section_bytes(codes: SectionCodes, n_atoms: int, sparsity: int | None = None
     if narrow and coef not in packing.NARROW_LEVELS:
         raise ValueError("int4/int3 codes need their coefficient format to be written")
     if codes.v is not None:
-        parts.append(packing.to_bytes_view(codes.v).numpy().tobytes() if narrow else codes.v.to(torch.float16).numpy().tobytes())
+        parts.append(packing.to_bytes_view(codes.v).numpy().tobytes())
     idx, q = codes.idx.reshape(-1), codes.q
     if codes.counts is not None:
         if sparsity is None or coef is None:
@@ -138,11 +138,9 @@ def parse_section(
 
     g = packing.from_bytes_view(take(4 * b * h), torch.float32, (b * h,))
     v = None
-    if coef == "int8":
-        v = packing.from_bytes_view(take(2 * m), torch.float16, (b * h, tc))
-    elif coef in packing.NARROW_LEVELS:
-        v = packing.from_bytes_view(take(m), torch.float8_e4m3fn, (b * h, tc))
-        if bool((v.to(torch.float32) < 0).any()):
+    if coef in packing.VECTOR_SCALE_DTYPE:
+        v = packing.from_bytes_view(take(_vscale_bytes(m, coef)), packing.VECTOR_SCALE_DTYPE[coef], (b * h, tc))
+        if coef in packing.NARROW_LEVELS and bool((v.to(torch.float32) < 0).any()):
             raise CsrError(f"corrupted codes (negative {coef} vector scale)")
     counts = None
     if cbits:
