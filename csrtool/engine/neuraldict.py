@@ -58,7 +58,8 @@ Progress = Callable[[int, int, float], None]
 class TrainConfig:
     """Everything that decides a trained dictionary set (recorded in the output file)."""
 
-    atoms: int = 4096  # N atoms per dictionary (4,096 per layer: the best setting measured, docs/quality.md §8)
+    atoms: int = 8192  # N atoms per dictionary, per layer: 13-bit indices; lower KL than 4,096 on every text and both models
+                       # measured, at ~1.5x the training time (docs/quality.md, eleventh pass; §8 for 4,096)
     sparsity: int = 4  # S atoms per vector during training
     value_split: int = 1  # C chunks for values (keys always 1)
     scope: str = "layer"  # one dictionary per layer shared by its KV heads, or one per head
