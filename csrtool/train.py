@@ -1,6 +1,7 @@
 """Pipeline step: train every dictionary of an activation set and write one dictionary file.
 
     train_dicts(acts_dir, out, cfg, layers, device, progress) -> report
+    training_vectors(reader, cfg) -> rows each dictionary trains on (one process)
 
 For each selected layer and kind (k, v), each group G (every KV head with scope
 'head', all heads stacked with scope 'layer') and each channel chunk C (values
@@ -47,7 +48,7 @@ from csrtool.distributed import Dist
 from csrtool.engine.comm import LOCAL, Comm, count
 from csrtool.formats.acts import MANIFEST, ActsReader
 from csrtool.formats.dicts import KINDS, dict_name, save_dicts
-from csrtool.engine.neuraldict import TrainConfig, train_dictionary, training_bytes
+from csrtool.engine.neuraldict import TrainConfig, split_sizes, train_dictionary, training_bytes
 from csrtool.errors import CsrError
 from csrtool.formats.io import atomic_path, atomic_write_bytes, remove_stale_temporaries
 from csrtool.formats.stwrite import save_safetensors
@@ -94,6 +95,12 @@ def group_vectors(x: torch.Tensor, scope: str, group: int, chunk: int, chunks: i
     dc = d // chunks
     xs = x[:, group] if scope == "head" else x.reshape(-1, d)  # [T, D] or [T*H, D]
     return xs[:, chunk * dc : (chunk + 1) * dc].contiguous()
+
+
+def training_vectors(reader: ActsReader, cfg: TrainConfig) -> int:
+    """Rows each dictionary of `reader`'s collection trains on in one process (group_vectors, then the held-out split
+    and the max_vectors cap of neuraldict.split_sizes)."""
+    return split_sizes(reader.tokens * (reader.num_kv_heads if cfg.scope == "layer" else 1), cfg)[0]
 
 
 class _Partial:

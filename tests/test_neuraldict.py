@@ -159,6 +159,22 @@ def test_kmeans_fills_empty_clusters_with_data_rows():
         assert len({int(i) for i in (c @ dirs.T).abs().argmax(1)}) == 3  # and all three are covered
 
 
+
+def test_kmeans_with_more_than_twice_as_many_centroids_as_rows():
+    # 64 centroids from 10 rows: at least 54 clusters stay empty, more than there are rows to refill them with; they
+    # take the rows again in turn (this raised "selected index k out of range" from topk before)
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    for normalize in (True, False):
+        c = kmeans(x, 64, iters=2, generator=torch.Generator().manual_seed(1), normalize=normalize)
+        assert c.shape == (64, 6) and bool(torch.isfinite(c).all())
+        assert bool((c.norm(dim=1) > 0.1).all())  # none left at zero
+        if normalize:
+            torch.testing.assert_close(c.norm(dim=1), torch.ones(64))
+        rows = torch.nn.functional.normalize(x, dim=1)
+        cos = (torch.nn.functional.normalize(c, dim=1) @ rows.T).abs()
+        assert bool((cos.max(0).values > 0.999).all())  # the refills cover every row
+
+
 def test_neuraldict_reseeds_dead_and_duplicate_atoms():
     # 16 atoms sampled from 8 directions: at least 8 are duplicates (or never chosen) after epoch 1
     dirs = torch.nn.functional.normalize(torch.randn(8, 12, generator=torch.Generator().manual_seed(0)), dim=1)

@@ -169,3 +169,18 @@ def test_cli_bad_input(acts, tmp_path, args, message):
     assert res.exit_code == 1, res.output
     assert message in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_cli_notes_fewer_vectors_than_atoms(acts, tmp_path):
+    # 400 tokens per head, 10% held out: 360 training vectors per per-head dictionary
+    out = tmp_path / "d.safetensors"
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "512", "--sparsity", "2", "--epochs", "0", "--scope", "head",
+                              "--layers", "0", "--no-calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "each dictionary trains on 360 vectors, fewer than its 512 atoms" in res.stderr
+    assert "every index costs 9 bits" in res.stderr and "--atoms 128" in res.stderr
+    assert out.exists()
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "256", "--sparsity", "2", "--epochs", "0", "--scope", "layer",
+                              "--layers", "0", "--no-calibrate", "--force"])
+    assert res.exit_code == 0, res.output
+    assert "fewer than its" not in res.stderr  # layer scope: 720 vectors for 256 atoms

@@ -57,7 +57,7 @@ def train_dict(
     from csrtool.distributed import Dist
     from csrtool.formats.acts import ActsReader
     from csrtool.models import resolve_device
-    from csrtool.train import partial_dir, train_dicts
+    from csrtool.train import partial_dir, train_dicts, training_vectors
 
     dist = Dist.from_env(resolve_device(device))
 
@@ -86,6 +86,8 @@ def train_dict(
         def on_event(event: str, info: dict) -> None:
             if event == "start":
                 bar.update(overall, total=info["total"])
+                if dist.root:  # after train_dicts checked the options
+                    _note_few_vectors(training_vectors(reader, cfg), cfg.atoms)
                 if info["resumed"]:
                     err.print(f"resuming from {partial_dir(output)}: {info['resumed']} of {info['total']} dictionaries already trained")
             elif event == "dict":
@@ -153,6 +155,19 @@ def _token_predictor(reader, device, context: int):
         raise CsrError(f"cannot load {reader.manifest['model']} for the token predictor ({exc}): make it loadable, "
                        "or train without the predictor (--no-predictor)") from None
     return TokenPredictor.for_model(loaded, "pre-rope", context)
+
+
+def _note_few_vectors(rows: int, atoms: int) -> None:
+    """Say so when a dictionary has fewer training vectors than atoms: many atoms then repeat others, yet every index
+    still pays for all of them."""
+    from csrtool.engine.packing import index_bits
+
+    if rows >= atoms:
+        return
+    fits = 1 << max(1, (max(rows, 4) // 2).bit_length() - 1)  # the defaults' ratio: 8,192 atoms from 16,384 vectors
+    err.print(f"note: each dictionary trains on {rows:,} vectors, fewer than its {atoms:,} atoms: many atoms will repeat "
+              f"while every index costs {index_bits(atoms)} bits; collect more tokens (csrtool collect "
+              f"--max-tokens) or pass --atoms {fits}")
 
 
 def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path], why_not: Optional[str] = None) -> None:

@@ -184,7 +184,8 @@ def kmeans(
             fill = xf.new_zeros(int(empty.sum()), xf.shape[1])
             if comm.root:
                 err = (xf - sign[:, None] * new[labels]).pow(2).sum(1)
-                fill = xf[err.topk(int(empty.sum()), largest=True).indices]
+                worst = err.topk(min(fill.shape[0], err.numel()), largest=True).indices
+                fill = xf[worst[torch.arange(fill.shape[0], device=worst.device) % worst.numel()]]  # k > 2B: rows again, in turn
             new[empty] = bcast(comm, fill)
         c = new
         if normalize:

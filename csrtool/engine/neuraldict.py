@@ -206,12 +206,18 @@ def _reseed(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, err: torch.Ten
             state[key][rows] = 0
 
 
+def split_sizes(n: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(training rows, held-out rows) a dictionary takes from n vectors (one of `world` processes' share)."""
+    n_val = int(round(cfg.val_fraction * n)) if cfg.val_fraction > 0 else 0
+    n_val = min(n_val, n - 1)
+    n_total = min(n, -(-cfg.max_vectors // world) + n_val)  # max_vectors is the budget of all processes
+    return n_total - n_val, n_val
+
+
 def _split(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
-    n_val = int(round(cfg.val_fraction * x.shape[0])) if cfg.val_fraction > 0 else 0
-    n_val = min(n_val, x.shape[0] - 1)
-    n_total = min(x.shape[0], -(-cfg.max_vectors // world) + n_val)  # max_vectors is the budget of all processes
-    perm = perm[:n_total]
+    n_train, n_val = split_sizes(x.shape[0], cfg, world)
+    perm = perm[: n_train + n_val]
     return x[perm[n_val:]], x[perm[:n_val]]
 
 
