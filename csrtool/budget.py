@@ -135,7 +135,7 @@ def choose_sparsity(bits: float, n_atoms: int, head_dim: int, value_split: int, 
     is closest to twice the value cost, then the one with more key atoms: key errors
     pass through the softmax and dominate perplexity (measured splits: docs/quality.md §2).
     """
-    coef_sides(coef)
+    coef_sides(coef)  # a bad spec is a CsrError before any search
     if not (bits > 0 and math.isfinite(bits)):
         raise CsrError(f"--bits must be a positive number, got {bits}")
     budget = bits * 2 * head_dim
