@@ -230,3 +230,17 @@ def test_kmeans_pp_batched_duplicates_and_all_rows():
             assert idx.unique().numel() == k
     idx = kmeans_pp_batched(x, 3, 2, torch.Generator().manual_seed(1))
     assert {tuple(r) for r in x[idx].tolist()} == {(1.0,) * 4, (-1.0,) * 4, (0.0,) * 4}
+
+
+def test_reported_errors_use_capped_rows(monkeypatch):
+    """The held-out and training errors are measured on the first VAL_ERR_ROWS / TRAIN_ERR_ROWS rows only."""
+    from csrtool.engine import neuraldict
+
+    monkeypatch.setattr(neuraldict, "VAL_ERR_ROWS", 50)
+    monkeypatch.setattr(neuraldict, "TRAIN_ERR_ROWS", 60)
+    x, val = sparse_data(300, seed=0), sparse_data(200, seed=1)
+    cfg = TrainConfig(**SMALL, epochs=0, max_vectors=300)
+    atoms, stats = train_dictionary(x, cfg, seed=0, val=val)
+    assert stats["val_rel_err"] == pytest.approx(rel_err(val[:50], reconstruct(val[:50], atoms, 2, "mp")), rel=1e-9)
+    assert stats["val_rel_err"] != pytest.approx(rel_err(val, reconstruct(val, atoms, 2, "mp")), rel=1e-6)
+    assert stats["val_vectors"] == 200  # the split itself is unchanged
