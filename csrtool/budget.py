@@ -10,6 +10,7 @@
     max_sparsity(D) / check_sparsity(S, D, what, N)      the most atoms worth spending on a vector
     choose_sparsity(bits, N, D, C, coef) -> (s_k, s_v)    fits a bit budget
     adaptive_for(adaptive, S) / adaptive_max(S, D, N) / adaptive_slots(M, S, D, N, fmt) / count_bits(S, D, N)
+    adaptive_bits(M, S, D, N, fmt) / adaptive_cost(S, D, N, fmt)   set-coded sections: their bits, a count's cost
                                                           adaptive codes (engine/adaptive.py): where they apply,
                                                           their most atoms per vector, a section's atom slots
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from csrtool.engine import adaptive as adaptive_counts
-from csrtool.engine import packing
+from csrtool.engine import packing, setcode
 from csrtool.errors import CsrError
 
 COEF_FORMATS = packing.COEF_FORMATS
@@ -109,6 +112,19 @@ def adaptive_slots(vectors: int, sparsity: int, dim: int, n_atoms: int, fmt: str
     section stores exactly this many atom slots (docs/format.md §3)."""
     atom_bits = packing.index_bits(n_atoms) + packing.COEF_BITS[fmt]
     return adaptive_counts.slots(vectors, sparsity, atom_bits, adaptive_max(sparsity, dim, n_atoms))
+
+
+def adaptive_bits(vectors: int, sparsity: int, dim: int, n_atoms: int, fmt: str) -> int:
+    """Bits of the atoms of `vectors` adaptive codes with set-coded indices (docs/format.md §3.4): the same
+    budget as adaptive_slots' atoms, each vector's indices coded as one sorted multiset (engine/setcode.py),
+    so the log2(k!) bits that fixed fields spend on the atoms' order buy more atoms."""
+    return adaptive_slots(vectors, sparsity, dim, n_atoms, fmt) * (packing.index_bits(n_atoms) + packing.COEF_BITS[fmt])
+
+
+def adaptive_cost(sparsity: int, dim: int, n_atoms: int, fmt: str):
+    """int64 [S_max + 1]: bits one vector's k = 0..adaptive_max(S) atoms cost, set-coded indices and coefficients."""
+    s_max = adaptive_max(sparsity, dim, n_atoms)
+    return setcode.cost_table(s_max, packing.index_bits(n_atoms)) + packing.COEF_BITS[fmt] * torch.arange(s_max + 1)
 
 
 def count_bits(sparsity: int, dim: int, n_atoms: int) -> int:

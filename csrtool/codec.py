@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csrtool.engine import packing, pursuit
+from csrtool.engine import packing, pursuit, setcode
 from csrtool.errors import CsrError
 from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes lives in budget.py)
     coef_side,
@@ -39,6 +39,8 @@ from csrtool.budget import (  # noqa: F401 (re-exported: the accounting of codes
     adaptive_for,
     adaptive_max,
     adaptive_slots,
+    adaptive_bits,
+    adaptive_cost,
     count_bits,
     check_sparsity,
     choose_sparsity,
@@ -67,6 +69,8 @@ class CodecConfig:
     sink: int = DEFAULT_SINK
     layer_sparsity: tuple[tuple[int, int], ...] | None = None  # per layer (s_k, s_v), overriding the two above
     adaptive: bool = False  # per-vector atom counts (0..adaptive_max(S)), mean within S's bits (engine/adaptive.py)
+    set_indices: bool = True  # adaptive codes: each vector's indices as one sorted multiset (engine/setcode.py, format
+                              # version 6); False: b-bit fields in fixed atom slots (versions 4-5, still read and written)
 
     def __post_init__(self) -> None:
         for name in ("sparsity_k", "sparsity_v"):
@@ -84,6 +88,8 @@ class CodecConfig:
             raise CsrError(f"sink must be an integer >= 0 (first tokens kept uncompressed), got {self.sink!r}")
         if not isinstance(self.adaptive, bool):
             raise CsrError(f"adaptive must be true or false, got {self.adaptive!r}")
+        if not isinstance(self.set_indices, bool):
+            raise CsrError(f"set_indices must be true or false, got {self.set_indices!r}")
         if self.layer_sparsity is not None:
             for i, pair in enumerate(self.layer_sparsity):
                 ok = isinstance(pair, tuple) and len(pair) == 2
@@ -100,7 +106,7 @@ class CodecConfig:
         if self.layer_sparsity is None:
             return self
         s_k, s_v = self.layer_sparsity[layer]
-        return CodecConfig(s_k, s_v, self.coef, self.method, self.window, self.sink, adaptive=self.adaptive)
+        return CodecConfig(s_k, s_v, self.coef, self.method, self.window, self.sink, adaptive=self.adaptive, set_indices=self.set_indices)
 
 
 def spans(t: int, window: int, sink: int) -> tuple[int, int, int]:
@@ -133,17 +139,19 @@ def _check_atoms(x_shape: tuple[int, ...], atoms: torch.Tensor, what: str = "cac
 
 def encode_codes(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, adaptive: bool = False, coef: str = "fp8", kind: str = "k",
+    sets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, T, D] -> idx, coef [B, H, T, C, S] (float32 coefficients, not quantised).
 
     adaptive: per-vector counts (encode_counted, budget in `coef`'s bits, criterion by `kind`); S is
     then adaptive_max(S) and coefficients past a vector's count are zero."""
-    idx, cf, _ = encode_counted(x, atoms, sparsity, method, adaptive, coef, kind)
+    idx, cf, _ = encode_counted(x, atoms, sparsity, method, adaptive, coef, kind, sets)
     return idx, cf
 
 
 def encode_counted(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, adaptive: bool = True, coef: str = "fp8", kind: str = "k",
+    sets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [B, H, T, D] -> idx, coef [B, H, T, C, S'] and counts [B, H, T, C] (atoms used per vector chunk).
 
@@ -153,7 +161,9 @@ def encode_counted(
     minimise the summed squared error for keys (`kind` "k": a logit error is q·e, absolute) and the
     summed error relative to each vector's energy for values ("v": an attention output that rests on
     one token has that token's relative error; the absolute criterion starved such values, +9.3%
-    against -0.0% on a licence text, docs/quality.md)."""
+    against -0.0% on a licence text, docs/quality.md). `sets` (adaptive only): indices priced and ordered
+    as set codes (each chunk's atoms in ascending index order, the budget in bits: adaptive_bits), else
+    atom slots of fixed fields (adaptive_slots, pursuit order)."""
     _check_atoms(tuple(x.shape), atoms)
     b, h, t, d = x.shape
     g, c, n, dc = atoms.shape
@@ -165,8 +175,15 @@ def encode_counted(
     ag = atoms.reshape(g * c, n, dc).to(torch.float32)
     if adaptive_for(adaptive, sparsity):
         s = adaptive_max(sparsity, dc, n)
-        total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, section_format(coef, kind, sparsity, dc))
-        idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v")
+        fmt = section_format(coef, kind, sparsity, dc)
+        if sets:
+            total = adaptive_bits(xg.shape[0] * xg.shape[1], sparsity, dc, n, fmt)
+            idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v",
+                                                             cost=adaptive_cost(sparsity, dc, n, fmt))
+            idx, cf = (z.reshape(idx.shape) for z in setcode.sort_codes(idx.reshape(-1, s), cf.reshape(-1, s), counts.reshape(-1)))
+        else:
+            total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, fmt)
+            idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v")
     else:
         s = sparsity
         idx, cf = _encode_groups(xg, ag, s, method)
@@ -218,14 +235,14 @@ def shift(x: torch.Tensor, mean: torch.Tensor | None, sign: float) -> torch.Tens
 
 def roundtrip(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str = "fp8", method: str = "omp", mean: torch.Tensor | None = None,
-    adaptive: bool = False, kind: str = "k",
+    adaptive: bool = False, kind: str = "k", sets: bool = True,
 ) -> torch.Tensor:
     """What compress -> decompress gives for x [B, H, T, D] coded in place: x_hat in x's dtype.
 
     Coefficient scales are per (batch, head) over the T tokens given, as in a file
     section, so pass the coded tokens only (without the window) to match a file.
     `mean` [G, D] (the dictionary's, if it has one) is subtracted before coding."""
-    idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind)
+    idx, c = encode_codes(shift(x.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind, sets)
     fmt = section_format(coef, kind, sparsity, atoms.shape[-1])
     q, g, v = quantize_codes(c, fmt)
     c_hat = dequantize_codes(q, g, v, fmt, tuple(c.shape))
@@ -248,6 +265,7 @@ def roundtrip_keys(
     mean: torch.Tensor | None = None,
     layer: int | None = None,
     adaptive: bool = False,
+    sets: bool = True,
 ) -> torch.Tensor:
     """Keys k [B, H, T, D] of layer `layer` as stored in a cache -> what decompress returns for them.
 
@@ -260,7 +278,7 @@ def roundtrip_keys(
         rope_p = RopeParams.from_meta({"rope": rope_info, "position_offset": positions_offset})
         rope_p = rope_p if layer is None else rope_p.for_layer(layer)
     kc = to_code_space(k, key_space, cache_key_space, rope_p)
-    return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean, adaptive), key_space, cache_key_space, rope_p), k.dtype)
+    return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean, adaptive, "k", sets), key_space, cache_key_space, rope_p), k.dtype)
 
 
 # ---------------------------------------------------------------- sections (tensors; formats/csrsection.py makes the bytes)
@@ -280,7 +298,7 @@ class SectionCodes:
 
 def encode_section(
     x_code: torch.Tensor, x_tail: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str, method: str, mean: torch.Tensor | None = None,
-    adaptive: bool = False, kind: str = "k",
+    adaptive: bool = False, kind: str = "k", sets: bool = True,
 ) -> SectionCodes:
     """Codes of the coded tokens x_code [B, H, Tc, D] (code space, float; `mean` subtracted here) and the
     verbatim tokens x_tail [B, H, s + w, D] of a key ("k") or value ("v") section. CsrError when the
@@ -291,7 +309,7 @@ def encode_section(
     if tc:
         if not bool(torch.isfinite(x_code.to(torch.float32).pow(2).sum(-1)).all()):
             _too_large(x_code)  # adaptive counts rank vectors by their squared errors: these would overflow
-        idx, cf, counts = encode_counted(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind)
+        idx, cf, counts = encode_counted(shift(x_code.to(torch.float32), mean, -1.0), atoms, sparsity, method, adaptive, coef, kind, sets)
     else:
         idx, cf = no_codes(b, h, c, adaptive_max(sparsity, dc, n) if adaptive else sparsity)
         counts = idx.new_zeros(b, h, 0, c) if adaptive else None
@@ -373,9 +391,9 @@ def encode_layer(
             f"keys too large to rotate into the dictionary's key space (max |k| = {float(k.abs().max()):.3g}; "
             "RoPE overflows float32): the cache looks broken, check it"
         )
-    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0], cfg.adaptive)
+    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0], cfg.adaptive, "k", cfg.set_indices)
     cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1],
-                        cfg.adaptive, "v")
+                        cfg.adaptive, "v", cfg.set_indices)
     return ck, cv
 
 

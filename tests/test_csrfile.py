@@ -297,9 +297,9 @@ def test_bad_magic(env, tmp_path):
 
 def test_newer_version(env, tmp_path):
     raw = bytearray(env["bytes"])
-    raw[8:10] = struct.pack("<H", 6)
+    raw[8:10] = struct.pack("<H", 7)
     p = corrupt(env, tmp_path, bytes(raw))
-    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 6, newer than this csrtool (5): upgrade csrtool"
+    assert read_err(p, env["dicts"]) == f"{p} has .csr format version 7, newer than this csrtool (6): upgrade csrtool"
 
 
 def test_flipped_payload_byte(env, tmp_path):

@@ -109,7 +109,7 @@ def test_header_json_is_rfc8259(csr, tmp_path, literal):
 
 @pytest.mark.parametrize("path,value,says", [
     (("codec", "n_atoms"), 10 ** 40, "codec.n_atoms must be an integer in [2, 16777216]"),
-    (("version",), 1.0, "version must be an integer in [1, 5], got 1.0"),
+    (("version",), 1.0, "version must be an integer in [1, 6], got 1.0"),
     (("codec", "index_bits"), 6.0, "codec.index_bits must be an integer in [1, 24], got 6.0"),
     (("codec", "window"), -1, "codec.window must be an integer in [0, 2147483648], got -1"),
     (("codec", "coef"), "fp4", "codec.coef must be one of fp16, fp8, int8, got 'fp4'"),

@@ -3,7 +3,8 @@
     count_bits(s_max) -> bits of one vector's atom count (values 0..s_max)
     slots(m, s, atom_bits, s_max) -> atoms that M vectors may use in all, so that with their counts they
                                      cost no more than S fixed atoms each
-    choose_counts(gains [M, S_max], total) -> counts [M] in 0..S_max, sum <= total
+    choose_counts(gains [M, S_max], total, cost) -> counts [M] in 0..S_max, Σ cost[count] <= total (cost: atoms,
+                                             or bits per count, e.g. set-coded indices, engine/setcode.py)
     truncate(gamma [M, S], chol [M, S, S] | None, counts [M]) -> coef [M, S], zero past each count
     used_slots(counts [M], S) -> bool [M, S], True for each vector's first counts[t] slots
 
@@ -39,29 +40,33 @@ def slots(m: int, sparsity: int, atom_bits: int, s_max: int) -> int:
     return max(0, m * (sparsity * atom_bits - count_bits(s_max)) // atom_bits)
 
 
-def choose_counts(gains: torch.Tensor, total: int) -> torch.Tensor:
-    """Counts [M] (int64, 0..S) minimising Σ err + λ·Σ count with Σ count <= total.
+def choose_counts(gains: torch.Tensor, total: int, cost: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts [M] (int64, 0..S) minimising Σ err + λ·Σ cost[count] with Σ cost[count] <= total.
 
-    gains [M, S]: energy removed by each pursuit step (>= 0). Ties go to fewer atoms.
+    gains [M, S]: energy removed by each pursuit step (>= 0). cost [S + 1] (non-decreasing, cost[0] = 0):
+    what a count costs, default the count itself (total is then atoms). Ties go to fewer atoms.
     """
     m, s = gains.shape
     if m == 0:
         return torch.zeros(0, dtype=torch.long, device=gains.device)
     # value[t, k] = energy removed by the first k atoms, k = 0..S
     value = torch.cat([gains.new_zeros(m, 1), gains.double().cumsum(1)], 1)  # [M, S+1]
-    steps = torch.arange(s + 1, dtype=torch.float64, device=gains.device)
+    steps = torch.arange(s + 1, dtype=torch.float64, device=gains.device) if cost is None else cost.to(gains.device, torch.float64)
 
     def counts_at(lam: float) -> torch.Tensor:
         return (steps * lam - value).argmin(1)  # argmin returns the first (fewest atoms) on ties
 
-    if m * s <= total:
+    def spent(k: torch.Tensor) -> int:
+        return int(k.sum()) if cost is None else int(steps[k].sum())
+
+    if (m * s <= total) if cost is None else spent(counts_at(0.0)) <= total:  # everything fits
         return counts_at(0.0)
     lo, hi = 0.0, float(value[:, -1].max()) + 1.0  # at hi every count is 0
     best = counts_at(hi)
     for _ in range(_BISECTIONS):
         lam = (lo + hi) / 2
         k = counts_at(lam)
-        if int(k.sum()) > total:
+        if spent(k) > total:
             lo = lam
         else:
             hi, best = lam, k

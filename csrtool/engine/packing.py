@@ -218,3 +218,44 @@ def from_bytes_view(buf: torch.Tensor, fmt_or_dtype: str | torch.dtype, shape: t
     """Inverse of to_bytes_view for a coefficient format name or a torch dtype."""
     dtype = _STORE_DTYPE[fmt_or_dtype] if isinstance(fmt_or_dtype, str) else fmt_or_dtype
     return buf.clone().view(dtype).reshape(shape)  # clone: byte offsets need not be aligned
+
+
+# ---------------------------------------------------------------- fields of varying width (set-coded indices)
+
+
+def pack_fields(values: torch.Tensor, widths: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Non-negative values [F] in fields of widths [F] (0..63 bits each, value < 2**width), one after another
+    LSB first like pack_indices, then zero bits up to `nbits` (>= their sum): uint8 [ceil(nbits / 8)]."""
+    values, widths = values.reshape(-1).to(torch.int64), widths.reshape(-1).to(torch.int64)
+    total = int(widths.sum())
+    assert total <= nbits, (total, nbits)
+    stream = torch.zeros(packed_nbytes(nbits, 1) * 8, dtype=torch.uint8, device=values.device)
+    starts = widths.cumsum(0) - widths
+    step = CHUNK // 64
+    for s in range(0, values.numel(), step):
+        v, w, p = values[s : s + step], widths[s : s + step], starts[s : s + step]
+        j = torch.arange(int(w.max()) if w.numel() else 0, device=values.device, dtype=torch.int64)
+        mask = j[None, :] < w[:, None]
+        stream[(p[:, None] + j)[mask]] = ((v[:, None] >> j) & 1)[mask].to(torch.uint8)
+    weights = (1 << torch.arange(8, device=values.device, dtype=torch.int64)).to(torch.uint8)
+    return (stream.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+
+
+def unpack_fields(buf: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Inverse of pack_fields: (values int64 [F], every bit after the fields is zero)."""
+    widths = widths.reshape(-1).to(torch.int64)
+    shifts = torch.arange(8, device=buf.device, dtype=torch.uint8)
+    stream = ((buf[:, None] >> shifts) & 1).reshape(-1).to(torch.int64)
+    total = int(widths.sum())
+    if total > stream.numel():
+        return torch.zeros_like(widths), False
+    starts = widths.cumsum(0) - widths
+    out = torch.zeros_like(widths)
+    step = CHUNK // 64
+    for s in range(0, widths.numel(), step):
+        w, p = widths[s : s + step], starts[s : s + step]
+        j = torch.arange(int(w.max()) if w.numel() else 0, device=buf.device, dtype=torch.int64)
+        mask = j[None, :] < w[:, None]
+        bits = torch.where(mask, stream[(p[:, None] + j).clamp_max(max(stream.numel() - 1, 0))], 0)
+        out[s : s + step] = (bits << j).sum(1)
+    return out, bool((stream[total:] == 0).all())

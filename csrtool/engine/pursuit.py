@@ -138,16 +138,18 @@ def encode_groups_adaptive(
     method: str = "omp",
     chunk: int | None = None,
     relative: bool = False,
+    cost: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adaptive sparsity (engine/adaptive.py): each vector of x [G, B, D] gets 0..max_sparsity atoms,
-    at most `total` over all G·B vectors, minimising the summed squared error (relative: the summed
-    error of each vector relative to its own energy). Returns idx, coef [G, B, S_max] (coefficients
-    zero and indices 0 past a vector's count) and counts [G, B]."""
+    at most `total` over all G·B vectors (with `cost` [S_max + 1]: Σ cost[count] <= total, e.g. bits),
+    minimising the summed squared error (relative: the summed error of each vector relative to its own
+    energy). Returns idx, coef [G, B, S_max] (coefficients zero and indices 0 past a vector's count)
+    and counts [G, B]."""
     idx, gamma, chol = _encode_all(x, atoms, max_sparsity, method, chunk, None, keep_chol=True)
     gains = gamma.pow(2)
     if relative:
         gains = gains / x.reshape(-1, x.shape[-1]).to(gains.dtype).pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(gains.dtype).tiny)
-    counts = adaptive.choose_counts(gains, total)
+    counts = adaptive.choose_counts(gains, total, cost)
     idx = idx * adaptive.used_slots(counts, max_sparsity)
     coef = adaptive.truncate(gamma, chol, counts)
     g, b = x.shape[0], x.shape[1]

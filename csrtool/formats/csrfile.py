@@ -172,7 +172,7 @@ def layer_bytes(header: CsrHeader, i: int, ck: codec.SectionCodes, cv: codec.Sec
     try:
         c = header.config.for_layer(i)
         fk, fv = header.section_coefs(i)
-        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, fk), section_bytes(cv, header.n_atoms, c.sparsity_v, fv)
+        kb, vb = section_bytes(ck, header.n_atoms, c.sparsity_k, fk, c.set_indices), section_bytes(cv, header.n_atoms, c.sparsity_v, fv, c.set_indices)
         _parse_layer(header, i, kb, vb)
     except CsrError as exc:
         raise CsrError(f"cache layer {i}: {exc}") from None
@@ -184,8 +184,8 @@ def _parse_layer(hd: CsrHeader, i: int, kb: bytes, vb: bytes) -> tuple[codec.Sec
     c = hd.config.for_layer(i)
     fk, fv = hd.section_coefs(i)
     return (
-        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, fk, c.window, hd.torch_dtype, c.sink, c.adaptive),
-        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, fv, c.window, hd.torch_dtype, c.sink, c.adaptive),
+        parse_section(kb, sk, hd.n_atoms, 1, c.sparsity_k, fk, c.window, hd.torch_dtype, c.sink, c.adaptive, c.set_indices),
+        parse_section(vb, sv, hd.n_atoms, hd.value_split, c.sparsity_v, fv, c.window, hd.torch_dtype, c.sink, c.adaptive, c.set_indices),
     )
 
 

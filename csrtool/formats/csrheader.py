@@ -21,7 +21,7 @@ from csrtool.formats import csrsection
 from csrtool.keyspace import RopeParams
 
 MAGIC = b"\x89CSR\r\n\x1a\n"
-VERSION = 5  # the newest; every version is still read and written (see CsrHeader.version)
+VERSION = 6  # the newest; every version is still read and written (see CsrHeader.version)
 CLASSIC_COEF = ("fp16", "fp8", "int8")  # one format for both sides: what versions 1-4 allow
 FORMAT = "csrtool-csr"
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len
@@ -62,8 +62,8 @@ class CsrHeader:
         n, w, dt, s = self.n_atoms, cfg.window, self.torch_dtype, cfg.sink
         fk, fv = self.section_coefs(layer)
         return (
-            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, fk, w, dt, s, cfg.adaptive),
-            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, fv, w, dt, s, cfg.adaptive),
+            csrsection.section_nbytes(sk, n, 1, cfg.sparsity_k, fk, w, dt, s, cfg.adaptive, cfg.set_indices),
+            csrsection.section_nbytes(sv, n, self.value_split, cfg.sparsity_v, fv, w, dt, s, cfg.adaptive, cfg.set_indices),
         )
 
     def section_coefs(self, layer: int) -> tuple[str, str]:
@@ -80,7 +80,10 @@ class CsrHeader:
         """1 for one sparsity for all layers, 2 with per-layer sparsities, 3 with per-layer rotations
         (rope.layers; the sparsities as in 1 or 2), 4 with adaptive codes (per-vector atom counts,
         §3.3; sparsities and rotations as in 1-3), 5 with a coefficient format per side or int4/int3
-        coefficients (§3.2; codes adaptive or not, the rest as in 1-4) (docs/format.md §2, §6)."""
+        coefficients (§3.2; codes adaptive or not, the rest as in 1-4), 6 with adaptive codes whose indices
+        are set-coded (§3.4; any coefficient spec, the rest as in 1-5) (docs/format.md §2, §6)."""
+        if self.config.adaptive and self.config.set_indices:
+            return 6
         if self.config.coef not in CLASSIC_COEF:
             return 5
         if self.config.adaptive:
@@ -128,7 +131,7 @@ class CsrHeader:
         }
         if self.config.layer_sparsity is not None:
             obj["codec"]["layer_sparsity"] = [list(p) for p in self.config.layer_sparsity]
-        if self.config.adaptive or self.version == 5:
+        if self.config.adaptive or self.version >= 5:
             obj["codec"]["adaptive"] = self.config.adaptive
         return obj
 
@@ -283,13 +286,16 @@ def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
             pairs.append(tuple(_int_value(v, f"codec.layer_sparsity[{i}]", 1, MAX_SPARSITY) for v in r))
         per_layer = tuple(pairs)
     elif "layer_sparsity" in cd:
-        raise CsrError("codec.layer_sparsity is only allowed in a version 2 to 5 header")
+        raise CsrError("codec.layer_sparsity is only allowed in a version 2 to 6 header")
     if version == 4 and cd.get("adaptive") is not True:
         raise CsrError(f"codec.adaptive must be true in a version 4 header, got {_show(cd.get('adaptive'))}")
     if version == 5 and not isinstance(cd.get("adaptive"), bool):
         raise CsrError(f"codec.adaptive must be true or false in a version 5 header, got {_show(cd.get('adaptive'))}")
+    if version == 6 and cd.get("adaptive") is not True:
+        raise CsrError(f"codec.adaptive must be true in a version 6 header, got {_show(cd.get('adaptive'))}")
     if version < 4 and "adaptive" in cd:
-        raise CsrError("codec.adaptive is only allowed in a version 4 or 5 header")
+        raise CsrError("codec.adaptive is only allowed in a version 4 to 6 header")
+    adaptive = version in (4, 6) or (version == 5 and cd["adaptive"])
     return codec.CodecConfig(
         sparsity_k=_int(cd, "sparsity_k", 1, MAX_SPARSITY, "codec."),
         sparsity_v=_int(cd, "sparsity_v", 1, MAX_SPARSITY, "codec."),
@@ -298,13 +304,14 @@ def _codec_config(cd: dict, version: int, n_layers: int) -> codec.CodecConfig:
         window=_int(cd, "window", 0, MAX_DIM, "codec."),
         sink=_int(cd, "sink", 0, MAX_DIM, "codec."),
         layer_sparsity=per_layer,
-        adaptive=version == 4 or (version == 5 and cd["adaptive"]),
+        adaptive=adaptive,
+        set_indices=version == 6 or not adaptive,  # meaningful for adaptive codes only; otherwise the default
     )
 
 
 def _coef(cd: dict, version: int) -> str:
     """codec.coef: one of CLASSIC_COEF before version 5; in version 5 a spec that needs it (a format per
-    side, or int4/int3)."""
+    side, or int4/int3); in version 6 any spec."""
     coef = cd.get("coef")
     if version < 5:
         return _choice(cd, "coef", CLASSIC_COEF, "codec.")
@@ -312,7 +319,7 @@ def _coef(cd: dict, version: int) -> str:
         codec.coef_sides(coef)
     except CsrError:
         raise CsrError(f"codec.coef must be a coefficient format, or keys/values (e.g. fp8/int3), got {_show(coef)}") from None
-    if coef in CLASSIC_COEF:
+    if coef in CLASSIC_COEF and version == 5:
         raise CsrError(f"codec.coef {coef} belongs in a version 1-4 header, not version 5")
     return coef
 
