@@ -178,7 +178,7 @@ def inspect(
     out.print(f"  shape     {len(hd.layers)} layers x [B={b}, H={h}, T={t}, Dk={dk}, Dv={dv}]")
     out.print(f"  codec     N={hd.n_atoms} ({report['header']['codec']['index_bits']}-bit indices), S_k={cfg.sparsity_k}, "
               f"S_v={cfg.sparsity_v} x {hd.value_split} chunks, coef {cfg.coef}, {cfg.method}, window {cfg.window}, sink {cfg.sink}"
-              f"{', adaptive counts (up to twice S per vector, S on average)' if cfg.adaptive else ''}")
+              f"{_adaptive_note(cfg)}")
     if len({tuple(f) for f in report["section_coefs"]}) > 1:  # narrow formats give way to fp8 in layers with many atoms
         kinds = Counter("/".join(f) for f in report["section_coefs"])
         out.print("  sections  K/V coefficients " + ", ".join(f"{k} in {n} layers" for k, n in kinds.items()))
@@ -203,3 +203,11 @@ def _note_capped(bits: float, header) -> None:
         used = codec.bits_per_channel(n, d, cfg.sparsity_k, cfg.sparsity_v, c, cfg.coef)
         err.print(f"note: --bits {bits:g} is more than sparse codes can use: at most S_k={cfg.sparsity_k}, S_v={cfg.sparsity_v} atoms "
                   f"(half the channels) at {used:.4f} bits per channel")
+
+
+def _adaptive_note(cfg) -> str:
+    """inspect's words for adaptive codes ('' for fixed ones)."""
+    if not cfg.adaptive:
+        return ""
+    sets = ", indices set-coded" if cfg.set_indices else ""
+    return f", adaptive counts (up to twice S per vector, the bits of S on average{sets})"
