@@ -58,7 +58,7 @@ def compress(
     sink: Annotated[Optional[int], typer.Option("--sink", help="First tokens kept uncompressed (attention sinks; default 4).")] = None,
     method: Annotated[str, typer.Option("--method", help="Pursuit: omp or mp.")] = "omp",
     uniform: Annotated[bool, typer.Option("--uniform", help="With --bits: same sparsity in every layer, even when the dictionaries carry train-dict's sensitivity calibration.")] = False,
-    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed", help="Adaptive: each vector gets as many atoms as its fit needs (up to twice S), the same bits on average with the counts paid for (format version 4, or 5 with the default coefficients). Fixed: S atoms for every vector (what CSRCache.from_csr and generate --resume read).")] = ADAPTIVE_DEFAULT,
+    adaptive: Annotated[bool, typer.Option("--adaptive/--fixed", help="Adaptive: each vector gets as many atoms as its fit needs (up to twice S), the same bits on average with the counts paid for, each vector's indices coded as one sorted set so their order costs nothing (format version 6). Fixed: S atoms for every vector (what CSRCache.from_csr and generate --resume read).")] = ADAPTIVE_DEFAULT,
     force: ForceOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
