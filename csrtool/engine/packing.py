@@ -62,8 +62,7 @@ def _pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=idx.device, dtype=torch.int64)).to(torch.uint8)
-    out = (stream.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+    out = _bytes_of(stream)
     assert out.numel() == packed_nbytes(n, bits)
     return out
 
@@ -81,9 +80,20 @@ def unpack_indices(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, 
     return _unpack(buf, n, bits)
 
 
-def _unpack(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, bool]:
+def _bytes_of(stream: torch.Tensor) -> torch.Tensor:
+    """Bits [8·n] (0/1, uint8), LSB first -> uint8 [n]."""
+    weights = (1 << torch.arange(8, device=stream.device, dtype=torch.int64)).to(torch.uint8)
+    return (stream.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+
+
+def _bits_of(buf: torch.Tensor) -> torch.Tensor:
+    """uint8 [n] -> bits [8·n] (0/1, uint8), LSB first."""
     shifts = torch.arange(8, device=buf.device, dtype=torch.uint8)
-    stream = ((buf[:, None] >> shifts) & 1).reshape(-1)  # [8*nbytes]
+    return ((buf[:, None] >> shifts) & 1).reshape(-1)
+
+
+def _unpack(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, bool]:
+    stream = _bits_of(buf)  # [8*nbytes]
     pad_ok = bool((stream[n * bits :] == 0).all())
     weights = 1 << torch.arange(bits, device=buf.device, dtype=torch.int64)
     idx = (stream[: n * bits].reshape(n, bits).to(torch.int64) * weights).sum(dim=1)
@@ -204,9 +214,14 @@ def unpack_narrow(buf: torch.Tensor, n: int, bits: int) -> tuple[torch.Tensor, b
     """Inverse of pack_narrow: (int8 [n], ok); ok is False for nonzero padding or a field at -2^(bits-1),
     which pack_narrow never writes."""
     fields, pad_ok = unpack_indices(buf, n, bits)
+    ok = pad_ok and not bool((fields == 1 << (bits - 1)).any())
+    return signed_fields(fields, bits).to(torch.int8), ok
+
+
+def signed_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """`bits`-bit two's-complement fields (non-negative integers < 2^bits) as the signed integers they hold."""
     half = 1 << (bits - 1)
-    ok = pad_ok and not bool((fields == half).any())
-    return torch.where(fields >= half, fields - 2 * half, fields).to(torch.int8), ok
+    return torch.where(fields >= half, fields - 2 * half, fields)
 
 
 def to_bytes_view(q: torch.Tensor) -> torch.Tensor:
@@ -237,15 +252,13 @@ def pack_fields(values: torch.Tensor, widths: torch.Tensor, nbits: int) -> torch
         j = torch.arange(int(w.max()) if w.numel() else 0, device=values.device, dtype=torch.int64)
         mask = j[None, :] < w[:, None]
         stream[(p[:, None] + j)[mask]] = ((v[:, None] >> j) & 1)[mask].to(torch.uint8)
-    weights = (1 << torch.arange(8, device=values.device, dtype=torch.int64)).to(torch.uint8)
-    return (stream.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+    return _bytes_of(stream)
 
 
 def unpack_fields(buf: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Inverse of pack_fields: (values int64 [F], every bit after the fields is zero)."""
     widths = widths.reshape(-1).to(torch.int64)
-    shifts = torch.arange(8, device=buf.device, dtype=torch.uint8)
-    stream = ((buf[:, None] >> shifts) & 1).reshape(-1).to(torch.int64)
+    stream = _bits_of(buf).to(torch.int64)
     total = int(widths.sum())
     if total > stream.numel():
         return torch.zeros_like(widths), False

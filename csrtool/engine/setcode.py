@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from csrtool.engine.adaptive import used_slots
+
 INT64_LIMIT = 1 << 63
 
 
@@ -84,11 +86,22 @@ def _table(counts: torch.Tensor, b: int, s: int):
     return hs, rb, bound, _binomials(c_max, k_max)
 
 
+def _fields(counts: torch.Tensor, b: int, s: int):
+    """The layout of rows with these counts (on the CPU): (counts [R], h [R], used [R, S], keep [R, S + 1]: which
+    of [rank, low_0 .. low_{S-1}] each row stores, widths [F] of the stored fields, bound [K + 1], binomials)."""
+    counts = counts.reshape(-1).to(torch.int64).cpu()
+    hs, rb, bound, binom = _table(counts, b, s)
+    h = hs[counts]
+    used = used_slots(counts, s)
+    keep = torch.cat([counts[:, None] > 0, used], 1)
+    widths = torch.cat([rb[counts][:, None], (b - h)[:, None].expand(counts.numel(), s)], 1)[keep]
+    return counts, h, used, keep, widths, bound, binom
+
+
 def sort_codes(idx: torch.Tensor, other: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """idx, other [R, S] with each row's first counts[r] slots used: the used slots in ascending index order
     (other follows its index), unused slots left after them."""
-    s = idx.shape[1]
-    used = torch.arange(s, device=idx.device)[None, :] < counts.reshape(-1, 1)
+    used = used_slots(counts, idx.shape[1])
     key = torch.where(used, idx.to(torch.int64), torch.iinfo(torch.int64).max)
     order = key.argsort(dim=1, stable=True)
     return idx.gather(1, order), other.gather(1, order)
@@ -97,50 +110,30 @@ def sort_codes(idx: torch.Tensor, other: torch.Tensor, counts: torch.Tensor) -> 
 def encode(idx: torch.Tensor, counts: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fields of rows idx [R, S] (each row's first counts[r] indices ascending, < 2^b): (values, widths) int64 [F],
     row by row its rank and then its counts[r] low parts."""
-    r, s = idx.shape
-    dev = idx.device
-    counts = counts.reshape(-1).to(torch.int64).cpu()
-    hs, rb, _, binom = _table(counts, b, s)
-    h = hs[counts]  # [R]
+    s = idx.shape[1]
+    counts, h, used, keep, widths, _, binom = _fields(counts, b, s)
     pos = torch.arange(s)[None, :]
-    used = pos < counts[:, None]
     x = torch.where(used, idx.to(torch.int64).cpu(), 0)
     top = x >> (b - h)[:, None]
     low = x & ((1 << (b - h)) - 1)[:, None]
     c = torch.where(used, top + pos, 0)
-    terms = torch.where(used, binom[c, (pos + 1).expand_as(c)], 0)
-    rank = terms.sum(1)
-    # fields: per row [rank, low_0 .. low_{S-1}], keeping the used ones
-    values = torch.cat([rank[:, None], low], 1)
-    widths = torch.cat([rb[counts][:, None], (b - h)[:, None].expand(r, s)], 1)
-    keep = torch.cat([counts[:, None] > 0, used], 1)
-    return values[keep].to(dev), widths[keep].to(dev)
+    rank = torch.where(used, binom[c, (pos + 1).expand_as(c)], 0).sum(1)
+    values = torch.cat([rank[:, None], low], 1)[keep]
+    return values.to(idx.device), widths.to(idx.device)
 
 
 def field_widths(counts: torch.Tensor, b: int, s: int) -> torch.Tensor:
     """int64 [F]: the widths encode gives rows with these counts (what a reader needs before the values)."""
-    counts = counts.reshape(-1).to(torch.int64).cpu()
-    hs, rb, _, _ = _table(counts, b, s)
-    h = hs[counts]
-    used = torch.arange(s)[None, :] < counts[:, None]
-    widths = torch.cat([rb[counts][:, None], (b - h)[:, None].expand(counts.numel(), s)], 1)
-    keep = torch.cat([counts[:, None] > 0, used], 1)
-    return widths[keep]
+    return _fields(counts, b, s)[4]
 
 
 def decode(values: torch.Tensor, counts: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, bool]:
     """Inverse of encode: (idx int64 [R, S], zeros past each count; ok). ok is False for a rank at or beyond its
     bound (no valid writer makes one)."""
-    counts = counts.reshape(-1).to(torch.int64).cpu()
-    values = values.to(torch.int64).cpu()
+    counts, h, used, keep, _, bound, binom = _fields(counts, b, s)
     r = counts.numel()
-    hs, _, bound, binom = _table(counts, b, s)
-    h = hs[counts]
-    pos = torch.arange(s)[None, :]
-    used = pos < counts[:, None]
-    keep = torch.cat([counts[:, None] > 0, used], 1)
     grid = torch.zeros(r, s + 1, dtype=torch.int64)
-    grid[keep] = values
+    grid[keep] = values.to(torch.int64).cpu()
     rank, low = grid[:, 0].clone(), grid[:, 1:]
     ok = bool((rank[counts > 0] < bound[counts][counts > 0]).all()) if r else True
     if not ok:

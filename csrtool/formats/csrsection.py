@@ -72,13 +72,6 @@ def _layout(shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, co
     return m, codec.adaptive_slots(m * chunks, sparsity, dc, n_atoms, coef), codec.count_bits(sparsity, dc, n_atoms), codec.adaptive_max(sparsity, dc, n_atoms)
 
 
-def _set_bits(shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, sink: int) -> int:
-    """The bit stream of a set-coded adaptive section: coefficients and set codes within this many bits."""
-    b, h, t, d = shape
-    _, tc, _ = spans(t, window, sink)
-    return codec.adaptive_bits(b * h * tc * chunks, sparsity, d // chunks, n_atoms, coef)
-
-
 def section_nbytes(
     shape: tuple[int, ...], n_atoms: int, chunks: int, sparsity: int, coef: str, window: int, dtype: torch.dtype, sink: int = 0,
     adaptive: bool = False, sets: bool = False,
@@ -90,7 +83,7 @@ def section_nbytes(
     vscale = _vscale_bytes(m, coef)
     counts = packing.packed_nbytes(m * chunks, cbits) if cbits else 0
     if cbits and sets:
-        atoms = packing.packed_nbytes(_set_bits(shape, n_atoms, chunks, sparsity, coef, window, sink), 1)
+        atoms = packing.packed_nbytes(codec.adaptive_bits(m * chunks, sparsity, d // chunks, n_atoms, coef), 1)
     else:
         atoms = packing.packed_nbytes(n, packing.index_bits(n_atoms)) + _coef_bytes(n, coef)
     return 4 * b * h + vscale + counts + atoms + b * h * (s + w) * d * _elem(dtype)
@@ -144,10 +137,9 @@ def _coef_fields(q: torch.Tensor, coef: str) -> torch.Tensor:
 def _coef_values(fields: torch.Tensor, coef: str) -> tuple[torch.Tensor, bool]:
     """Inverse of _coef_fields: (coefficients in their stored dtype [n], ok: no narrow field at its most negative value)."""
     bits = packing.COEF_BITS[coef]
-    half = 1 << (bits - 1)
+    signed = packing.signed_fields(fields, bits)  # the same bits as a signed integer of that width
     if coef in packing.NARROW_LEVELS:
-        return torch.where(fields >= half, fields - 2 * half, fields).to(torch.int8), not bool((fields == half).any())
-    signed = torch.where(fields >= half, fields - 2 * half, fields)  # the same bits as a signed integer of that width
+        return signed.to(torch.int8), not bool((fields == 1 << (bits - 1)).any())
     return signed.to({8: torch.int8, 16: torch.int16}[bits]).view(packing._STORE_DTYPE[coef]), True
 
 
@@ -198,19 +190,20 @@ def parse_section(
         counts, cnt_ok = packing.unpack_indices(take(packing.packed_nbytes(m * chunks, cbits)), m * chunks, cbits)
         if not cnt_ok or (counts.numel() and (int(counts.max()) > smax or (not sets and int(counts.sum()) > n))):
             raise CsrError("corrupted codes (atom count out of range)")
-        if sets:
-            nbits = _set_bits(shape, n_atoms, chunks, sparsity, coef, window, sink)
-            stream = take(packing.packed_nbytes(nbits, 1))
-            verbatim = packing.from_bytes_view(take(b * h * (s + w) * d * _elem(dtype)), dtype, (b, h, s + w, d))
-            assert pos == len(buf), (pos, len(buf))
-            idx, q = _parse_sets(stream, nbits, counts, n_atoms, smax, sparsity, d // chunks, coef)
-            return SectionCodes(idx.reshape(b, h, tc, chunks, smax), q.reshape(b * h, tc, chunks * smax), g, v, verbatim,
-                                counts.reshape(b, h, tc, chunks))
-    bits = packing.index_bits(n_atoms)
-    idx, pad_ok = packing.unpack_indices(take(packing.packed_nbytes(n, bits)), n, bits)
-    q = _read_coefs(take(_coef_bytes(n, coef)), n, coef, (n,) if cbits else (b * h, tc, chunks * sparsity))
+    sets = bool(cbits) and sets
+    if sets:
+        nbits = codec.adaptive_bits(m * chunks, sparsity, d // chunks, n_atoms, coef)
+        stream = take(packing.packed_nbytes(nbits, 1))
+    else:
+        bits = packing.index_bits(n_atoms)
+        idx, pad_ok = packing.unpack_indices(take(packing.packed_nbytes(n, bits)), n, bits)
+        q = _read_coefs(take(_coef_bytes(n, coef)), n, coef, (n,) if cbits else (b * h, tc, chunks * sparsity))
     verbatim = packing.from_bytes_view(take(b * h * (s + w) * d * _elem(dtype)), dtype, (b, h, s + w, d))
     assert pos == len(buf), (pos, len(buf))
+    if sets:
+        idx, q = _parse_sets(stream, nbits, counts, n_atoms, smax, sparsity, d // chunks, coef)
+        return SectionCodes(idx.reshape(b, h, tc, chunks, smax), q.reshape(b * h, tc, chunks * smax), g, v, verbatim,
+                            counts.reshape(b, h, tc, chunks))
     if not pad_ok or (n and int(idx.max()) >= n_atoms):
         raise CsrError("corrupted codes (atom index out of range)")
     if coef == "int8" and bool((q == -128).any()):
