@@ -61,6 +61,10 @@ def _setting(dicts, model, bits, coef, method, uniform, sparsity=None, tokenizer
     from csrtool.models import kv_shape, rope_info
 
     predictor = None
+    if dicts.cross_layer:
+        raise CsrError("these dictionaries predict each layer from the decoded layer below (train-dict --cross-layer), which a live "
+                       "cache holding only codes cannot do yet: use them with compress, decompress and eval; for generate, "
+                       "train dictionaries without --cross-layer")
     if dicts.predicted:
         from csrtool.predictor import TokenPredictor
 

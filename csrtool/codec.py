@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -273,12 +274,23 @@ def roundtrip_keys(
     models.rope_info); keys sit at positions positions_offset + 0..T-1. Needed only when key
     spaces differ; `layer` picks the layer's rotation (needed when rope_info has 'layers').
     """
+    return roundtrip_keys_code(k, atoms, sparsity, coef, method, positions_offset, rope_info, key_space, cache_key_space, mean, layer,
+                               adaptive, sets)[0]
+
+
+def roundtrip_keys_code(
+    k: torch.Tensor, atoms: torch.Tensor, sparsity: int, coef: str = "fp8", method: str = "omp", positions_offset: int = 0,
+    rope_info: dict | None = None, key_space: str = "pre-rope", cache_key_space: str = "post-rope", mean: torch.Tensor | None = None,
+    layer: int | None = None, adaptive: bool = False, sets: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """roundtrip_keys, and the decoded keys in the dictionaries' key space (float32; what cross-layer prediction reads)."""
     rope_p = None
     if key_space != cache_key_space:
         rope_p = RopeParams.from_meta({"rope": rope_info, "position_offset": positions_offset})
         rope_p = rope_p if layer is None else rope_p.for_layer(layer)
     kc = to_code_space(k, key_space, cache_key_space, rope_p)
-    return to_dtype(from_code_space(roundtrip(kc, atoms, sparsity, coef, method, mean, adaptive, "k", sets), key_space, cache_key_space, rope_p), k.dtype)
+    code = roundtrip(kc.to(torch.float32), atoms, sparsity, coef, method, mean, adaptive, "k", sets)
+    return to_dtype(from_code_space(code, key_space, cache_key_space, rope_p), k.dtype), code
 
 
 # ---------------------------------------------------------------- sections (tensors; formats/csrsection.py makes the bytes)
@@ -377,9 +389,13 @@ def encode_layer(
     key_space: str,
     cache_key_space: str,
     rope_p: RopeParams | None,
-    means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    means: tuple = (None, None),
+    decoded: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[SectionCodes, SectionCodes]:
-    """Key and value section codes of one layer: k, v [B, H, T, D] as in the cache; `means` the dictionaries' (K, V)."""
+    """Key and value section codes of one layer: k, v [B, H, T, D] as in the cache; `means` the dictionaries' (K, V),
+    each a tensor, None or a function giving one, called just before its side is coded (values after the keys).
+    `decoded(kind, x [B, H, Tc, D])`, if given, receives each side's coded tokens decoded in code space right after
+    it is coded: what decode_layer will give (cross-layer prediction reads them)."""
     _check_atoms(tuple(k.shape), atoms_k, "cache's keys")
     _check_atoms(tuple(v.shape), atoms_v, "cache's values")
     if atoms_k.shape[1] != 1:
@@ -391,10 +407,21 @@ def encode_layer(
             f"keys too large to rotate into the dictionary's key space (max |k| = {float(k.abs().max()):.3g}; "
             "RoPE overflows float32): the cache looks broken, check it"
         )
-    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, means[0], cfg.adaptive, "k", cfg.set_indices)
-    cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, means[1],
+    mk = _resolve(means[0])
+    ck = encode_section(kc, _verbatim(k, s, tc), atoms_k, cfg.sparsity_k, cfg.coef, cfg.method, mk, cfg.adaptive, "k", cfg.set_indices)
+    if decoded is not None:
+        decoded("k", decode_section(ck, atoms_k, cfg.section_coef("k", atoms_k.shape[-1]), mk))
+    mv = _resolve(means[1])
+    cv = encode_section(v[:, :, s : s + tc].to(torch.float32), _verbatim(v, s, tc), atoms_v, cfg.sparsity_v, cfg.coef, cfg.method, mv,
                         cfg.adaptive, "v", cfg.set_indices)
+    if decoded is not None:
+        decoded("v", decode_section(cv, atoms_v, cfg.section_coef("v", atoms_v.shape[-1]), mv))
     return ck, cv
+
+
+def _resolve(mean):
+    """A side's offset: given, or computed now by the function given (encode_layer / decode_layer's `means`)."""
+    return mean() if callable(mean) else mean
 
 
 def _verbatim(x: torch.Tensor, s: int, tc: int) -> torch.Tensor:
@@ -412,12 +439,17 @@ def decode_layer(
     cache_key_space: str,
     rope_p: RopeParams | None,
     dtype: torch.dtype,
-    means: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    means: tuple = (None, None),
+    decoded: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of encode_layer: k, v [B, H, T, D] in `dtype` (clamped to its finite range)."""
+    """Inverse of encode_layer (its `means` and `decoded` alike): k, v [B, H, T, D] in `dtype` (clamped to its finite range)."""
     s, _, _ = spans(ck.idx.shape[2] + ck.verbatim.shape[2], cfg.window, cfg.sink)
-    kc = decode_section(ck, atoms_k, cfg.section_coef("k", atoms_k.shape[-1]), means[0])
-    vc = decode_section(cv, atoms_v, cfg.section_coef("v", atoms_v.shape[-1]), means[1])
+    kc = decode_section(ck, atoms_k, cfg.section_coef("k", atoms_k.shape[-1]), _resolve(means[0]))
+    if decoded is not None:
+        decoded("k", kc)
+    vc = decode_section(cv, atoms_v, cfg.section_coef("v", atoms_v.shape[-1]), _resolve(means[1]))
+    if decoded is not None:
+        decoded("v", vc)
     kc = from_code_space(kc, key_space, cache_key_space, None if rope_p is None else rope_p.shifted(s))
     k = torch.cat([ck.verbatim[:, :, :s], to_dtype(kc, dtype), ck.verbatim[:, :, s:]], dim=2)
     v = torch.cat([cv.verbatim[:, :, :s], to_dtype(vc, dtype), cv.verbatim[:, :, s:]], dim=2)

@@ -15,6 +15,14 @@ predictor's least-squares map (csrtool.predictor.fit_map, over all collected row
 context-free K/V `predict(layer, kind, ids)` of their tokens), and the dictionaries are
 trained on what it leaves; the maps are written with the atoms (`layer.{l}.{k|v}.pmap`).
 
+With cfg.cross_layer (train-dict --cross-layer), layers are trained in order from layer 0, and
+each layer and kind also gets a cross-layer map (csrtool.crosslayer.fit) from the layer below's
+(and, for values, its own keys') calibration vectors as the decoder will have them: coded with
+their trained dictionaries at XREF_SPARSITY atoms (OMP) and decoded. The dictionaries are trained
+on what both predictions leave; the maps are written as `layer.{l}.{k|v}.xmap`. They train on
+the same XREF_TOKENS of the collected tokens at every layer (decoding each layer's inputs is the
+cost of training in order); the token predictor's maps are still fitted on all of them.
+
 Resume: finished dictionaries go to a side directory `OUT.partial/` (one small
 safetensors file per dictionary plus `state.json` with the config and the
 activation fingerprint they were trained with, and the marker file MARKER that
@@ -59,6 +67,9 @@ Predict = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, kind, ids 
 # "epoch" {name, epoch, epochs, val_rel_err}, "done" {name, stats, resumed}
 Progress = Callable[[str, dict], None]
 
+XREF_SPARSITY = 4  # atoms per vector of the decoded inputs the cross-layer maps are fitted on (the 1- and 2-bit budgets code ~3-8)
+XREF_TOKENS = 16384  # collected tokens (a random subset above this) the cross-layer maps and dictionaries train on: each one's
+                     # inputs are decoded at every layer, the cost of training in order (docs/quality.md, thirteenth pass)
 STATE = "state.json"
 MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove
 DIST_MODES = ("auto", "shard", "data")
@@ -184,16 +195,24 @@ def _fit(xv: torch.Tensor, cfg: TrainConfig, name: str, emit: Progress, comm: Co
 
 
 class _Rows:
-    """A layer's training rows [T, H, D]: as collected, or what the token predictor leaves of them."""
+    """A layer's training rows [T, H, D]: as collected, or what the token predictor (and the cross-layer map) leaves of them."""
 
-    def __init__(self, reader: ActsReader, device, predict: Optional[Predict], depth: int = 0):
-        self.reader, self.device, self.predict, self.depth = reader, device, predict, depth
+    def __init__(self, reader: ActsReader, device, predict: Optional[Predict], depth: int = 0, cross: bool = False, seed: int = 0):
+        self.reader, self.device, self.predict, self.depth, self.seed = reader, device, predict, depth, seed
+        self.tokens = None  # with cross-layer maps: the collected tokens (at most XREF_TOKENS) every layer trains on
         self.ids = None
         if predict is not None:
             from csrtool.predictor import collection_ids
 
             self.ids = collection_ids(reader)
         self.maps: dict[str, torch.Tensor] = {}
+        self.xmaps: dict[str, torch.Tensor] = {}
+        self.decoded = None
+        self.exact: dict[str, torch.Tensor] = {}  # name -> the collected rows, until settle() has decoded them
+        if cross:
+            from csrtool.crosslayer import Decoded
+
+            self.decoded = Decoded()
 
     def predicts(self, layer: int) -> bool:
         """Whether the token predictor serves this layer (predictor_depth: the first layers only)."""
@@ -206,8 +225,47 @@ class _Rows:
 
             a, pred = fit_prediction(x, self.predict(layer, kind, self.ids))
             self.maps[dict_name(layer, kind)] = a
-            x = x - pred
+            x, exact = x - pred, x
+        else:
+            exact = x
+        if self.decoded is not None:
+            from csrtool import crosslayer
+
+            if self.tokens is None:  # the same tokens for every layer: the maps read the layer below's rows of them
+                t = x.shape[0]
+                gen = torch.Generator().manual_seed(self.seed)
+                self.tokens = torch.arange(t) if t <= XREF_TOKENS else torch.randperm(t, generator=gen)[:XREF_TOKENS].sort().values
+            x, exact = x[self.tokens], exact[self.tokens]
+            parts = [self.decoded.get(*src, 0, x.shape[0]) for src in crosslayer.inputs(layer, kind)]
+            if parts:
+                w = crosslayer.fit(crosslayer.features(parts)[0], x)
+                self.xmaps[dict_name(layer, kind)] = w
+                x = x - crosslayer.predict(w, parts)[0].transpose(0, 1)
+            self.exact[dict_name(layer, kind)] = exact
         return x.to(self.device)
+
+    def settle(self, layer: int, kind: str, x: torch.Tensor, atoms: torch.Tensor, means: torch.Tensor | None, scope: str) -> None:
+        """With cross-layer maps: keep (layer, kind)'s calibration vectors as the decoder will have them, coded at
+        XREF_SPARSITY with their trained dictionaries ([G, C, N, Dc]; means [G, D]) from what the predictions left, x [T, H, D]."""
+        if self.decoded is None:
+            return
+        from csrtool.engine import pursuit
+
+        exact = self.exact.pop(dict_name(layer, kind))
+        t, h, d = x.shape
+        g_n, c_n, _, dc = atoms.shape
+        err = torch.empty_like(x)
+        for g in range(g_n):
+            for c in range(c_n):
+                rows = group_vectors(x, scope, g, c, c_n)
+                if means is not None:
+                    rows = rows - means[g, c * dc : (c + 1) * dc].to(rows.device)
+                a = atoms[g, c].to(rows.device)
+                idx, coef = pursuit.encode(rows, a, min(XREF_SPARSITY, a.shape[0]), "omp")
+                e = (rows - pursuit.decode(idx, coef, a)).to(err.dtype)
+                view = err[:, g] if scope == "head" else err.reshape(-1, d)
+                view[:, c * dc : (c + 1) * dc] = e
+        self.decoded.put(layer, kind, 0, (exact.to(err.device) - err)[None].transpose(1, 2))
 
 
 def _train_ranks(rows: _Rows, units: list, cfg: TrainConfig, chunks: dict, device, dist: Dist, mode: str,
@@ -265,7 +323,7 @@ def train_dicts(
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
-    `calibrate(atoms, source, means, maps) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
+    `calibrate(atoms, source, means, maps, xmaps) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
     before the file is written and its result is stored in it.
     `predict` (needed with cfg.predictor): the token predictor's context-free K/V, csrtool.predictor.TokenPredictor.kv.
     Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
@@ -293,7 +351,12 @@ def train_dicts(
     _check_memory(cfg, d, device)
     if cfg.predictor and predict is None:
         raise CsrError("training for the token predictor needs the model's context-free K/V (predict=): use csrtool train-dict")
-    rows = _Rows(reader, device, predict if cfg.predictor else None, cfg.predictor_depth)
+    if cfg.cross_layer:
+        if dist.world > 1:
+            raise CsrError("--cross-layer trains the layers in order, one after the other: run it in one process (not under torchrun)")
+        if sorted(layers) != list(range(len(layers))):
+            raise CsrError("--cross-layer predicts each layer from the one below: train every layer from 0 (without --layers)")
+    rows = _Rows(reader, device, predict if cfg.predictor else None, cfg.predictor_depth, cfg.cross_layer, cfg.seed)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}
 
@@ -315,8 +378,8 @@ def train_dicts(
     for layer in layers:
         for kind in KINDS:
             c_n = chunks[kind]
-            x = None  # loaded lazily: a fully resumed layer is never read (except for its predictor map)
-            if rows.predicts(layer) and dict_name(layer, kind) not in rows.maps:
+            x = None  # loaded lazily: a fully resumed layer is never read (except for its predictor and cross-layer maps)
+            if (rows.predicts(layer) and dict_name(layer, kind) not in rows.maps) or cfg.cross_layer:
                 x = rows.load(layer, kind)
             grid: list[list[torch.Tensor]] = []
             mean_grid: list[torch.Tensor] = []
@@ -349,6 +412,8 @@ def train_dicts(
             atoms[dict_name(layer, kind)] = torch.stack([torch.stack(r) for r in grid])  # [G, C, N, Dc]
             if cfg.center:
                 means[dict_name(layer, kind)] = torch.stack(mean_grid)  # [G, D]
+            if cfg.cross_layer:
+                rows.settle(layer, kind, x, atoms[dict_name(layer, kind)], means.get(dict_name(layer, kind)), cfg.scope)
             errors[dict_name(layer, kind)] = {
                 key: [[s[key] for s in r] for r in stat_grid] for key in ("train_rel_err", "val_rel_err", "init_val_rel_err", "epochs")
             }
@@ -364,11 +429,12 @@ def train_dicts(
         source["predictor_prefix"] = PREFIX_TEXT
         source["predictor_context"] = cfg.predictor_context
     maps = {name: rows.maps[name] for name in atoms if name in rows.maps}
-    sensitivity = calibrate(atoms, source, means, maps) if calibrate is not None else {}
+    xmaps = dict(rows.xmaps)
+    sensitivity = calibrate(atoms, source, means, maps, xmaps) if calibrate is not None else {}
 
     def write() -> Optional[str]:
         return save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means,
-                          maps=maps) if dist.root else None
+                          maps=maps, xmaps=xmaps) if dist.root else None
 
     fingerprint = dist.gather(dist.settle(write, "writing the dictionary file"))[0]
     if dist.world == 1:

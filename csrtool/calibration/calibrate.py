@@ -32,12 +32,13 @@ def calibrate(
     loaded: Loaded, atoms: dict[str, torch.Tensor], source: dict, probe_ids: list[int],
     progress: Callable[[int, int], None] | None = None, means: dict[str, torch.Tensor] | None = None,
     layers: list[int] | None = None, maps: dict[str, torch.Tensor] | None = None, predictor=None,
+    xmaps: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Sensitivities of `layers` (default all; a torchrun rank passes its share, `merge` joins the parts).
 
     `maps`: the token predictor's (train-dict --predictor), with `predictor` its TokenPredictor (made here if None)."""
     n_layers, heads, head_dim = kv_shape(loaded.config)
-    ds = DictSet(atoms=atoms, source=source, means=means or {}, maps=maps or {})
+    ds = DictSet(atoms=atoms, source=source, means=means or {}, maps=maps or {}, xmaps=xmaps or {})
     if len(ds.layers) != n_layers:
         raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
     key_space = source.get("key_space", "post-rope")
@@ -53,6 +54,9 @@ def calibrate(
         predictor = TokenPredictor.for_dicts(loaded, ds)
     method = Reconstructor(ds, ref, rope_info(loaded.model), predictor)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
+    if ds.cross_layer:  # each layer's coding reads the layers below decoded: code every layer of the window once, in order
+        _, ks, vs = capture_kv(loaded.model, ids, "post-rope", None)
+        method.prime(ks, vs, ids)
     layers = list(range(n_layers)) if layers is None else list(layers)
     total = 2 * len(layers)
     done = [0]

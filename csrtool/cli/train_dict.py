@@ -40,6 +40,7 @@ def train_dict(
     predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with the predictor: 1 the token alone, 2 the token after its predecessor (one more token per model pass; better on SmolLM2's development texts, worse on Gemma-3's: docs/quality.md).")] = _DEF.predictor_context,
     predictor_depth: Annotated[int, typer.Option("--predictor-depth", help="Predict only the first N layers (0: every layer): a live cache then holds N layers' predictions per distinct token instead of all; the first 4 or 8 keep little of the quality gain (docs/quality.md).")] = _DEF.predictor_depth,
     device: DeviceOpt = "cpu",
+    cross_layer: Annotated[bool, typer.Option("--cross-layer/--no-cross-layer", help="Predict each layer's keys and values from the decoded layer below (and the values also from the layer's own keys) before coding: the dictionaries code what that leaves, 20-30% less error in the middle and deep layers, off the calibration domain too (docs/quality.md, thirteenth pass). Trains the layers in order, in one process; a live cache (generate) cannot use these dictionaries yet.")] = _DEF.cross_layer,
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
     json_out: JsonOpt = None,
@@ -72,7 +73,7 @@ def train_dict(
             use = why_not is None
         cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
                           batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=use,
-                          predictor_context=predictor_context, predictor_depth=predictor_depth)
+                          predictor_context=predictor_context, predictor_depth=predictor_depth, cross_layer=cross_layer)
         return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None, why_not
 
     cfg, reader, picked, why_not = dist.settle(setup, "checking the options")
@@ -103,7 +104,7 @@ def train_dict(
             predict = token_predictor.kv
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
-            def calib(atoms, source, means, maps):
+            def calib(atoms, source, means, maps, xmaps):
                 from csrtool.calibration.calibrate import calibrate as run_calibration, merge
                 from csrtool.models import load_model
 
@@ -118,7 +119,8 @@ def train_dict(
                                        "re-run with --no-calibrate to write them") from None
                     return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"], means=means,
                                            progress=lambda done, total: bar.update(task, completed=done, total=total),
-                                           layers=dist.share(sorted({int(n.split(".")[1]) for n in atoms})), maps=maps, predictor=token_predictor)
+                                           layers=dist.share(sorted({int(n.split(".")[1]) for n in atoms})), maps=maps, predictor=token_predictor,
+                                           xmaps=xmaps)
 
                 return merge(dist.gather(dist.settle(mine, "sensitivity calibration")))
         elif calibrate and dist.root:

@@ -12,7 +12,7 @@ Honest cost (codec.vector_bits, averaged over layers): per vector C·S·(ceil(lo
 plus any per-vector scale; the per-(head, batch) float32 coefficient scale a file
 section adds is 32 bits per head per compressed batch of tokens (< 0.01 bit/channel
 at the default chunk) and is left out. Dictionaries (and the token predictor's maps) are
-side bits, counted at fp16; the predictor's own input, the token ids, is what the decoder
+side bits, counted at fp16, as are the cross-layer maps; the predictor's own input, the token ids, is what the decoder
 has anyway (the model generating from the cache holds them).
 """
 
@@ -60,8 +60,9 @@ class CSR(Reconstructor):
         plan = self.layer_sparsity or ((self.s_k, self.s_v),) * n_layers
         self.bits_k = sum(codec.side_bits(self.n_atoms, "k", p[0], head_dim, self.value_split, coef) for p in plan) / n_layers / head_dim
         self.bits_v = sum(codec.side_bits(self.n_atoms, "v", p[1], head_dim, self.value_split, coef) for p in plan) / n_layers / head_dim
-        # the atoms and the token predictor's maps (if any) of the model's layers
-        self.side_bits = sum(a.numel() for tensors in (dicts.atoms, dicts.maps) for n, a in tensors.items() if parse_dict_name(n)[0] < n_layers) * DICT_BITS
+        # the atoms, the token predictor's and the cross-layer maps (if any) of the model's layers
+        self.side_bits = sum(a.numel() for tensors in (dicts.atoms, dicts.maps, dicts.xmaps) for n, a in tensors.items()
+                             if parse_dict_name(n)[0] < n_layers) * DICT_BITS
         label = f"{bits:g}b" if bits is not None else f"s{self.s_k}/{self.s_v}"
         self.name = name or f"csr-{method}-{label}"
         self.target_bits = bits

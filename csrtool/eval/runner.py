@@ -87,6 +87,8 @@ class CompressedFeed:
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # originals of compressed tokens
         self.attn: dict[int, metrics.RatioStats] = {}
         self.reconstructs = hasattr(method, "reconstruct")
+        if hasattr(method, "reset"):  # a new sequence: cross-layer dictionaries forget the layers they decoded
+            method.reset()
         self.track_attention = track and self.reconstructs
         self.track = track
         if hasattr(method, "make_cache"):

@@ -133,17 +133,53 @@ def _token_ids(dicts: DictSet, predictor, header: CsrHeader) -> torch.Tensor | N
     return cache_ids(header.meta, b, t, predictor.vocab)
 
 
-def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, ids: torch.Tensor | None) -> tuple:
+def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, ids: torch.Tensor | None, decoded=None) -> tuple:
     """What layer i's coding subtracts from its (keys, values): the dictionaries' means, or, with the cache's
-    token ids (_token_ids), the means plus each coded token's prediction."""
-    if ids is None:
-        return dicts.mean(i, "k"), dicts.mean(i, "v")
-    from csrtool.predictor import offset
-
+    token ids (_token_ids), the means plus each coded token's prediction; with cross-layer maps (`decoded`, a
+    csrtool.crosslayer.Decoded holding the layers coded before), a function per side that adds the prediction
+    from the decoded layer below (and the layer's own keys), called when its inputs are decoded."""
     cfg = header.config.for_layer(i)
     s, tc, _ = codec.spans(header.layers[i][2], cfg.window, cfg.sink)
-    head = ids[:, : s + tc]  # the coded tokens are its last tc
-    return offset(dicts, predictor, i, "k", head, tc), offset(dicts, predictor, i, "v", head, tc)
+    if ids is None:
+        base = dicts.mean(i, "k"), dicts.mean(i, "v")
+    else:
+        from csrtool.predictor import offset
+
+        head = ids[:, : s + tc]  # the coded tokens are its last tc
+        base = offset(dicts, predictor, i, "k", head, tc), offset(dicts, predictor, i, "v", head, tc)
+    if decoded is None:
+        return base
+    from csrtool import crosslayer
+
+    def side(kind: str, mean: torch.Tensor | None):
+        w = dicts.xmap(i, kind)
+        if w is None:
+            return mean
+
+        def later() -> torch.Tensor:
+            pred = crosslayer.offset(w, decoded, i, kind, s, tc)
+            return pred if mean is None else pred + (mean if mean.dim() == 4 else mean.to(torch.float32)[None, :, None, :])
+
+        return later
+
+    return side("k", base[0]), side("v", base[1])
+
+
+def _cross_store(header: CsrHeader, i: int, decoded):
+    """`decoded` for codec.encode_layer / decode_layer: keeps layer i's decoded sides for the layer above (None without cross-layer maps)."""
+    if decoded is None:
+        return None
+    cfg = header.config.for_layer(i)
+    s, _, _ = codec.spans(header.layers[i][2], cfg.window, cfg.sink)
+    return lambda kind, x: decoded.put(i, kind, s, x)
+
+
+def _decoded_store(dicts: DictSet):
+    if not dicts.cross_layer:
+        return None
+    from csrtool.crosslayer import Decoded
+
+    return Decoded()
 
 
 def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader, predictor=None) -> Iterator[tuple[bytes, bytes]]:
@@ -153,13 +189,14 @@ def encode_sections(cache: KVCache, dicts: DictSet, header: CsrHeader, predictor
     decompress would refuse (CsrError naming the layer instead). `predictor`: the model's
     csrtool.predictor.TokenPredictor, for dictionaries trained with it."""
     ids = _token_ids(dicts, predictor, header)
+    decoded = _decoded_store(dicts)
     for i in range(len(header.layers)):
         k, v = cache.keys[i], cache.values[i]
         cfg = header.config.for_layer(i)
         try:
             ck, cv = codec.encode_layer(
                 k, v, dicts.get(i, "k"), dicts.get(i, "v"), cfg, header.key_space, header.cache_key_space, header.layer_rope(i),
-                _offsets(dicts, predictor, header, i, ids),
+                _offsets(dicts, predictor, header, i, ids, decoded), _cross_store(header, i, decoded),
             )
         except CsrError as exc:
             raise CsrError(f"cache layer {i}: {exc}") from None
@@ -266,13 +303,14 @@ class CsrReader:
         self.check_dicts(dicts)
         hd = self.header
         ids = _token_ids(dicts, predictor, hd)
+        decoded = _decoded_store(dicts)
         for i, kb, vb in self.sections():
             try:
                 ck, cv = _parse_layer(hd, i, kb, vb)
                 k, v = codec.decode_layer(
                     ck, cv, dicts.get(i, "k"), dicts.get(i, "v"), hd.config.for_layer(i),
                     hd.key_space, hd.cache_key_space, hd.layer_rope(i), hd.torch_dtype,
-                    _offsets(dicts, predictor, hd, i, ids),
+                    _offsets(dicts, predictor, hd, i, ids, decoded), _cross_store(hd, i, decoded),
                 )
             except CsrError as exc:
                 raise CsrError(f"{self.path} layer {i}: {exc}") from None

@@ -8,11 +8,15 @@ Layout:
   the mean and added back after decoding, rounded to int8 after dividing by the channel scales
   of row D + 1 (files of csrtool before them: [H, D + 1, D], rounded per vector without them);
   p(t) comes from the model, so these files need it;
+- tensor `layer.{l}.{k|v}.xmap` (optional, train-dict --cross-layer): float32 [F + 1, H·D], the
+  cross-layer map (csrtool.crosslayer): the prediction from the decoded layer below (and, for
+  values, the layer's own decoded keys), subtracted with the mean and added back after decoding;
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
   (scope 'layer'), C = channel-split chunks (1 for keys, `value_split` for values),
   N atoms of Dc = D / C channels, each atom of unit norm;
 - string metadata: `format` = 'csrtool-dicts', `version` (1; 2 when the predictor maps carry
-  channel scales, so an older csrtool refuses what it would round differently), `config` (training config,
+  channel scales, so an older csrtool refuses what it would round differently; 3 with cross-layer
+  maps, which an older csrtool would not apply), `config` (training config,
   JSON), `source` (model, key_space, num_kv_heads, head_dim, tokens, JSON),
   `errors` (per-dictionary train/val relative error, JSON), `fingerprint`
   (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
@@ -40,10 +44,12 @@ from csrtool.errors import CsrError
 from csrtool.formats.stwrite import save_safetensors
 
 FORMAT = "csrtool-dicts"
-VERSION = 2  # 2: predictor maps with channel scales ([H, D + 2, D]); written only by files that have them, else 1
+VERSION = 3  # 2: predictor maps with channel scales ([H, D + 2, D]); 3: cross-layer maps; written only by files that have them, else 1
 KINDS = ("k", "v")
 MEAN_SUFFIX = ".mean"
 PMAP_SUFFIX = ".pmap"
+XMAP_SUFFIX = ".xmap"
+SUFFIXES = (MEAN_SUFFIX, PMAP_SUFFIX, XMAP_SUFFIX)
 
 
 def dict_name(layer: int, kind: str) -> str:
@@ -80,6 +86,7 @@ class DictSet:
     sensitivity: dict = field(default_factory=dict)  # csrtool.calibration.calibrate output; {} when not calibrated
     means: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [G, D]: subtracted before coding
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [H, D + 2, D]: token predictor (csrtool.predictor)
+    xmaps: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer.{l}.{k|v}" -> [F + 1, H·D]: cross-layer (csrtool.crosslayer)
 
     def get(self, layer: int, kind: str) -> torch.Tensor:
         name = dict_name(layer, kind)
@@ -95,6 +102,15 @@ class DictSet:
     def pmap(self, layer: int, kind: str) -> torch.Tensor | None:
         """The token predictor's map A [H, D + 2, D] (or [H, D + 1, D]; csrtool.predictor), or None."""
         return self.maps.get(dict_name(layer, kind))
+
+    def xmap(self, layer: int, kind: str) -> torch.Tensor | None:
+        """The cross-layer map W [F + 1, H·D] (csrtool.crosslayer), or None."""
+        return self.xmaps.get(dict_name(layer, kind))
+
+    @property
+    def cross_layer(self) -> bool:
+        """True when each layer is coded after a prediction from the decoded layer below (layers must be coded in order)."""
+        return bool(self.xmaps)
 
     @property
     def predicted(self) -> bool:
@@ -121,14 +137,16 @@ def has_channel_scales(pmap: torch.Tensor) -> bool:
 def save_dicts(
     path: Path, atoms: dict[str, torch.Tensor], config: dict, source: dict, errors: dict, sensitivity: dict | None = None,
     means: dict[str, torch.Tensor] | None = None, maps: dict[str, torch.Tensor] | None = None,
+    xmaps: dict[str, torch.Tensor] | None = None,
 ) -> str:
-    """Write a dictionary file atomically; returns its fingerprint (over atoms, means and predictor maps)."""
-    both = {**atoms, **{f"{k}{MEAN_SUFFIX}": v for k, v in (means or {}).items()}, **{f"{k}{PMAP_SUFFIX}": v for k, v in (maps or {}).items()}}
+    """Write a dictionary file atomically; returns its fingerprint (over atoms, means, predictor and cross-layer maps)."""
+    both = {**atoms, **{f"{k}{suffix}": v for suffix, part in ((MEAN_SUFFIX, means), (PMAP_SUFFIX, maps), (XMAP_SUFFIX, xmaps))
+                        for k, v in (part or {}).items()}}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(both.items())}
     fp = fingerprint(tensors)
     meta = {
         "format": FORMAT,
-        "version": str(VERSION if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
+        "version": str(3 if xmaps else 2 if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
         "config": json.dumps(config, sort_keys=True),
         "source": json.dumps(source, sort_keys=True),
         "errors": json.dumps(errors, sort_keys=True),
@@ -209,7 +227,8 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
     config, source, errors, sensitivity = (_json_object(path, meta, k) for k in ("config", "source", "errors", "sensitivity"))
     means = {k.removesuffix(MEAN_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(MEAN_SUFFIX)}
     maps = {k.removesuffix(PMAP_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(PMAP_SUFFIX)}
-    atoms = {k: v.to(device) for k, v in tensors.items() if not k.endswith((MEAN_SUFFIX, PMAP_SUFFIX))}
+    xmaps = {k.removesuffix(XMAP_SUFFIX): v.to(device) for k, v in tensors.items() if k.endswith(XMAP_SUFFIX)}
+    atoms = {k: v.to(device) for k, v in tensors.items() if not k.endswith(SUFFIXES)}
     if not atoms:
         raise CsrError(f"{path} holds no dictionaries: re-run csrtool train-dict")
     for name, t in atoms.items():
@@ -230,9 +249,10 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
             raise CsrError(f"{path}: predictor map of {name} has shape {list(a.shape)}, expected [H, {d + 2}, {d}]: re-run csrtool train-dict")
         if has_channel_scales(a) and not bool((a[:, -1] > 0).all()):
             raise CsrError(f"{path}: predictor map of {name} has channel scales that are not positive: re-run csrtool train-dict")
+    _check_xmaps(path, atoms, xmaps, source)
     if len({a.shape[0] for a in maps.values()}) > 1:
         raise CsrError(f"{path}: predictor maps have different head counts: re-run csrtool train-dict")
-    every = {**atoms, **{k + MEAN_SUFFIX: v for k, v in means.items()}, **{k + PMAP_SUFFIX: v for k, v in maps.items()}}
+    every = {**atoms, **{k + suffix: v for suffix, part in ((MEAN_SUFFIX, means), (PMAP_SUFFIX, maps), (XMAP_SUFFIX, xmaps)) for k, v in part.items()}}
     for name, t in sorted(every.items()):
         if not bool(torch.isfinite(t).all()):
             raise CsrError(f"{path}: {name} contains NaN or Inf values: re-run csrtool train-dict")
@@ -240,4 +260,28 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
         raise CsrError(f"{path}: dictionaries have different atom counts: re-run csrtool train-dict")
     _check_source(path, source)
     _check_sensitivity(path, sensitivity)
-    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity, means=means, maps=maps)
+    return DictSet(atoms=atoms, config=config, source=source, errors=errors, fingerprint=fp, sensitivity=sensitivity, means=means, maps=maps,
+                   xmaps=xmaps)
+
+
+def _check_xmaps(path: Path, atoms: dict[str, torch.Tensor], xmaps: dict[str, torch.Tensor], source: dict) -> None:
+    """Cross-layer maps: one for every dictionary (each layer's prediction reads the one below), of the shape its inputs need."""
+    if not xmaps:
+        return
+    from csrtool.crosslayer import inputs, width
+
+    want = {name for name in atoms if inputs(*parse_dict_name(name))}  # all but layer 0's keys, which have nothing below
+    if set(xmaps) != want:
+        odd = sorted(set(xmaps) ^ want)[0]
+        raise CsrError(f"{path}: cross-layer maps must cover every dictionary but layer 0's keys ({odd} "
+                       f"{'should have none' if odd in xmaps else 'has none'}): re-run csrtool train-dict")
+    heads = source.get("num_kv_heads")
+    for name, w in xmaps.items():
+        layer, kind = parse_dict_name(name)
+        d = atoms[name].shape[1] * atoms[name].shape[3]
+        h = heads if isinstance(heads, int) and heads > 0 else 0
+        if any(src not in atoms for src in (dict_name(*i) for i in inputs(layer, kind))):
+            raise CsrError(f"{path}: {name} is predicted from layer {layer - 1}, which has no dictionary: re-run csrtool train-dict")
+        if w.dim() != 2 or not h or tuple(w.shape) != (width(layer, kind, h, d) + 1, h * d):
+            raise CsrError(f"{path}: cross-layer map of {name} has shape {list(w.shape)}, expected "
+                           f"[{width(layer, kind, h, d) + 1 if h else 'F + 1'}, {h * d if h else 'H·D'}]: re-run csrtool train-dict")

@@ -1,0 +1,180 @@
+"""Cross-layer prediction (csrtool.crosslayer, train-dict --cross-layer): fit, the decoded store, train, eval, compress."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from csrtool import codec, crosslayer
+from csrtool.cli import app
+from csrtool.collect import capture_kv, tokenize
+from csrtool.errors import CsrError
+from csrtool.formats.dicts import load_dicts, save_dicts
+from csrtool.models import load_model, rope_info
+from csrtool.predictor import TokenPredictor, apply_map
+from csrtool.reconstruct import Reconstructor
+
+runner = CliRunner()
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 12
+
+
+def test_inputs_read_the_layer_below_and_values_their_own_keys():
+    assert crosslayer.inputs(0, "k") == []
+    assert crosslayer.inputs(0, "v") == [(0, "k")]
+    assert crosslayer.inputs(3, "k") == [(2, "k"), (2, "v")]
+    assert crosslayer.inputs(3, "v") == [(2, "k"), (2, "v"), (3, "k")]
+    assert crosslayer.width(3, "v", 2, 8) == 48
+
+
+def test_fit_recovers_a_linear_relation_across_heads():
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(1, 2, 400, 4, generator=g) for _ in range(2)]
+    w = torch.randn(17, 8, generator=g)
+    y = crosslayer.predict(w, parts)  # [1, H, T, D]
+    assert y.shape == (1, 2, 400, 4)
+    # by hand: token t's features are part 0's heads, then part 1's, side by side
+    f = torch.cat([parts[0][0, 0], parts[0][0, 1], parts[1][0, 0], parts[1][0, 1]], 1)  # [T, 16]
+    torch.testing.assert_close(y[0].transpose(0, 1).reshape(400, 8), f @ w[:-1] + w[-1], rtol=1e-5, atol=1e-5)
+    fitted = crosslayer.fit(crosslayer.features(parts)[0], y[0].transpose(0, 1))
+    torch.testing.assert_close(fitted, w, rtol=2e-2, atol=2e-2)  # the ridge pulls a little
+    with pytest.raises(CsrError, match="cross-layer map has shape"):
+        crosslayer.predict(w[:-1], parts)
+
+
+def test_decoded_store_gives_back_the_positions_it_holds_only():
+    store = crosslayer.Decoded()
+    x = torch.arange(2 * 10 * 3, dtype=torch.float32).reshape(1, 2, 10, 3)
+    store.put(4, "k", 20, x)
+    torch.testing.assert_close(store.get(4, "k", 22, 5), x[:, :, 2:7])
+    assert store.get(4, "k", 19, 3) is None and store.get(4, "k", 25, 6) is None and store.get(4, "v", 20, 1) is None
+    with pytest.raises(CsrError, match="layer 5 keys are predicted from the decoded keys of layer 4"):
+        crosslayer.offset(torch.zeros(13, 6), crosslayer.Decoded(), 5, "k", 20, 2)
+    store.clear()
+    assert store.get(4, "k", 22, 5) is None
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cross")
+    (d / "text.txt").write_text(TEXT)
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(d / "text.txt"), "--max-tokens", "600",
+                              "--seq-len", "200", "--keys", "pre-rope", "-o", str(d / "acts")])
+    assert res.exit_code == 0, res.output
+    for name, *flags in (("cross", "--cross-layer"), ("pred", "--no-cross-layer")):
+        res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / f"{name}.safetensors"), "--atoms", "16", *flags])
+        assert res.exit_code == 0, res.output
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), "cpu", "float32")
+
+
+def test_train_dict_writes_a_map_for_every_dictionary_with_inputs(trained):
+    ds, pred = load_dicts(trained / "cross.safetensors"), load_dicts(trained / "pred.safetensors")
+    assert ds.cross_layer and not pred.cross_layer and ds.config["cross_layer"] is True and ds.predicted
+    assert sorted(ds.xmaps) == ["layer.0.v", "layer.1.k", "layer.1.v"]
+    assert ds.xmap(0, "v").shape == (2 * 8 + 1, 16) and ds.xmap(1, "k").shape == (32 + 1, 16) and ds.xmap(1, "v").shape == (48 + 1, 16)
+    # layer 0's keys have nothing below them: the same training rows as without the maps, so the same dictionary
+    torch.testing.assert_close(ds.get(0, "k"), pred.get(0, "k"))
+    assert not torch.equal(ds.get(1, "k"), pred.get(1, "k"))
+    assert ds.sensitivity["kl"] and set(ds.sensitivity["kl"]) == set(pred.sensitivity["kl"])
+    # a map of the wrong shape, or one missing, is refused on load
+    bad = dict(ds.xmaps)
+    bad["layer.1.k"] = bad["layer.1.k"][:-1]
+    save_dicts(trained / "bad.safetensors", ds.atoms, ds.config, ds.source, ds.errors, means=ds.means, maps=ds.maps, xmaps=bad)
+    with pytest.raises(CsrError, match="cross-layer map of layer.1.k has shape"):
+        load_dicts(trained / "bad.safetensors")
+    save_dicts(trained / "bad.safetensors", ds.atoms, ds.config, ds.source, ds.errors, means=ds.means, maps=ds.maps,
+               xmaps={k: v for k, v in ds.xmaps.items() if k != "layer.0.v"})
+    with pytest.raises(CsrError, match="layer.0.v has none"):
+        load_dicts(trained / "bad.safetensors")
+
+
+def test_reconstruct_subtracts_the_prediction_from_the_decoded_layer_below(trained, loaded):
+    ds = load_dicts(trained / "cross.safetensors")
+    ids = tokenize(loaded.tokenizer, "Five boxing wizards jump quickly; the lazy dog sleeps.")[None]
+    _, keys, values = capture_kv(loaded.model, ids)  # keys post-RoPE, as the cache holds them
+    cfg = codec.CodecConfig(2, 2, method="omp")
+    tp = TokenPredictor.for_dicts(loaded, ds)
+    rec = Reconstructor(ds, cfg, rope_info(loaded.model), tp)
+    pos = torch.arange(ids.shape[1])
+    with pytest.raises(CsrError, match="not coded first"):
+        rec.reconstruct(1, "k", keys[1], pos, ids)
+    rec.reconstruct(0, "k", keys[0], pos, ids)
+    rec.reconstruct(0, "v", values[0], pos, ids)
+    k0, v0 = rec.decoded.get(0, "k", 0, ids.shape[1]), rec.decoded.get(0, "v", 0, ids.shape[1])
+    # values: by hand, the token prediction, the mean and the cross-layer prediction are the offset of the same round trip
+    k1 = rec.reconstruct(1, "k", keys[1], pos, ids)
+    k1c = rec.decoded.get(1, "k", 0, ids.shape[1])
+    v1 = rec.reconstruct(1, "v", values[1], pos, ids)
+    off = (apply_map(tp.kv(1, "v", ids[0]), ds.pmap(1, "v"))[None] + ds.mean(1, "v")[None, :, None, :]
+           + crosslayer.predict(ds.xmap(1, "v"), [k0, v0, k1c]))
+    torch.testing.assert_close(v1, codec.roundtrip(values[1], ds.get(1, "v"), 2, "fp8", "omp", off))
+    assert k1.shape == keys[1].shape
+    # a new sequence forgets the layers decoded before
+    rec.reset()
+    with pytest.raises(CsrError, match="not coded first"):
+        rec.reconstruct(1, "v", values[1], pos, ids)
+
+
+def test_compress_and_decompress_decode_what_eval_codes(trained, tiny_llama_dir, loaded):
+    """The file's decoder predicts from the layers it decoded, as the encoder did from the same codes: decompress gives
+    what the Reconstructor gives for the coded tokens, layer after layer."""
+    from csrtool.formats.kvcache import load_cache
+
+    d = trained
+    res = runner.invoke(app, ["cache", "-m", str(tiny_llama_dir), "--prompt", "Sphinx of black quartz, judge my vow. " * 4, "-o", str(d / "cache.pt")])
+    assert res.exit_code == 0, res.output
+    cache = load_cache(d / "cache.pt")
+    dicts = d / "cross.safetensors"
+    res = runner.invoke(app, ["compress", str(d / "cache.pt"), "-d", str(dicts), "--sparsity", "2", "--fixed", "-o", str(d / "c.csr"), "--force",
+                              "--json", str(d / "c.json")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["decompress", str(d / "c.csr"), "-d", str(dicts), "-o", str(d / "c.pt"), "--force"])
+    assert res.exit_code == 0, res.output
+    back = load_cache(d / "c.pt")
+    ds = load_dicts(dicts)
+    meta = json.loads((d / "c.json").read_text())
+    s, w = meta.get("sink", codec.DEFAULT_SINK), meta.get("window", codec.DEFAULT_WINDOW)
+    t = cache.keys[0].shape[2]
+    tc = t - s - w
+    rec = Reconstructor(ds, codec.CodecConfig(2, 2, method="omp", adaptive=False, set_indices=True), rope_info(loaded.model),
+                        TokenPredictor.for_dicts(loaded, ds))
+    ids = torch.tensor(cache.meta["ids"])[:, : s + tc]
+    pos = torch.arange(s, s + tc)
+    for layer in range(2):
+        for kind, xs, got in (("k", cache.keys, back.keys), ("v", cache.values, back.values)):
+            want = rec.reconstruct(layer, kind, xs[layer][:, :, s : s + tc], pos, ids)
+            torch.testing.assert_close(got[layer][:, :, s : s + tc], want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[layer][:, :, :s], xs[layer][:, :, :s])  # the sink, kept as it is
+    # the live cache cannot hold these codes yet, and says so
+    from csrtool.cache import CSRCache
+
+    with pytest.raises(CsrError, match="--cross-layer"):
+        CSRCache.from_dicts(dicts, loaded.model, tokenizer=loaded.tokenizer)
+
+
+def test_eval_runs_cross_layer_dictionaries(trained, tiny_llama_dir):
+    d = trained
+    rows = {}
+    for name in ("cross", "pred"):
+        res = runner.invoke(app, ["eval", "-m", str(tiny_llama_dir), "--dicts", str(d / f"{name}.safetensors"), "--text", str(d / "text.txt"),
+                                  "--tokens", "300", "--bits", "4", "--methods", "omp", "--baselines", "kivi2", "--no-needle",
+                                  "--json", str(d / f"{name}.json")])
+        assert res.exit_code == 0, res.output
+        rows[name] = {r["kind"]: r for r in json.loads((d / f"{name}.json").read_text())["methods"]}
+    cross, pred = rows["cross"]["CSR"], rows["pred"]["CSR"]
+    assert cross["top1_agreement"] > 0.9 and 0 <= cross["kl"] < rows["cross"]["KIVI"]["kl"]
+    assert cross["side_bits"] > pred["side_bits"]  # the maps are side data, counted
+
+
+def test_cross_layer_trains_every_layer_in_one_process(trained):
+    res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(trained / "x.safetensors"), "--atoms", "16", "--cross-layer",
+                              "--layers", "1", "--no-calibrate"])
+    assert res.exit_code != 0 and "train every layer from 0" in res.output and "Traceback" not in res.output
+    assert not (trained / "x.safetensors").exists()
