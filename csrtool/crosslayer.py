@@ -12,8 +12,8 @@ from what the decoder will have, so coding errors never accumulate across layers
     fit(f [T, F], y [T, H, D]) -> W [F + 1, H·D]    ridged least squares, the last row the bias
     predict(W, parts) -> [B, H, T, D]               float32
     Decoded()                                       the decoded code-space vectors of the coded tokens, by layer
-        .put(layer, kind, first, x [B, H, T, D]); .get(layer, kind, first, t) -> x | None; .clear()
-    offset(xmap, decoded, layer, kind, first, t) -> [B, H, t, D]   the prediction coding subtracts
+        .put(layer, kind, first, x [B, H, T, D]); .get(layer, kind, first, t, partial=False) -> x | None; .clear()
+    offset(xmap, decoded, layer, kind, first, t, like=None) -> [B, H, t, D]   the prediction coding subtracts
 
 Maps are fitted by csrtool.train (train-dict --cross-layer) on the calibration vectors, with the
 inputs decoded at a reference sparsity, and stored in the dictionary file (`layer.{l}.{k|v}.xmap`).
@@ -75,25 +75,38 @@ class Decoded:
     def put(self, layer: int, kind: str, first: int, x: torch.Tensor) -> None:
         self.spans[(layer, kind)] = (first, x.detach().to(torch.float32))
 
-    def get(self, layer: int, kind: str, first: int, t: int) -> torch.Tensor | None:
-        """Positions [first, first + t) of (layer, kind), or None when they were not decoded last."""
+    def get(self, layer: int, kind: str, first: int, t: int, partial: bool = False) -> torch.Tensor | None:
+        """Positions [first, first + t) of (layer, kind), or None when they were not decoded last; `partial`: zeros
+        for the positions not decoded last (None only when nothing of the layer was)."""
         got = self.spans.get((layer, kind))
         if got is None:
             return None
         f0, x = got
-        if first < f0 or first + t > f0 + x.shape[2]:
+        if f0 <= first and first + t <= f0 + x.shape[2]:
+            return x[:, :, first - f0 : first - f0 + t]
+        if not partial:
             return None
-        return x[:, :, first - f0 : first - f0 + t]
+        out = x.new_zeros(x.shape[0], x.shape[1], t, x.shape[3])
+        lo, hi = max(first, f0), min(first + t, f0 + x.shape[2])
+        if lo < hi:
+            out[:, :, lo - first : hi - first] = x[:, :, lo - f0 : hi - f0]
+        return out
 
     def clear(self) -> None:
         self.spans.clear()
 
 
-def offset(xmap: torch.Tensor, decoded: Decoded, layer: int, kind: str, first: int, t: int) -> torch.Tensor:
-    """[B, H, t, D]: the cross-layer prediction of `kind` at `layer` for positions [first, first + t)."""
+def offset(xmap: torch.Tensor, decoded: Decoded, layer: int, kind: str, first: int, t: int,
+           like: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, t, D]: the cross-layer prediction of `kind` at `layer` for positions [first, first + t). Every input must
+    have been decoded at all of them (a file: CsrError otherwise), unless `like` ([B, H, *, D], the coded vectors) is
+    given: inputs not decoded there then count as zeros (a simulated cache whose sliding-window layer below dropped
+    those tokens before they were coded)."""
     parts = []
     for src in inputs(layer, kind):
-        x = decoded.get(*src, first, t)
+        x = decoded.get(*src, first, t, partial=like is not None)
+        if x is None and like is not None:
+            x = torch.zeros(like.shape[0], like.shape[1], t, like.shape[3], device=like.device)
         if x is None:
             raise CsrError(f"layer {layer} {'keys' if kind == 'k' else 'values'} are predicted from the decoded "
                            f"{'keys' if src[1] == 'k' else 'values'} of layer {src[0]} at the same positions, which were not coded first "

@@ -18,7 +18,9 @@ dictionary's mean as a per-token offset.
 Dictionaries with cross-layer maps (dicts.cross_layer, csrtool.crosslayer) predict each layer
 from the decoded layer below: the Reconstructor keeps what it decoded last per layer and kind
 (code space), so the layers of the same tokens must be reconstructed in order, keys before values,
-as a cache ages its tokens (csrtool.eval.runner) and `prime` does.
+as a cache ages its tokens (csrtool.eval.runner) and `prime` does. Inputs not decoded count as
+zeros: tokens a sliding-window layer below dropped before they were coded (a window shorter than
+eval's chunk), or a layer reconstructed out of order.
 
     CHUNK, WINDOW, SINK   how eval feeds tokens: chunk size, full-precision window, sink tokens
 
@@ -107,7 +109,7 @@ class Reconstructor:
 
         t = x.shape[2]
         first = (ids.shape[1] if ids is not None else t) - t  # the coded tokens are the last t of the sequence
-        pred = crosslayer.offset(w, self.decoded, layer, kind, first, t).to(x.device)
+        pred = crosslayer.offset(w, self.decoded, layer, kind, first, t, like=x).to(x.device)
         return pred if mean is None else pred + (mean if mean.dim() == 4 else mean[None, :, None, :]).to(x.device, torch.float32)
 
     def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
