@@ -68,7 +68,7 @@ Predict = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, kind, ids 
 Progress = Callable[[str, dict], None]
 
 XREF_SPARSITY = 4  # atoms per vector of the decoded inputs the cross-layer maps are fitted on (the 1- and 2-bit budgets code ~3-8)
-XREF_TOKENS = 16384  # collected tokens (a random subset above this) the cross-layer maps and dictionaries train on: each one's
+XREF_TOKENS = 32768  # collected tokens (a random subset above this; collect's default is all of them) the cross-layer maps and dictionaries train on: each one's
                      # inputs are decoded at every layer, the cost of training in order (docs/quality.md, thirteenth pass)
 STATE = "state.json"
 MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove

@@ -182,6 +182,24 @@ def test_eval_runs_cross_layer_dictionaries(trained, tiny_llama_dir):
     assert cross["side_bits"] > pred["side_bits"]  # the maps are side data, counted
 
 
+def test_cross_layer_is_the_default_where_every_layer_is_trained(trained):
+    res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(trained / "dflt.safetensors"), "--atoms", "16",
+                              "--no-calibrate", "--json", str(trained / "dflt.json")])
+    assert res.exit_code == 0, res.output
+    assert "cross-layer prediction: on" in res.output and json.loads((trained / "dflt.json").read_text())["cross_layer"] is True
+    ds, cross = load_dicts(trained / "dflt.safetensors"), load_dicts(trained / "cross.safetensors")
+    assert sorted(ds.xmaps) == sorted(cross.xmaps)
+    torch.testing.assert_close(ds.xmap(1, "v"), cross.xmap(1, "v"))  # the same training as --cross-layer
+    torch.testing.assert_close(ds.get(1, "v"), cross.get(1, "v"))
+    # a subset of the layers: off, and said why
+    res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(trained / "one.safetensors"), "--atoms", "16", "--layers", "1",
+                              "--no-calibrate", "--json", str(trained / "one.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((trained / "one.json").read_text())
+    assert "cross-layer prediction: off (--layers picks a subset" in " ".join(res.output.split())
+    assert report["cross_layer"] is False and "--layers" in report["cross_layer_off"] and not load_dicts(trained / "one.safetensors").cross_layer
+
+
 def test_cross_layer_trains_every_layer_in_one_process(trained):
     res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(trained / "x.safetensors"), "--atoms", "16", "--cross-layer",
                               "--layers", "1", "--no-calibrate"])

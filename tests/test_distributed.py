@@ -23,7 +23,7 @@ from csrtool.formats.dicts import load_dicts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["--atoms", "16", "--sparsity", "2", "--epochs", "2", "--batch-size", "64", "--device", "cpu"]
+TRAIN = ["--atoms", "16", "--sparsity", "2", "--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-cross-layer"]  # one process vs ranks
 runner = CliRunner()
 
 

@@ -120,7 +120,8 @@ def trained(tiny_llama_dir, tmp_path_factory):
     assert res.exit_code == 0, res.output
     for name, *flags in (("pred", "--predictor"), ("plain", "--no-predictor"), ("bi", "--predictor", "--predictor-context", "2"),
                          ("d1", "--predictor-depth", "1")):
-        res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / f"{name}.safetensors"), "--atoms", "16", *flags])
+        # without cross-layer maps: the live cache tests below use these dictionaries (tests/test_crosslayer.py has them)
+        res = runner.invoke(app, ["train-dict", str(d / "acts"), "-o", str(d / f"{name}.safetensors"), "--atoms", "16", "--no-cross-layer", *flags])
         assert res.exit_code == 0, res.output
     return d
 
@@ -326,7 +327,7 @@ def test_predictor_needs_pre_rope_keys(tiny_llama_dir, tmp_path):
 
 def test_the_predictor_is_the_default_where_the_collection_allows_it(trained, tmp_path):
     res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(tmp_path / "d.safetensors"), "--atoms", "16",
-                              "--no-calibrate", "--json", str(tmp_path / "t.json")])
+                              "--no-calibrate", "--no-cross-layer", "--json", str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
     assert "token predictor: on" in res.output and json.loads((tmp_path / "t.json").read_text())["predictor"] is True
     ds, pred = load_dicts(tmp_path / "d.safetensors"), load_dicts(trained / "pred.safetensors")

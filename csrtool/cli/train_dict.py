@@ -40,7 +40,7 @@ def train_dict(
     predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with the predictor: 1 the token alone, 2 the token after its predecessor (one more token per model pass; better on SmolLM2's development texts, worse on Gemma-3's: docs/quality.md).")] = _DEF.predictor_context,
     predictor_depth: Annotated[int, typer.Option("--predictor-depth", help="Predict only the first N layers (0: every layer): a live cache then holds N layers' predictions per distinct token instead of all; the first 4 or 8 keep little of the quality gain (docs/quality.md).")] = _DEF.predictor_depth,
     device: DeviceOpt = "cpu",
-    cross_layer: Annotated[bool, typer.Option("--cross-layer/--no-cross-layer", help="Predict each layer's keys and values from the decoded layer below (and the values also from the layer's own keys) before coding: the dictionaries code what that leaves, 20-30% less error in the middle and deep layers, off the calibration domain too (docs/quality.md, thirteenth pass). Trains the layers in order, in one process; a live cache (generate) cannot use these dictionaries yet.")] = _DEF.cross_layer,
+    cross_layer: Annotated[Optional[bool], typer.Option("--cross-layer/--no-cross-layer", help="Predict each layer's keys and values from the decoded layer below (and the values also from the layer's own keys) before coding: the dictionaries code what that leaves, 20-35% less coding error in the middle and deep layers, off the calibration domain too, and a third to a half less KL end to end (docs/quality.md, thirteenth pass). Trains the layers in order, in one process. Compress, decompress and eval use these dictionaries; a live cache (generate) cannot yet: train with --no-cross-layer for it. Default: on unless --layers picks a subset or torchrun runs several processes.", show_default=False)] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
     json_out: JsonOpt = None,
@@ -66,15 +66,20 @@ def train_dict(
         check_output(output, force=force)
         check_json_output(json_out)
         reader = ActsReader(acts_dir)
-        why_not = None
+        why_not: dict[str, str | None] = {}  # why a default that is on where it can be was left out
         use = predictor
         if use is None:  # the default: on where the collection allows it
-            why_not = _predictor_unavailable(reader, dist_mode)
-            use = why_not is None
+            why_not["predictor"] = _predictor_unavailable(reader, dist_mode)
+            use = why_not["predictor"] is None
+        picked = parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
+        cross = cross_layer
+        if cross is None:  # the default: on where the layers can be trained in order, in one process
+            why_not["cross_layer"] = _cross_unavailable(picked, dist.world)
+            cross = why_not["cross_layer"] is None
         cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
                           batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=use,
-                          predictor_context=predictor_context, predictor_depth=predictor_depth, cross_layer=cross_layer)
-        return cfg, reader, parse_layers(layers, max(reader.layers) + 1) if layers is not None else None, why_not
+                          predictor_context=predictor_context, predictor_depth=predictor_depth, cross_layer=cross)
+        return cfg, reader, picked, why_not
 
     cfg, reader, picked, why_not = dist.settle(setup, "checking the options")
     dev = dist.device
@@ -145,6 +150,15 @@ def _predictor_unavailable(reader, dist_mode: str) -> str | None:
     return None
 
 
+def _cross_unavailable(picked: list[int] | None, world: int) -> str | None:
+    """Why the default cross-layer prediction is left out (None: it is used)."""
+    if picked is not None and sorted(picked) != list(range(len(picked))):
+        return "--layers picks a subset; each layer is predicted from the one below"
+    if world > 1:
+        return "torchrun: the layers train in order, in one process"
+    return None
+
+
 def _token_predictor(reader, device, context: int):
     """The collection's model as a TokenPredictor (its `.loaded` serves calibration too)."""
     from csrtool.models import load_model
@@ -172,8 +186,10 @@ def _note_few_vectors(rows: int, atoms: int) -> None:
               f"--max-tokens) or pass --atoms {fits}")
 
 
-def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path], why_not: Optional[str] = None) -> None:
-    """The result table and the --json report (rank 0 only under torchrun); why_not: why the default token predictor was left out."""
+def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path], why: Optional[dict] = None) -> None:
+    """The result table and the --json report (rank 0 only under torchrun); why: why the default token predictor
+    ("predictor") and cross-layer prediction ("cross_layer") were left out, where they were."""
+    why_not, why_cross = (why or {}).get("predictor"), (why or {}).get("cross_layer")
     centred = " (x: vectors minus their dictionary's mean)" if cfg.center else ""
     table = Table(title=f"{output}: held-out relative error ‖x − x̂‖²/‖x‖² at S={cfg.sparsity} ({cfg.encoder}){centred}")
     table.add_column("layer", justify="right")
@@ -196,5 +212,10 @@ def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]
         out.print("token predictor: on (compress, decompress, eval and generate load the model to use these dictionaries)")
     else:
         out.print(f"token predictor: off ({why_not or '--no-predictor'})")
+    if cfg.cross_layer:
+        out.print("cross-layer prediction: on (compress, decompress and eval; a live cache cannot use it yet: train with --no-cross-layer for generate)")
+    else:
+        out.print(f"cross-layer prediction: off ({why_cross or '--no-cross-layer'})")
     out.print(f"trained {report['trained']}, resumed {report['resumed']} dictionaries; wrote {output} (fingerprint {report['fingerprint'][:12]})")
-    write_json(json_out, {**report, "layers": rows, "predictor": cfg.predictor, **({"predictor_off": why_not} if why_not else {})})
+    write_json(json_out, {**report, "layers": rows, "predictor": cfg.predictor, **({"predictor_off": why_not} if why_not else {}),
+                          "cross_layer": cfg.cross_layer, **({"cross_layer_off": why_cross} if why_cross else {})})
