@@ -70,6 +70,7 @@ Progress = Callable[[str, dict], None]
 XREF_SPARSITY = 4  # atoms per vector of the decoded inputs the cross-layer maps are fitted on (the 1- and 2-bit budgets code ~3-8)
 XREF_TOKENS = 32768  # collected tokens (a random subset above this; collect's default is all of them) the cross-layer maps and dictionaries train on: each one's
                      # inputs are decoded at every layer, the cost of training in order (docs/quality.md, thirteenth pass)
+XREF_TOKENS_PER_INPUT = 8  # the default cross-layer prediction wants this many collected tokens per map input (3·H·D of them)
 STATE = "state.json"
 MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove
 DIST_MODES = ("auto", "shard", "data")

@@ -182,7 +182,7 @@ def test_eval_runs_cross_layer_dictionaries(trained, tiny_llama_dir):
     assert cross["side_bits"] > pred["side_bits"]  # the maps are side data, counted
 
 
-def test_cross_layer_is_the_default_where_every_layer_is_trained(trained):
+def test_cross_layer_is_the_default_where_every_layer_is_trained(trained, tiny_llama_dir):
     res = runner.invoke(app, ["train-dict", str(trained / "acts"), "-o", str(trained / "dflt.safetensors"), "--atoms", "16",
                               "--no-calibrate", "--json", str(trained / "dflt.json")])
     assert res.exit_code == 0, res.output
@@ -198,6 +198,14 @@ def test_cross_layer_is_the_default_where_every_layer_is_trained(trained):
     report = json.loads((trained / "one.json").read_text())
     assert "cross-layer prediction: off (--layers picks a subset" in " ".join(res.output.split())
     assert report["cross_layer"] is False and "--layers" in report["cross_layer_off"] and not load_dicts(trained / "one.safetensors").cross_layer
+    # too few tokens for maps of 3·H·D = 48 inputs (8 tokens each): off, and said why
+    res = runner.invoke(app, ["collect", "-m", str(tiny_llama_dir), "-t", str(trained / "text.txt"), "--max-tokens", "300",
+                              "--seq-len", "100", "-o", str(trained / "acts300")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train-dict", str(trained / "acts300"), "-o", str(trained / "few.safetensors"), "--atoms", "16", "--no-calibrate"])
+    assert res.exit_code == 0, res.output
+    assert "too few to fit its maps; collect at least 384" in " ".join(res.output.split())
+    assert not load_dicts(trained / "few.safetensors").cross_layer
 
 
 def test_cross_layer_trains_every_layer_in_one_process(trained):

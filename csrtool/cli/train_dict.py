@@ -74,7 +74,7 @@ def train_dict(
         picked = parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
         cross = cross_layer
         if cross is None:  # the default: on where the layers can be trained in order, in one process
-            why_not["cross_layer"] = _cross_unavailable(picked, dist.world)
+            why_not["cross_layer"] = _cross_unavailable(reader, picked, dist.world)
             cross = why_not["cross_layer"] is None
         cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
                           batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=use,
@@ -150,12 +150,17 @@ def _predictor_unavailable(reader, dist_mode: str) -> str | None:
     return None
 
 
-def _cross_unavailable(picked: list[int] | None, world: int) -> str | None:
+def _cross_unavailable(reader, picked: list[int] | None, world: int) -> str | None:
     """Why the default cross-layer prediction is left out (None: it is used)."""
+    from csrtool.train import XREF_TOKENS_PER_INPUT
+
     if picked is not None and sorted(picked) != list(range(len(picked))):
         return "--layers picks a subset; each layer is predicted from the one below"
     if world > 1:
         return "torchrun: the layers train in order, in one process"
+    need = XREF_TOKENS_PER_INPUT * 3 * reader.num_kv_heads * reader.head_dim
+    if reader.tokens < need:
+        return f"{reader.tokens:,} collected tokens are too few to fit its maps; collect at least {need:,}"
     return None
 
 
