@@ -18,7 +18,7 @@ trained on what it leaves; the maps are written with the atoms (`layer.{l}.{k|v}
 With cfg.cross_layer (train-dict --cross-layer), layers are trained in order from layer 0, and
 each layer and kind also gets a cross-layer map (csrtool.crosslayer.fit) from the layer below's
 (and, for values, its own keys') calibration vectors as the decoder will have them: coded with
-their trained dictionaries at xref_sparsity(Dc) atoms (OMP) and decoded. The dictionaries are trained
+their trained dictionaries at XREF_SPARSITY atoms (OMP) and decoded. The dictionaries are trained
 on what both predictions leave; the maps are written as `layer.{l}.{k|v}.xmap`. They train on
 the same XREF_TOKENS of the collected tokens at every layer (decoding each layer's inputs is the
 cost of training in order); the token predictor's maps are still fitted on all of them.
@@ -67,14 +67,7 @@ Predict = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, kind, ids 
 # "epoch" {name, epoch, epochs, val_rel_err}, "done" {name, stats, resumed}
 Progress = Callable[[str, dict], None]
 
-XREF_CHANNELS = 16  # channels per atom of the decoded inputs the cross-layer maps are fitted on: 4 atoms for D = 64, 16 for D = 256,
-                    # between what the 1- and 2-bit budgets code (~3-6 atoms on SmolLM2, ~12-24 on Gemma-3)
-
-
-def xref_sparsity(dim: int) -> int:
-    """Atoms per vector of the decoded inputs a cross-layer map is fitted on, for vectors of `dim` channels."""
-    return max(1, dim // XREF_CHANNELS)
-
+XREF_SPARSITY = 4  # atoms per vector of the decoded inputs the cross-layer maps are fitted on (the 1- and 2-bit budgets code ~3-8)
 XREF_TOKENS = 32768  # collected tokens (a random subset above this; collect's default is all of them) the cross-layer maps and dictionaries train on: each one's
                      # inputs are decoded at every layer, the cost of training in order (docs/quality.md, thirteenth pass)
 XREF_TOKENS_PER_INPUT = 8  # the default cross-layer prediction wants this many collected tokens per map input (3·H·D of them)
@@ -254,7 +247,7 @@ class _Rows:
 
     def settle(self, layer: int, kind: str, x: torch.Tensor, atoms: torch.Tensor, means: torch.Tensor | None, scope: str) -> None:
         """With cross-layer maps: keep (layer, kind)'s calibration vectors as the decoder will have them, coded at
-        xref_sparsity(Dc) with their trained dictionaries ([G, C, N, Dc]; means [G, D]) from what the predictions left, x [T, H, D]."""
+        XREF_SPARSITY with their trained dictionaries ([G, C, N, Dc]; means [G, D]) from what the predictions left, x [T, H, D]."""
         if self.decoded is None:
             return
         from csrtool.engine import pursuit
@@ -269,7 +262,7 @@ class _Rows:
                 if means is not None:
                     rows = rows - means[g, c * dc : (c + 1) * dc].to(rows.device)
                 a = atoms[g, c].to(rows.device)
-                idx, coef = pursuit.encode(rows, a, min(xref_sparsity(dc), a.shape[0]), "omp")
+                idx, coef = pursuit.encode(rows, a, min(XREF_SPARSITY, a.shape[0]), "omp")
                 e = (rows - pursuit.decode(idx, coef, a)).to(err.dtype)
                 view = err[:, g] if scope == "head" else err.reshape(-1, d)
                 view[:, c * dc : (c + 1) * dc] = e
