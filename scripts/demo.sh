@@ -10,7 +10,7 @@ step() { echo; echo "== $* ($(( $(date +%s) - start )) s elapsed)"; }
 step "1/6 collect K/V activations (defaults: 32,768 calibration tokens, keys before RoPE, which code better)"
 csrtool collect -o "$OUT/acts" --force --json "$OUT/collect.json"
 
-step "2/6 train dictionaries (defaults: 8,192 atoms per layer, k-means, on what the token predictor leaves; docs/quality.md) and calibrate layer sensitivities"
+step "2/6 train dictionaries (defaults: 8,192 atoms per layer, k-means, on what the token predictor and the decoded layer below leave; docs/quality.md) and calibrate layer sensitivities"
 csrtool train-dict "$OUT/acts" -o "$OUT/dicts.safetensors" --force --json "$OUT/train.json"
 
 step "3/6 save the KV cache of a 2,048-token held-out prompt"
