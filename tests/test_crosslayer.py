@@ -180,6 +180,7 @@ def test_eval_runs_cross_layer_dictionaries(trained, tiny_llama_dir):
     cross, pred = rows["cross"]["CSR"], rows["pred"]["CSR"]
     assert cross["top1_agreement"] > 0.9 and 0 <= cross["kl"] < rows["cross"]["KIVI"]["kl"]
     assert cross["side_bits"] > pred["side_bits"]  # the maps are side data, counted
+    assert cross["config"]["cross_layer"] is True and pred["config"]["cross_layer"] is False  # and reported
 
 
 def test_cross_layer_is_the_default_where_every_layer_is_trained(trained, tiny_llama_dir):

@@ -79,4 +79,6 @@ class CSR(Reconstructor):
             "target_bits": self.target_bits,
             "layer_sparsity": None if self.layer_sparsity is None else [list(p) for p in self.layer_sparsity],
             "adaptive": self.config.adaptive,
+            "token_predictor": self.dicts.predicted,
+            "cross_layer": self.dicts.cross_layer,
         }
