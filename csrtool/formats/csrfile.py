@@ -156,11 +156,7 @@ def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, ids: torch.Te
         if w is None:
             return mean
 
-        def later() -> torch.Tensor:
-            pred = crosslayer.offset(w, decoded, i, kind, s, tc)
-            return pred if mean is None else pred + (mean if mean.dim() == 4 else mean.to(torch.float32)[None, :, None, :])
-
-        return later
+        return lambda: codec.shift(crosslayer.offset(w, decoded, i, kind, s, tc), mean, 1.0)
 
     return side("k", base[0]), side("v", base[1])
 
