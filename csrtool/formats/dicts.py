@@ -276,10 +276,10 @@ def _check_xmaps(path: Path, atoms: dict[str, torch.Tensor], xmaps: dict[str, to
         raise CsrError(f"{path}: cross-layer maps must cover every dictionary but layer 0's keys ({odd} "
                        f"{'should have none' if odd in xmaps else 'has none'}): re-run csrtool train-dict")
     heads = source.get("num_kv_heads")
+    h = heads if isinstance(heads, int) and heads > 0 else 0  # 0: the shape check below refuses every map
     for name, w in xmaps.items():
         layer, kind = parse_dict_name(name)
         d = atoms[name].shape[1] * atoms[name].shape[3]
-        h = heads if isinstance(heads, int) and heads > 0 else 0
         if any(src not in atoms for src in (dict_name(*i) for i in inputs(layer, kind))):
             raise CsrError(f"{path}: {name} is predicted from layer {layer - 1}, which has no dictionary: re-run csrtool train-dict")
         if w.dim() != 2 or not h or tuple(w.shape) != (width(layer, kind, h, d) + 1, h * d):
