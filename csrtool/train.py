@@ -253,7 +253,7 @@ class _Rows:
         from csrtool.engine import pursuit
 
         exact = self.exact.pop(dict_name(layer, kind))
-        t, h, d = x.shape
+        d = x.shape[2]
         g_n, c_n, _, dc = atoms.shape
         err = torch.empty_like(x)
         for g in range(g_n):
@@ -413,8 +413,7 @@ def train_dicts(
             atoms[dict_name(layer, kind)] = torch.stack([torch.stack(r) for r in grid])  # [G, C, N, Dc]
             if cfg.center:
                 means[dict_name(layer, kind)] = torch.stack(mean_grid)  # [G, D]
-            if cfg.cross_layer:
-                rows.settle(layer, kind, x, atoms[dict_name(layer, kind)], means.get(dict_name(layer, kind)), cfg.scope)
+            rows.settle(layer, kind, x, atoms[dict_name(layer, kind)], means.get(dict_name(layer, kind)), cfg.scope)  # no-op without cross-layer maps
             errors[dict_name(layer, kind)] = {
                 key: [[s[key] for s in r] for r in stat_grid] for key in ("train_rel_err", "val_rel_err", "init_val_rel_err", "epochs")
             }
