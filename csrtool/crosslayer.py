@@ -6,14 +6,14 @@ token predictor leaves (docs/quality.md, thirteenth pass). The values of a layer
 predicted from its own decoded keys (coded first). Closed loop, as in DPCM: the encoder predicts
 from what the decoder will have, so coding errors never accumulate across layers.
 
-    inputs(layer, kind) -> [(layer', kind'), ...]   the decoded vectors a prediction reads:
-                                                    keys of layer l: K, V of l - 1; values: those and K of l
+    inputs(layer, kind, depth) -> [(layer', kind'), ...]   the decoded vectors a prediction reads: keys of layer l:
+                                                    K, V of l - 1, ..., l - depth; values: those and K of l
     features(parts [B, H, T, D] each) -> [B, T, F]  heads and parts side by side (F = len(parts)·H·D)
     fit(f [T, F], y [T, H, D]) -> W [F + 1, H·D]    ridged least squares, the last row the bias
     predict(W, parts) -> [B, H, T, D]               float32
     Decoded()                                       the decoded code-space vectors of the coded tokens, by layer
         .put(layer, kind, first, x [B, H, T, D]); .get(layer, kind, first, t, partial=False) -> x | None; .clear()
-    offset(xmap, decoded, layer, kind, first, t, like=None) -> [B, H, t, D]   the prediction coding subtracts
+    offset(xmap, decoded, layer, kind, first, t, like=None, depth=1) -> [B, H, t, D]   the prediction coding subtracts
 
 Maps are fitted by csrtool.train (train-dict --cross-layer) on the calibration vectors, with the
 inputs decoded at a reference sparsity, and stored in the dictionary file (`layer.{l}.{k|v}.xmap`).
@@ -27,17 +27,19 @@ import torch
 from csrtool.errors import CsrError
 
 RIDGE = 1e-3  # relative ridge: the inputs are decoded (noisy), so rare directions are damped more than the token predictor's
+MAX_DEPTH = 8  # layers below a prediction may read (TrainConfig.cross_depth, 1 by default; files without the field read 1)
 
 
-def inputs(layer: int, kind: str) -> list[tuple[int, str]]:
-    """The (layer, kind) whose decoded vectors predict `kind` of `layer`, in feature order."""
-    below = [(layer - 1, "k"), (layer - 1, "v")] if layer > 0 else []
+def inputs(layer: int, kind: str, depth: int = 1) -> list[tuple[int, str]]:
+    """The (layer, kind) whose decoded vectors predict `kind` of `layer`, in feature order: K and V of each of the
+    `depth` layers below (nearest first, those that exist), then for values the layer's own K."""
+    below = [(b, side) for b in range(layer - 1, max(layer - depth, 0) - 1, -1) for side in ("k", "v")]
     return below + ([(layer, "k")] if kind == "v" else [])
 
 
-def width(layer: int, kind: str, heads: int, dim: int) -> int:
+def width(layer: int, kind: str, heads: int, dim: int, depth: int = 1) -> int:
     """F: the number of input features of a map for (layer, kind)."""
-    return len(inputs(layer, kind)) * heads * dim
+    return len(inputs(layer, kind, depth)) * heads * dim
 
 
 def features(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -97,13 +99,13 @@ class Decoded:
 
 
 def offset(xmap: torch.Tensor, decoded: Decoded, layer: int, kind: str, first: int, t: int,
-           like: torch.Tensor | None = None) -> torch.Tensor:
+           like: torch.Tensor | None = None, depth: int = 1) -> torch.Tensor:
     """[B, H, t, D]: the cross-layer prediction of `kind` at `layer` for positions [first, first + t). Every input must
     have been decoded at all of them (a file: CsrError otherwise), unless `like` ([B, H, *, D], the coded vectors) is
     given: inputs not decoded there then count as zeros (a simulated cache whose sliding-window layer below dropped
-    those tokens before they were coded)."""
+    those tokens before they were coded). `depth`: the layers below the map reads (DictSet.cross_depth)."""
     parts = []
-    for src in inputs(layer, kind):
+    for src in inputs(layer, kind, depth):
         x = decoded.get(*src, first, t, partial=like is not None)
         if x is None and like is not None:
             x = torch.zeros(like.shape[0], like.shape[1], t, like.shape[3], device=like.device)

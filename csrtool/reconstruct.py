@@ -109,7 +109,7 @@ class Reconstructor:
 
         t = x.shape[2]
         first = (ids.shape[1] if ids is not None else t) - t  # the coded tokens are the last t of the sequence
-        return codec.shift(crosslayer.offset(w, self.decoded, layer, kind, first, t, like=x).to(x.device), mean, 1.0)
+        return codec.shift(crosslayer.offset(w, self.decoded, layer, kind, first, t, like=x, depth=self.dicts.cross_depth).to(x.device), mean, 1.0)
 
     def reconstruct(self, layer: int, kind: str, x: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, H, T, D] as the cache stores it (keys post-RoPE) at consecutive positions [T] -> x_hat; ids [B, T'] the

@@ -16,7 +16,7 @@ context-free K/V `predict(layer, kind, ids)` of their tokens), and the dictionar
 trained on what it leaves; the maps are written with the atoms (`layer.{l}.{k|v}.pmap`).
 
 With cfg.cross_layer (train-dict --cross-layer), layers are trained in order from layer 0, and
-each layer and kind also gets a cross-layer map (csrtool.crosslayer.fit) from the layer below's
+each layer and kind also gets a cross-layer map (csrtool.crosslayer.fit) from the cfg.cross_depth layers below's
 (and, for values, its own keys') calibration vectors as the decoder will have them: coded with
 their trained dictionaries at XREF_SPARSITY atoms (OMP) and decoded. The dictionaries are trained
 on what both predictions leave; the maps are written as `layer.{l}.{k|v}.xmap`. They train on
@@ -70,7 +70,7 @@ Progress = Callable[[str, dict], None]
 XREF_SPARSITY = 4  # atoms per vector of the decoded inputs the cross-layer maps are fitted on (the 1- and 2-bit budgets code ~3-8)
 XREF_TOKENS = 32768  # collected tokens (a random subset above this; collect's default is all of them) the cross-layer maps and dictionaries train on: each one's
                      # inputs are decoded at every layer, the cost of training in order (docs/quality.md, thirteenth pass)
-XREF_TOKENS_PER_INPUT = 8  # the default cross-layer prediction wants this many collected tokens per map input (3·H·D of them)
+XREF_TOKENS_PER_INPUT = 8  # the default cross-layer prediction wants this many collected tokens per map input ((2·depth + 1)·H·D of them)
 STATE = "state.json"
 MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove
 DIST_MODES = ("auto", "shard", "data")
@@ -198,8 +198,8 @@ def _fit(xv: torch.Tensor, cfg: TrainConfig, name: str, emit: Progress, comm: Co
 class _Rows:
     """A layer's training rows [T, H, D]: as collected, or what the token predictor (and the cross-layer map) leaves of them."""
 
-    def __init__(self, reader: ActsReader, device, predict: Optional[Predict], depth: int = 0, cross: bool = False, seed: int = 0):
-        self.reader, self.device, self.predict, self.depth, self.seed = reader, device, predict, depth, seed
+    def __init__(self, reader: ActsReader, device, predict: Optional[Predict], depth: int = 0, cross: int = 0, seed: int = 0):
+        self.reader, self.device, self.predict, self.depth, self.cross, self.seed = reader, device, predict, depth, cross, seed
         self.tokens = None  # with cross-layer maps: the collected tokens (at most XREF_TOKENS) every layer trains on
         self.ids = None
         if predict is not None:
@@ -237,7 +237,7 @@ class _Rows:
                 gen = torch.Generator().manual_seed(self.seed)
                 self.tokens = torch.arange(t) if t <= XREF_TOKENS else torch.randperm(t, generator=gen)[:XREF_TOKENS].sort().values
             x, exact = x[self.tokens], exact[self.tokens]
-            parts = [self.decoded.get(*src, 0, x.shape[0]) for src in crosslayer.inputs(layer, kind)]
+            parts = [self.decoded.get(*src, 0, x.shape[0]) for src in crosslayer.inputs(layer, kind, self.cross)]
             if parts:
                 w = crosslayer.fit(crosslayer.features(parts)[0], x)
                 self.xmaps[dict_name(layer, kind)] = w
@@ -324,7 +324,7 @@ def train_dicts(
 ) -> dict[str, Any]:
     """Train all dictionaries for `layers` (default: all collected) and write `out`.
 
-    `calibrate(atoms, source, means, maps, xmaps) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
+    `calibrate(atoms, source, means, maps, xmaps, config) -> sensitivity` (csrtool.calibration.calibrate), if given, runs
     before the file is written and its result is stored in it.
     `predict` (needed with cfg.predictor): the token predictor's context-free K/V, csrtool.predictor.TokenPredictor.kv.
     Returns a report: {"out", "fingerprint", "config", "source", "errors", "trained", "resumed", "sensitivity"}
@@ -357,7 +357,7 @@ def train_dicts(
             raise CsrError("--cross-layer trains the layers in order, one after the other: run it in one process (not under torchrun)")
         if sorted(layers) != list(range(len(layers))):
             raise CsrError("--cross-layer predicts each layer from the one below: train every layer from 0 (without --layers)")
-    rows = _Rows(reader, device, predict if cfg.predictor else None, cfg.predictor_depth, cfg.cross_layer, cfg.seed)
+    rows = _Rows(reader, device, predict if cfg.predictor else None, cfg.predictor_depth, cfg.cross_depth if cfg.cross_layer else 0, cfg.seed)
     n_groups = h if cfg.scope == "head" else 1
     chunks = {"k": 1, "v": cfg.value_split}
 
@@ -430,7 +430,7 @@ def train_dicts(
         source["predictor_context"] = cfg.predictor_context
     maps = {name: rows.maps[name] for name in atoms if name in rows.maps}
     xmaps = dict(rows.xmaps)
-    sensitivity = calibrate(atoms, source, means, maps, xmaps) if calibrate is not None else {}
+    sensitivity = calibrate(atoms, source, means, maps, xmaps, config) if calibrate is not None else {}
 
     def write() -> Optional[str]:
         return save_dicts(Path(out), atoms, config=config, source=source, errors=errors, sensitivity=sensitivity, means=means,

@@ -27,6 +27,10 @@ def test_inputs_read_the_layer_below_and_values_their_own_keys():
     assert crosslayer.inputs(3, "k") == [(2, "k"), (2, "v")]
     assert crosslayer.inputs(3, "v") == [(2, "k"), (2, "v"), (3, "k")]
     assert crosslayer.width(3, "v", 2, 8) == 48
+    # two layers below (train-dict --cross-depth 2): the nearest first, as far down as there are layers
+    assert crosslayer.inputs(3, "v", 2) == [(2, "k"), (2, "v"), (1, "k"), (1, "v"), (3, "k")]
+    assert crosslayer.inputs(1, "k", 2) == [(0, "k"), (0, "v")] and crosslayer.inputs(0, "k", 2) == []
+    assert crosslayer.width(3, "k", 2, 8, depth=3) == 96
 
 
 def test_fit_recovers_a_linear_relation_across_heads():
@@ -232,3 +236,66 @@ def test_a_sliding_window_shorter_than_the_chunk_predicts_from_what_it_kept(tiny
         assert res.exit_code == 0, res.output
     csr = next(r for r in json.loads((tmp_path / "e.json").read_text())["methods"] if r["kind"] == "CSR")
     assert 0 <= csr["kl"] < 0.1 and csr["top1_agreement"] > 0.9
+
+
+def test_maps_can_read_two_layers_below_and_decompress_follows_them(tmp_path):
+    """Three layers, --cross-depth 2: layer 2 is predicted from layers 1 and 0 (format version 4, config.cross_depth 2);
+    decompress decodes exactly what eval's Reconstructor codes with those maps, and the default (or a file before the
+    field) reads the layer just below."""
+    from safetensors import safe_open
+
+    from csrtool.formats.kvcache import load_cache
+    from tiny import save_tiny
+
+    m = save_tiny(tmp_path / "m3", "llama", layers=3)
+    (tmp_path / "t.txt").write_text(TEXT)
+    res = runner.invoke(app, ["collect", "-m", str(m), "-t", str(tmp_path / "t.txt"), "--max-tokens", "900", "--seq-len", "300",
+                              "--keys", "pre-rope", "-o", str(tmp_path / "acts")])
+    assert res.exit_code == 0, res.output
+    for name, flags in (("two", ["--cross-depth", "2"]), ("one", [])):
+        res = runner.invoke(app, ["train-dict", str(tmp_path / "acts"), "-o", str(tmp_path / f"{name}.safetensors"), "--atoms", "16", *flags])
+        assert res.exit_code == 0, res.output
+        assert "cross-layer prediction: on" in res.output
+    two, one = load_dicts(tmp_path / "two.safetensors"), load_dicts(tmp_path / "one.safetensors")
+    assert two.cross_depth == 2 and one.cross_depth == 1
+    assert two.xmap(2, "k").shape == (4 * 16 + 1, 16) and two.xmap(2, "v").shape == (5 * 16 + 1, 16)
+    assert one.xmap(2, "k").shape == (2 * 16 + 1, 16) and two.xmap(1, "v").shape == one.xmap(1, "v").shape == (3 * 16 + 1, 16)
+    with safe_open(str(tmp_path / "two.safetensors"), framework="pt") as fh, safe_open(str(tmp_path / "one.safetensors"), framework="pt") as fo:
+        assert fh.metadata()["version"] == "4" and fo.metadata()["version"] == "3"
+    # a file written before the field reads one layer below; a depth its maps do not fit, or a corrupted one, is refused
+    old = {k: v for k, v in one.config.items() if k != "cross_depth"}
+    save_dicts(tmp_path / "old.safetensors", one.atoms, old, one.source, one.errors, means=one.means, maps=one.maps, xmaps=one.xmaps)
+    assert load_dicts(tmp_path / "old.safetensors").cross_depth == 1
+    for depth, match in ((2, "cross-layer map of layer.2.k has shape"), ("2", "corrupted config"), (0, "corrupted config")):
+        save_dicts(tmp_path / "bad.safetensors", one.atoms, {**one.config, "cross_depth": depth}, one.source, one.errors, means=one.means,
+                   maps=one.maps, xmaps=one.xmaps)
+        with pytest.raises(CsrError, match=match):
+            load_dicts(tmp_path / "bad.safetensors")
+    # the file's decoder predicts layer 2 from both layers it decoded below, as eval's Reconstructor does
+    three = load_model(str(m), "cpu", "float32")
+    res = runner.invoke(app, ["cache", "-m", str(m), "--prompt", "Sphinx of black quartz, judge my vow. " * 4, "-o", str(tmp_path / "c.pt")])
+    assert res.exit_code == 0, res.output
+    cache = load_cache(tmp_path / "c.pt")
+    d = tmp_path / "two.safetensors"
+    for args in (["compress", str(tmp_path / "c.pt"), "-d", str(d), "--sparsity", "2", "--fixed", "-o", str(tmp_path / "c.csr"),
+                  "--json", str(tmp_path / "c.json")],
+                 ["decompress", str(tmp_path / "c.csr"), "-d", str(d), "-o", str(tmp_path / "r.pt")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    back = load_cache(tmp_path / "r.pt")
+    meta = json.loads((tmp_path / "c.json").read_text())
+    s, w = meta.get("sink", codec.DEFAULT_SINK), meta.get("window", codec.DEFAULT_WINDOW)
+    tc = cache.keys[0].shape[2] - s - w
+    rec = Reconstructor(two, codec.CodecConfig(2, 2, method="omp", adaptive=False, set_indices=True), rope_info(three.model),
+                        TokenPredictor.for_dicts(three, two))
+    ids, pos = torch.tensor(cache.meta["ids"])[:, : s + tc], torch.arange(s, s + tc)
+    for layer in range(3):
+        for kind, xs, got in (("k", cache.keys, back.keys), ("v", cache.values, back.values)):
+            want = rec.reconstruct(layer, kind, xs[layer][:, :, s : s + tc], pos, ids)
+            torch.testing.assert_close(got[layer][:, :, s : s + tc], want, rtol=1e-4, atol=1e-5)
+    # and the prediction of layer 2 really reads layer 0: without it, decoding gives another result
+    k0 = rec.decoded.get(0, "k", s, tc)
+    rec.decoded.put(0, "k", s, torch.zeros_like(k0))
+    moved = crosslayer.offset(two.xmap(2, "k"), rec.decoded, 2, "k", s, tc, depth=2)
+    rec.decoded.put(0, "k", s, k0)
+    assert not torch.allclose(moved, crosslayer.offset(two.xmap(2, "k"), rec.decoded, 2, "k", s, tc, depth=2))

@@ -32,13 +32,14 @@ def calibrate(
     loaded: Loaded, atoms: dict[str, torch.Tensor], source: dict, probe_ids: list[int],
     progress: Callable[[int, int], None] | None = None, means: dict[str, torch.Tensor] | None = None,
     layers: list[int] | None = None, maps: dict[str, torch.Tensor] | None = None, predictor=None,
-    xmaps: dict[str, torch.Tensor] | None = None,
+    xmaps: dict[str, torch.Tensor] | None = None, config: dict | None = None,
 ) -> dict:
     """Sensitivities of `layers` (default all; a torchrun rank passes its share, `merge` joins the parts).
 
-    `maps`: the token predictor's (train-dict --predictor), with `predictor` its TokenPredictor (made here if None)."""
+    `maps`: the token predictor's (train-dict --predictor), with `predictor` its TokenPredictor (made here if None).
+    `config`: the training config, as the dictionary file will record it (the cross-layer maps' depth is read there)."""
     n_layers, heads, head_dim = kv_shape(loaded.config)
-    ds = DictSet(atoms=atoms, source=source, means=means or {}, maps=maps or {}, xmaps=xmaps or {})
+    ds = DictSet(atoms=atoms, config=config or {}, source=source, means=means or {}, maps=maps or {}, xmaps=xmaps or {})
     if len(ds.layers) != n_layers:
         raise CsrError(f"sensitivity calibration needs dictionaries for all {n_layers} layers (have {len(ds.layers)}): train without --layers or pass --no-calibrate")
     key_space = source.get("key_space", "post-rope")

@@ -40,7 +40,8 @@ def train_dict(
     predictor_context: Annotated[int, typer.Option("--predictor-context", help="Tokens each prediction reads with the predictor: 1 the token alone, 2 the token after its predecessor (one more token per model pass; better on SmolLM2's development texts, worse on Gemma-3's: docs/quality.md).")] = _DEF.predictor_context,
     predictor_depth: Annotated[int, typer.Option("--predictor-depth", help="Predict only the first N layers (0: every layer): a live cache then holds N layers' predictions per distinct token instead of all; the first 4 or 8 keep little of the quality gain (docs/quality.md).")] = _DEF.predictor_depth,
     device: DeviceOpt = "cpu",
-    cross_layer: Annotated[Optional[bool], typer.Option("--cross-layer/--no-cross-layer", help="Predict each layer's keys and values from the decoded layer below (and the values also from the layer's own keys) before coding: the dictionaries code what that leaves, 15-35% less coding error in the middle and deep layers and 16-39% less KL off the calibration domain (docs/quality.md, thirteenth pass). Trains the layers in order, in one process. Compress, decompress and eval use these dictionaries; a live cache (generate) cannot yet: train with --no-cross-layer for it. Default: on unless --layers picks a subset or torchrun runs several processes.", show_default=False)] = None,
+    cross_layer: Annotated[Optional[bool], typer.Option("--cross-layer/--no-cross-layer", help="Predict each layer's keys and values from the decoded layers below (--cross-depth of them; the values also from the layer's own keys) before coding: the dictionaries code what that leaves, 15-35% less coding error in the middle and deep layers and 16-39% less KL off the calibration domain (docs/quality.md, thirteenth pass). Trains the layers in order, in one process. Compress, decompress and eval use these dictionaries; a live cache (generate) cannot yet: train with --no-cross-layer for it. Default: on unless --layers picks a subset or torchrun runs several processes.", show_default=False)] = None,
+    cross_depth: Annotated[int, typer.Option("--cross-depth", help="Layers below each cross-layer prediction reads (1 to 8). 2, measured with a 10x stronger ridge than the fit has now, was worse at 2 bits on both models' other-domain texts (KL +5% to +29%) and trained 7-12% slower: docs/quality.md, fourteenth pass.")] = _DEF.cross_depth,
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="After training, load the model and measure each layer's sensitivity on the held-out probe window collect kept, so compress --bits spends bits where they matter.")] = True,
     dist_mode: Annotated[str, typer.Option("--dist", help="Under torchrun: 'shard' gives each rank its share of the dictionaries (same bytes as one process); 'data' trains each dictionary on all ranks, each reading its own activation shards (for a few huge --scope layer dictionaries); 'auto' shards unless there are fewer dictionaries than ranks. See docs/scaling.md.")] = "auto",
     json_out: JsonOpt = None,
@@ -74,11 +75,12 @@ def train_dict(
         picked = parse_layers(layers, max(reader.layers) + 1) if layers is not None else None
         cross = cross_layer
         if cross is None:  # the default: on where the layers can be trained in order, in one process
-            why_not["cross_layer"] = _cross_unavailable(reader, picked, dist.world)
+            why_not["cross_layer"] = _cross_unavailable(reader, picked, dist.world, cross_depth)
             cross = why_not["cross_layer"] is None
         cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
                           batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=use,
-                          predictor_context=predictor_context, predictor_depth=predictor_depth, cross_layer=cross)
+                          predictor_context=predictor_context, predictor_depth=predictor_depth, cross_layer=cross,
+                          cross_depth=cross_depth)
         return cfg, reader, picked, why_not
 
     cfg, reader, picked, why_not = dist.settle(setup, "checking the options")
@@ -109,7 +111,7 @@ def train_dict(
             predict = token_predictor.kv
         calib = None
         if calibrate and reader.manifest.get("probe_ids") and picked is None:
-            def calib(atoms, source, means, maps, xmaps):
+            def calib(atoms, source, means, maps, xmaps, config):
                 from csrtool.calibration.calibrate import calibrate as run_calibration, merge
                 from csrtool.models import load_model
 
@@ -125,7 +127,7 @@ def train_dict(
                     return run_calibration(loaded, atoms, source, reader.manifest["probe_ids"], means=means,
                                            progress=lambda done, total: bar.update(task, completed=done, total=total),
                                            layers=dist.share(sorted({int(n.split(".")[1]) for n in atoms})), maps=maps, predictor=token_predictor,
-                                           xmaps=xmaps)
+                                           xmaps=xmaps, config=config)
 
                 return merge(dist.gather(dist.settle(mine, "sensitivity calibration")))
         elif calibrate and dist.root:
@@ -150,7 +152,7 @@ def _predictor_unavailable(reader, dist_mode: str) -> str | None:
     return None
 
 
-def _cross_unavailable(reader, picked: list[int] | None, world: int) -> str | None:
+def _cross_unavailable(reader, picked: list[int] | None, world: int, depth: int) -> str | None:
     """Why the default cross-layer prediction is left out (None: it is used)."""
     from csrtool.train import XREF_TOKENS_PER_INPUT
 
@@ -158,7 +160,8 @@ def _cross_unavailable(reader, picked: list[int] | None, world: int) -> str | No
         return "--layers picks a subset; each layer is predicted from the one below"
     if world > 1:
         return "torchrun: the layers train in order, in one process"
-    need = XREF_TOKENS_PER_INPUT * 3 * reader.num_kv_heads * reader.head_dim
+    below = min(depth, max(reader.layers))  # the widest map, the top layer's values, reads this many layers below
+    need = XREF_TOKENS_PER_INPUT * (2 * below + 1) * reader.num_kv_heads * reader.head_dim
     if reader.tokens < need:
         return f"{reader.tokens:,} collected tokens are too few to fit its maps; collect at least {need:,}"
     return None

@@ -80,7 +80,8 @@ class TrainConfig:
     predictor: bool = False  # code what the token predictor leaves (csrtool.predictor; maps stored with the atoms)
     predictor_context: int = 1  # tokens each prediction reads: the token, and the ones before it
     predictor_depth: int = 0  # the predictor serves layers < this (0: every layer)
-    cross_layer: bool = False  # predict each layer from the decoded layer below first (csrtool.crosslayer; maps stored with the atoms)
+    cross_layer: bool = False  # predict each layer from the decoded layers below first (csrtool.crosslayer; maps stored with the atoms)
+    cross_depth: int = 1  # with cross_layer: how many layers below each prediction reads (2 was no better: docs/quality.md, fourteenth pass)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -107,6 +108,8 @@ class TrainConfig:
         need(isinstance(self.predictor_context, int) and not isinstance(self.predictor_context, bool) and 1 <= self.predictor_context <= 8,
              f"predictor_context must be 1 to 8 tokens, got {self.predictor_context!r}")
         need(isinstance(self.cross_layer, bool), f"cross_layer must be a boolean, got {self.cross_layer!r}")
+        need(isinstance(self.cross_depth, int) and not isinstance(self.cross_depth, bool) and 1 <= self.cross_depth <= 8,
+             f"cross_depth must be 1 to 8 layers below, got {self.cross_depth!r}")
         need(isinstance(self.predictor_depth, int) and not isinstance(self.predictor_depth, bool) and self.predictor_depth >= 0,
              f"predictor_depth must be a non-negative number of layers (0: all), got {self.predictor_depth!r}")
 

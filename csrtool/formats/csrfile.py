@@ -137,7 +137,7 @@ def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, ids: torch.Te
     """What layer i's coding subtracts from its (keys, values): the dictionaries' means, or, with the cache's
     token ids (_token_ids), the means plus each coded token's prediction; with cross-layer maps (`decoded`, a
     csrtool.crosslayer.Decoded holding the layers coded before), a function per side that adds the prediction
-    from the decoded layer below (and the layer's own keys), called when its inputs are decoded."""
+    from the decoded layers below (and the layer's own keys), called when its inputs are decoded."""
     cfg = header.config.for_layer(i)
     s, tc, _ = codec.spans(header.layers[i][2], cfg.window, cfg.sink)
     if ids is None:
@@ -156,7 +156,7 @@ def _offsets(dicts: DictSet, predictor, header: CsrHeader, i: int, ids: torch.Te
         if w is None:
             return mean
 
-        return lambda: codec.shift(crosslayer.offset(w, decoded, i, kind, s, tc), mean, 1.0)
+        return lambda: codec.shift(crosslayer.offset(w, decoded, i, kind, s, tc, depth=dicts.cross_depth), mean, 1.0)
 
     return side("k", base[0]), side("v", base[1])
 

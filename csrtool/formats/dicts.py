@@ -9,14 +9,16 @@ Layout:
   of row D + 1 (files of csrtool before them: [H, D + 1, D], rounded per vector without them);
   p(t) comes from the model, so these files need it;
 - tensor `layer.{l}.{k|v}.xmap` (optional, train-dict --cross-layer): float32 [F + 1, H·D], the
-  cross-layer map (csrtool.crosslayer): the prediction from the decoded layer below (and, for
-  values, the layer's own decoded keys), subtracted with the mean and added back after decoding;
+  cross-layer map (csrtool.crosslayer): the prediction from the decoded layers below (`config.cross_depth`
+  of them, 1 where absent; and, for values, the layer's own decoded keys), subtracted with the mean and
+  added back after decoding;
 - tensor `layer.{l}.{k|v}`: float32 [G, C, N, Dc] -- G = KV heads (scope 'head') or 1
   (scope 'layer'), C = channel-split chunks (1 for keys, `value_split` for values),
   N atoms of Dc = D / C channels, each atom of unit norm;
 - string metadata: `format` = 'csrtool-dicts', `version` (1; 2 when the predictor maps carry
   channel scales, so an older csrtool refuses what it would round differently; 3 with cross-layer
-  maps, which an older csrtool would not apply), `config` (training config,
+  maps, which an older csrtool would not apply; 4 when they read more than the layer just below,
+  `config.cross_depth` layers), `config` (training config,
   JSON), `source` (model, key_space, num_kv_heads, head_dim, tokens, JSON),
   `errors` (per-dictionary train/val relative error, JSON), `fingerprint`
   (sha256 of names, shapes and bytes of all atoms; checked on load), and, when
@@ -44,7 +46,8 @@ from csrtool.errors import CsrError
 from csrtool.formats.stwrite import save_safetensors
 
 FORMAT = "csrtool-dicts"
-VERSION = 3  # 2: predictor maps with channel scales ([H, D + 2, D]); 3: cross-layer maps; written only by files that have them, else 1
+VERSION = 4  # 2: predictor maps with channel scales ([H, D + 2, D]); 3: cross-layer maps; 4: maps reading more than one layer
+             # below; each written only by files that have them, else 1
 KINDS = ("k", "v")
 MEAN_SUFFIX = ".mean"
 PMAP_SUFFIX = ".pmap"
@@ -113,6 +116,11 @@ class DictSet:
         return bool(self.xmaps)
 
     @property
+    def cross_depth(self) -> int:
+        """How many layers below each cross-layer prediction reads (files before the field: 1; load_dicts checks it)."""
+        return self.config.get("cross_depth", 1) if self.xmaps else 0
+
+    @property
     def predicted(self) -> bool:
         """True when the dictionaries code what remains after the token predictor (decoding needs the model and the token ids)."""
         return bool(self.maps)
@@ -146,7 +154,7 @@ def save_dicts(
     fp = fingerprint(tensors)
     meta = {
         "format": FORMAT,
-        "version": str(3 if xmaps else 2 if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
+        "version": str(4 if xmaps and config.get("cross_depth", 1) != 1 else 3 if xmaps else 2 if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
         "config": json.dumps(config, sort_keys=True),
         "source": json.dumps(source, sort_keys=True),
         "errors": json.dumps(errors, sort_keys=True),
@@ -249,7 +257,7 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
             raise CsrError(f"{path}: predictor map of {name} has shape {list(a.shape)}, expected [H, {d + 2}, {d}]: re-run csrtool train-dict")
         if has_channel_scales(a) and not bool((a[:, -1] > 0).all()):
             raise CsrError(f"{path}: predictor map of {name} has channel scales that are not positive: re-run csrtool train-dict")
-    _check_xmaps(path, atoms, xmaps, source)
+    _check_xmaps(path, atoms, xmaps, source, config)
     if len({a.shape[0] for a in maps.values()}) > 1:
         raise CsrError(f"{path}: predictor maps have different head counts: re-run csrtool train-dict")
     every = {**atoms, **{k + suffix: v for suffix, part in ((MEAN_SUFFIX, means), (PMAP_SUFFIX, maps), (XMAP_SUFFIX, xmaps)) for k, v in part.items()}}
@@ -264,13 +272,16 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
                    xmaps=xmaps)
 
 
-def _check_xmaps(path: Path, atoms: dict[str, torch.Tensor], xmaps: dict[str, torch.Tensor], source: dict) -> None:
-    """Cross-layer maps: one for every dictionary (each layer's prediction reads the one below), of the shape its inputs need."""
+def _check_xmaps(path: Path, atoms: dict[str, torch.Tensor], xmaps: dict[str, torch.Tensor], source: dict, config: dict) -> None:
+    """Cross-layer maps: one for every dictionary (each layer's prediction reads the ones below), of the shape its inputs need."""
     if not xmaps:
         return
-    from csrtool.crosslayer import inputs, width
+    from csrtool.crosslayer import MAX_DEPTH, inputs, width
 
-    want = {name for name in atoms if inputs(*parse_dict_name(name))}  # all but layer 0's keys, which have nothing below
+    depth = config.get("cross_depth", 1)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise CsrError(f"{path} has a corrupted config (cross_depth {depth!r:.20}, layers below a prediction reads: 1 to {MAX_DEPTH}): re-run csrtool train-dict")
+    want = {name for name in atoms if inputs(*parse_dict_name(name), depth)}  # all but layer 0's keys, which have nothing below
     if set(xmaps) != want:
         odd = sorted(set(xmaps) ^ want)[0]
         raise CsrError(f"{path}: cross-layer maps must cover every dictionary but layer 0's keys ({odd} "
@@ -280,8 +291,10 @@ def _check_xmaps(path: Path, atoms: dict[str, torch.Tensor], xmaps: dict[str, to
     for name, w in xmaps.items():
         layer, kind = parse_dict_name(name)
         d = atoms[name].shape[1] * atoms[name].shape[3]
-        if any(src not in atoms for src in (dict_name(*i) for i in inputs(layer, kind))):
-            raise CsrError(f"{path}: {name} is predicted from layer {layer - 1}, which has no dictionary: re-run csrtool train-dict")
-        if w.dim() != 2 or not h or tuple(w.shape) != (width(layer, kind, h, d) + 1, h * d):
+        missing = [i for i in inputs(layer, kind, depth) if dict_name(*i) not in atoms]
+        if missing:
+            raise CsrError(f"{path}: {name} is predicted from layer {missing[0][0]}, which has no dictionary: re-run csrtool train-dict")
+        f = width(layer, kind, h, d, depth)
+        if w.dim() != 2 or not h or tuple(w.shape) != (f + 1, h * d):
             raise CsrError(f"{path}: cross-layer map of {name} has shape {list(w.shape)}, expected "
-                           f"[{width(layer, kind, h, d) + 1 if h else 'F + 1'}, {h * d if h else 'H·D'}]: re-run csrtool train-dict")
+                           f"[{f + 1 if h else 'F + 1'}, {h * d if h else 'H·D'}]: re-run csrtool train-dict")
