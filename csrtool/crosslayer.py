@@ -27,7 +27,6 @@ import torch
 from csrtool.errors import CsrError
 
 RIDGE = 1e-3  # relative ridge: the inputs are decoded (noisy), so rare directions are damped more than the token predictor's
-MAX_DEPTH = 8  # layers below a prediction may read (TrainConfig.cross_depth, 1 by default; files without the field read 1)
 
 
 def inputs(layer: int, kind: str, depth: int = 1) -> list[tuple[int, str]]:

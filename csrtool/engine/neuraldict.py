@@ -56,6 +56,9 @@ VAL_ERR_ROWS = 4096  # the held-out error (stats, early stopping) on at most thi
 Progress = Callable[[int, int, float], None]
 
 
+MAX_CROSS_DEPTH = 8  # the most layers below a cross-layer prediction may read (TrainConfig.cross_depth; dictionary files check it)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a trained dictionary set (recorded in the output file)."""
@@ -108,8 +111,8 @@ class TrainConfig:
         need(isinstance(self.predictor_context, int) and not isinstance(self.predictor_context, bool) and 1 <= self.predictor_context <= 8,
              f"predictor_context must be 1 to 8 tokens, got {self.predictor_context!r}")
         need(isinstance(self.cross_layer, bool), f"cross_layer must be a boolean, got {self.cross_layer!r}")
-        need(isinstance(self.cross_depth, int) and not isinstance(self.cross_depth, bool) and 1 <= self.cross_depth <= 8,
-             f"cross_depth must be 1 to 8 layers below, got {self.cross_depth!r}")
+        need(isinstance(self.cross_depth, int) and not isinstance(self.cross_depth, bool) and 1 <= self.cross_depth <= MAX_CROSS_DEPTH,
+             f"cross_depth must be 1 to {MAX_CROSS_DEPTH} layers below, got {self.cross_depth!r}")
         need(isinstance(self.predictor_depth, int) and not isinstance(self.predictor_depth, bool) and self.predictor_depth >= 0,
              f"predictor_depth must be a non-negative number of layers (0: all), got {self.predictor_depth!r}")
 

@@ -118,7 +118,7 @@ class DictSet:
     @property
     def cross_depth(self) -> int:
         """How many layers below each cross-layer prediction reads (files before the field: 1; load_dicts checks it)."""
-        return self.config.get("cross_depth", 1) if self.xmaps else 0
+        return cross_depth_of(self.config) if self.xmaps else 0
 
     @property
     def predicted(self) -> bool:
@@ -154,7 +154,7 @@ def save_dicts(
     fp = fingerprint(tensors)
     meta = {
         "format": FORMAT,
-        "version": str(4 if xmaps and config.get("cross_depth", 1) != 1 else 3 if xmaps else 2 if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
+        "version": str(4 if xmaps and cross_depth_of(config) != 1 else 3 if xmaps else 2 if any(has_channel_scales(m) for m in (maps or {}).values()) else 1),
         "config": json.dumps(config, sort_keys=True),
         "source": json.dumps(source, sort_keys=True),
         "errors": json.dumps(errors, sort_keys=True),
@@ -272,15 +272,21 @@ def load_dicts(path: Path, device: str | torch.device = "cpu") -> DictSet:
                    xmaps=xmaps)
 
 
+def cross_depth_of(config: dict):
+    """The layers below each cross-layer prediction reads, as a training config records it (files before the field: 1)."""
+    return config.get("cross_depth", 1)
+
+
 def _check_xmaps(path: Path, atoms: dict[str, torch.Tensor], xmaps: dict[str, torch.Tensor], source: dict, config: dict) -> None:
     """Cross-layer maps: one for every dictionary (each layer's prediction reads the ones below), of the shape its inputs need."""
     if not xmaps:
         return
-    from csrtool.crosslayer import MAX_DEPTH, inputs, width
+    from csrtool.crosslayer import inputs, width
+    from csrtool.engine.neuraldict import MAX_CROSS_DEPTH
 
-    depth = config.get("cross_depth", 1)
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
-        raise CsrError(f"{path} has a corrupted config (cross_depth {depth!r:.20}, layers below a prediction reads: 1 to {MAX_DEPTH}): re-run csrtool train-dict")
+    depth = cross_depth_of(config)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_CROSS_DEPTH:
+        raise CsrError(f"{path} has a corrupted config (cross_depth {depth!r:.20}, layers below a prediction reads: 1 to {MAX_CROSS_DEPTH}): re-run csrtool train-dict")
     want = {name for name in atoms if inputs(*parse_dict_name(name), depth)}  # all but layer 0's keys, which have nothing below
     if set(xmaps) != want:
         odd = sorted(set(xmaps) ^ want)[0]
