@@ -74,6 +74,8 @@ XREF_TOKENS_PER_INPUT = 8  # the default cross-layer prediction wants this many 
 STATE = "state.json"
 MARKER = ".csrtool-train-dict"  # only a side directory holding this file is ours to remove
 DIST_MODES = ("auto", "shard", "data")
+VALUE_CHUNK = 128  # train-dict's default value chunk: wider value vectors are split into chunks of this many channels, one
+                   # dictionary each (Gemma-3's 256: 2 chunks; 1-bit KL -5% to -12%, 2-bit level: docs/quality.md, fifteenth pass)
 
 
 def partial_dir(out: Path) -> Path:
@@ -107,6 +109,11 @@ def group_vectors(x: torch.Tensor, scope: str, group: int, chunk: int, chunks: i
     dc = d // chunks
     xs = x[:, group] if scope == "head" else x.reshape(-1, d)  # [T, D] or [T*H, D]
     return xs[:, chunk * dc : (chunk + 1) * dc].contiguous()
+
+
+def default_value_split(head_dim: int) -> int:
+    """The value chunks train-dict uses unless told: chunks of VALUE_CHUNK channels where head_dim is a multiple above it, else whole vectors."""
+    return head_dim // VALUE_CHUNK if head_dim > VALUE_CHUNK and head_dim % VALUE_CHUNK == 0 else 1
 
 
 def training_vectors(reader: ActsReader, cfg: TrainConfig) -> int:

@@ -13,14 +13,14 @@ from csrtool.formats.acts import ActsWriter
 from csrtool.cli import app
 from csrtool.formats.dicts import load_dicts
 from csrtool.engine.neuraldict import TrainConfig
-from csrtool.train import partial_dir, train_dicts
+from csrtool.train import default_value_split, partial_dir, train_dicts
 
 runner = CliRunner()
 L, H, D, T = 2, 2, 16, 400
 FAST = dict(atoms=16, sparsity=2, epochs=2, batch_size=128, kmeans_iters=2, scope="head")
 
 
-def make_acts(path: Path, seed: int = 0) -> Path:
+def make_acts(path: Path, seed: int = 0, D: int = D) -> Path:
     """A tiny activation dir: per layer/kind/head, 2-sparse mixes of 24 random atoms plus noise."""
     g = torch.Generator().manual_seed(seed)
     w = ActsWriter(path, {"model": "tiny-random", "key_space": "post-rope", "num_kv_heads": H, "head_dim": D,
@@ -149,6 +149,23 @@ def test_cli_end_to_end(acts, tmp_path):
     assert all(0 < r["k_val_rel_err"] < 1 and 0 < r["v_val_rel_err"] < 1 for r in data["layers"])
     assert data["config"]["value_split"] == 2 and data["trained"] == 12
     assert load_dicts(out).atoms["layer.0.v"].shape == (H, 2, 16, D // 2)
+
+
+def test_default_value_split_is_chunks_of_128_channels():
+    assert [default_value_split(d) for d in (16, 64, 128, 192, 256, 384, 512)] == [1, 1, 1, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("head_dim, flags, chunks", [(256, [], 2), (256, ["--value-split", "1"], 1), (D, [], 1)])
+def test_cli_value_split_default_follows_head_dim(tmp_path, head_dim, flags, chunks):
+    acts = make_acts(tmp_path / "acts", D=head_dim)
+    out, rep = tmp_path / "d.safetensors", tmp_path / "r.json"
+    res = runner.invoke(app, ["train-dict", str(acts), "-o", str(out), "--atoms", "16", "--sparsity", "2", "--epochs", "0",
+                              "--scope", "head", "--json", str(rep), *flags])
+    assert res.exit_code == 0, res.output
+    assert json.loads(rep.read_text())["config"]["value_split"] == chunks
+    assert load_dicts(out).atoms["layer.1.v"].shape == (H, chunks, 16, head_dim // chunks)
+    assert load_dicts(out).atoms["layer.1.k"].shape == (H, 1, 16, head_dim)
+    assert (f"values: {chunks} chunks of {head_dim // chunks} channels" in res.stdout) == (chunks > 1)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -26,7 +26,7 @@ def train_dict(
     output: Annotated[Path, typer.Option("--output", "-o", help="Dictionary file to write (.safetensors).")],
     atoms: Annotated[int, typer.Option("--atoms", "-n", help="Atoms N per dictionary (index bits = log2 N).")] = _DEF.atoms,
     sparsity: Annotated[int, typer.Option("--sparsity", "-s", help="Atoms per vector S used while training; compress may pick another S.")] = _DEF.sparsity,
-    value_split: Annotated[int, typer.Option("--value-split", help="Split value vectors into SN channel chunks, one dictionary each (keys: 1).")] = _DEF.value_split,
+    value_split: Annotated[Optional[int], typer.Option("--value-split", help="Split value vectors into this many channel chunks, one dictionary each (keys: 1). Default: chunks of 128 channels where head_dim is a larger multiple of 128 (Gemma-3's 256: 2, lower KL at 1 bit and level at 2: docs/quality.md, fifteenth pass), else 1.", show_default=False)] = None,
     scope: Annotated[str, typer.Option("--scope", help="'head': one dictionary per KV head; 'layer': one per layer shared by its heads.")] = _DEF.scope,
     layers: LayersOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Maximum training epochs per dictionary (0 = k-means only).")] = _DEF.epochs,
@@ -59,7 +59,7 @@ def train_dict(
     from csrtool.distributed import Dist
     from csrtool.formats.acts import ActsReader
     from csrtool.models import resolve_device
-    from csrtool.train import partial_dir, train_dicts, training_vectors
+    from csrtool.train import default_value_split, partial_dir, train_dicts, training_vectors
 
     dist = Dist.from_env(resolve_device(device))
 
@@ -77,7 +77,8 @@ def train_dict(
         if cross is None:  # the default: on where the layers can be trained in order, in one process
             why_not["cross_layer"] = _cross_unavailable(reader, picked, dist.world, cross_depth)
             cross = why_not["cross_layer"] is None
-        cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=value_split, scope=scope, encoder=encoder, epochs=epochs,
+        split = default_value_split(reader.head_dim) if value_split is None else value_split
+        cfg = TrainConfig(atoms=atoms, sparsity=sparsity, value_split=split, scope=scope, encoder=encoder, epochs=epochs,
                           batch_size=batch_size, lr=lr, max_vectors=max_vectors, seed=seed, center=center, predictor=use,
                           predictor_context=predictor_context, predictor_depth=predictor_depth, cross_layer=cross,
                           cross_depth=cross_depth)
@@ -224,6 +225,8 @@ def _show(report: dict, cfg: TrainConfig, output: Path, json_out: Optional[Path]
         out.print("cross-layer prediction: on (compress, decompress and eval; a live cache cannot use it yet: train with --no-cross-layer for generate)")
     else:
         out.print(f"cross-layer prediction: off ({why_cross or '--no-cross-layer'})")
+    if cfg.value_split > 1:
+        out.print(f"values: {cfg.value_split} chunks of {report['source']['head_dim'] // cfg.value_split} channels, one dictionary each (--value-split)")
     out.print(f"trained {report['trained']}, resumed {report['resumed']} dictionaries; wrote {output} (fingerprint {report['fingerprint'][:12]})")
     write_json(json_out, {**report, "layers": rows, "predictor": cfg.predictor, **({"predictor_off": why_not} if why_not else {}),
                           "cross_layer": cfg.cross_layer, **({"cross_layer_off": why_cross} if why_cross else {})})
