@@ -264,3 +264,14 @@ def test_cuda_matches_cpu(method: str) -> None:
     e_cpu = rel_err(x, pursuit.decode(i_cpu, c_cpu, atoms))
     e_gpu = rel_err(x, pursuit.decode(i_gpu, c_gpu, atoms.cuda()).cpu())
     torch.testing.assert_close(e_gpu.mean(), e_cpu.mean(), rtol=1e-3, atol=0)
+
+
+def test_adaptive_chunking_is_identical() -> None:
+    """The work buffers are reused from chunk to chunk: the kept Cholesky factors must not carry a later chunk's values."""
+    x, atoms = random_case(11, 300, 128, 32)
+    one = pursuit.encode_groups_adaptive(x[None], atoms[None], 8, 300 * 4, "omp", chunk=300)
+    for chunk in (1, 7, 64):
+        many = pursuit.encode_groups_adaptive(x[None], atoms[None], 8, 300 * 4, "omp", chunk=chunk)
+        assert torch.equal(one[0], many[0]) and torch.equal(one[2], many[2])
+        torch.testing.assert_close(one[1], many[1], rtol=1e-5, atol=1e-6)
+

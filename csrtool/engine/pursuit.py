@@ -190,10 +190,11 @@ def _encode_all(
         if chunk is None:
             chunk = max(256, _CHUNK_ELEMS // n)
         per = max(1, chunk // g)  # vectors per group per chunk
+        scratch = _Scratch()  # one set of work buffers for every chunk: fresh ones would be paged in again each time
         for start in range(0, b, per):
             stop = min(b, start + per)
             xb = x[:, start:stop].to(cd)
-            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method)
+            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method, scratch)
             idx[:, start:stop] = i.view(g, stop - start, s)
             if l is not None and not keep_chol:  # OMP's least-squares coefficients, chunk by chunk
                 gm = torch.linalg.solve_triangular(l.transpose(1, 2), gm[:, :, None], upper=True)[:, :, 0]
@@ -201,6 +202,23 @@ def _encode_all(
             if chol is not None:
                 chol[:, start:stop] = l.view(g, stop - start, s, s)
     return idx.view(g * b, s), gamma.view(g * b, s), None if chol is None else chol.view(g * b, s, s)
+
+
+class _Scratch:
+    """Work buffers reused across the chunks of one encode: `take(name, shape, like)` is a view of
+    buffer `name`, reallocated only when a larger one is needed (its contents are whatever was left)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = 1
+        for z in shape:
+            n *= z
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self.bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,10 +252,11 @@ def argmax_rows(score: torch.Tensor) -> torch.Tensor:
 
 
 def _pursuit(
-    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str
+    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str, scratch: _Scratch | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk: x [G, B, D], atoms [G, N, D], gram [G, N, N] or None -> idx [G*B, S], gamma [G*B, S]
-    and L [G*B, S, S] (OMP; coef = L⁻ᵀγ) or None (MP; gamma are the coefficients)."""
+    and L [G*B, S, S] (OMP; coef = L⁻ᵀγ) or None (MP; gamma are the coefficients). The results are views
+    of `scratch`'s buffers when one is given: copy them out before the next chunk."""
     g, b, d = x.shape
     n = atoms.shape[1]
     m = g * b  # rows of the flat layout
@@ -245,19 +264,23 @@ def _pursuit(
     atoms_t = atoms.transpose(1, 2)  # [G, D, N]
     atoms_flat = atoms.view(g * n, d)  # [G*N, D]
     base = torch.arange(g, device=dev).mul_(n).repeat_interleave(b)  # [M] row offset of each vector's group
-    a = torch.bmm(x, atoms_t).view(m, n)  # [M, N] correlations
+    scratch = scratch or _Scratch()
 
-    score = torch.empty_like(a)  # |a| scratch
-    rows = torch.empty_like(a) if gram is not None else None  # G[i] scratch
+    def buf(name: str, *shape: int) -> torch.Tensor:
+        return scratch.take(name, shape, dt, dev)
+
+    a = torch.bmm(x, atoms_t, out=buf("a", g, b, n)).view(m, n)  # [M, N] correlations
+    score = buf("score", m, n)  # |a| scratch
+    rows = buf("rows", m, n) if gram is not None else None  # G[i] scratch
 
     def gram_rows(i: torch.Tensor) -> torch.Tensor:  # [M] -> G[i] [M, N]
         if gram is not None:
             return torch.index_select(gram.view(g * n, n), 0, base + i, out=rows)
         return torch.bmm(atoms_flat.index_select(0, base + i).view(g, b, d), atoms_t).view(m, n)
 
-    idx = torch.empty(m, s, dtype=torch.long, device=dev)
+    idx = scratch.take("idx", (m, s), torch.long, dev)
     if method == "mp":
-        coef = torch.empty(m, s, dtype=dt, device=dev)
+        coef = buf("coef", m, s)
         for k in range(s):
             i = _argmax_abs(a, score)
             c = a.gather(1, i[:, None])  # [M, 1]
@@ -268,9 +291,9 @@ def _pursuit(
 
     diag = gram.diagonal(dim1=1, dim2=2).reshape(-1) if gram is not None else atoms_flat.pow(2).sum(1)  # [G*N]
     tol = 100 * torch.finfo(dt).eps
-    chol = torch.zeros(m, s, s, dtype=dt, device=dev)  # L, lower triangular
-    gamma = torch.zeros(m, s, dtype=dt, device=dev)  # L·γ = a0[support]
-    basis = torch.empty(m, max(s - 1, 1), n if gram is not None else d, dtype=dt, device=dev)  # u_k or q_k
+    chol = buf("chol", m, s, s).zero_()  # L, lower triangular
+    gamma = buf("gamma", m, s).zero_()  # L·γ = a0[support]
+    basis = buf("basis", m, max(s - 1, 1), n if gram is not None else d)  # u_k or q_k
     for k in range(s):
         i = _argmax_abs(a, score, idx[:, :k] if k else None)  # [M]
         idx[:, k] = i
