@@ -4,8 +4,8 @@
     .venv/bin/python bench/pursuit_ab.py --reference /tmp/pursuit_ref.py --json bench/pursuit_ab.json
 
 Cases (OMP, 8,192 unit atoms of width 64, the engine's default chunking and form): the demo's
-adaptive compress sizes (6,144 vectors = 2,048 tokens x 3 KV heads, at 13 and 26 atoms, the
-1-bit budget's adaptive maximum and twice it) and train-dict's cross-layer settle (32,768 vectors
+adaptive compress sizes (6,144 vectors = 2,048 tokens x 3 KV heads, at 13 and 26 atoms: the
+1-bit keys' sparsity and the adaptive codes' maximum, twice it) and train-dict's cross-layer settle (32,768 vectors
 at 4 atoms). Each case times both versions alternately, best of --repeat, and checks the indices
 are equal and the coefficients within 1e-5.
 """

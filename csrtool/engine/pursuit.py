@@ -33,6 +33,8 @@ memory is bounded by the chunk size, not by B.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -205,16 +207,14 @@ def _encode_all(
 
 
 class _Scratch:
-    """Work buffers reused across the chunks of one encode: `take(name, shape, like)` is a view of
+    """Work buffers reused across the chunks of one encode: `take(name, shape, dtype, device)` is a view of
     buffer `name`, reallocated only when a larger one is needed (its contents are whatever was left)."""
 
     def __init__(self) -> None:
         self.bufs: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        n = 1
-        for z in shape:
-            n *= z
+        n = math.prod(shape)
         buf = self.bufs.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
             buf = self.bufs[name] = torch.empty(n, dtype=dtype, device=device)
