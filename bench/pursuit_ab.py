@@ -7,7 +7,7 @@ Cases (OMP, 8,192 unit atoms of width 64, the engine's default chunking and form
 adaptive compress sizes (6,144 vectors = 2,048 tokens x 3 KV heads, at 13 and 26 atoms: the
 1-bit keys' sparsity and the adaptive codes' maximum, twice it) and train-dict's cross-layer settle (32,768 vectors
 at 4 atoms). Each case times both versions alternately, best of --repeat, and checks the indices
-are equal and the coefficients within 1e-5.
+are equal and the coefficients within 1e-5 (same_codes) and whether both are equal bit for bit (bitwise).
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         same = bool(torch.equal(out["reference"][0], out["tree"][0])
                     and torch.allclose(out["reference"][1], out["tree"][1], rtol=1e-5, atol=1e-5))
+        bitwise = all(torch.equal(r, t) for r, t in zip(out["reference"], out["tree"]))
         row = {"vectors": b, "sparsity": s, "atoms": 8192, "reference_s": min(times["reference"]), "tree_s": min(times["tree"]),
-               "same_codes": same}
+               "same_codes": same, "bitwise": bitwise}
         row["speedup"] = row["reference_s"] / row["tree_s"]
         rows.append(row)
         print(f"{b} vectors x {s} atoms: reference {row['reference_s']:.2f} s, tree {row['tree_s']:.2f} s "
-              f"({row['speedup']:.2f}x), same codes: {same}", flush=True)
+              f"({row['speedup']:.2f}x), same codes: {same}, bit for bit: {bitwise}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")
 

@@ -274,4 +274,3 @@ def test_adaptive_chunking_is_identical() -> None:
         many = pursuit.encode_groups_adaptive(x[None], atoms[None], 8, 300 * 4, "omp", chunk=chunk)
         assert torch.equal(one[0], many[0]) and torch.equal(one[2], many[2])
         torch.testing.assert_close(one[1], many[1], rtol=1e-5, atol=1e-6)
-
