@@ -49,7 +49,7 @@ def main() -> None:
     for name, path in TEXTS.items():
         t_ids = tokenize(loaded.tokenizer, builtin_text("heldout") if path is None else read_text_file(Path(path)))[: args.tokens]
         with torch.no_grad():
-            _, keys, values = capture_kv(loaded.model, t_ids[None], "pre-rope", key_rope(loaded.model, "pre-rope"))
+            keys, values = capture_kv(loaded.model, t_ids[None], "pre-rope", key_rope(loaded.model, "pre-rope"))
         texts[name] = (t_ids, {"k": keys, "v": values})
     uniq, counts = torch.unique(ids, return_counts=True)
     blocks, calib, stacked = [], [], {n: [] for n in texts}

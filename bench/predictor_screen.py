@@ -63,7 +63,7 @@ def main() -> None:
         name, path = spec.split("=", 1)
         t_ids = tokenize(loaded.tokenizer, builtin_text("heldout") if path == "builtin" else read_text_file(Path(path)))[: args.tokens]
         with torch.no_grad():
-            _, keys, values = capture_kv(loaded.model, t_ids[None], "pre-rope", key_rope(loaded.model, "pre-rope"))
+            keys, values = capture_kv(loaded.model, t_ids[None], "pre-rope", key_rope(loaded.model, "pre-rope"))
         texts.append((name, t_ids, {"k": keys, "v": values}))
     cfg, rows = TrainConfig(), []
     for layer in [int(v) for v in args.layers.split(",")]:

@@ -5,8 +5,9 @@
 
 Cases (OMP, 8,192 unit atoms of width 64, the engine's default chunking and form): the demo's
 adaptive compress sizes (6,144 vectors = 2,048 tokens x 3 KV heads, at 13 and 26 atoms: the
-1-bit keys' sparsity and the adaptive codes' maximum, twice it) and train-dict's cross-layer settle (32,768 vectors
-at 4 atoms). Each case times both versions alternately, best of --repeat, and checks the indices
+1-bit keys' sparsity and the adaptive codes' maximum, twice it), train-dict's cross-layer settle (32,768 vectors
+at 4 atoms), and eval's batches (192 vectors = one 64-token chunk x 3 KV heads, at 13 and 26 atoms: the direct
+form, timed over 32 calls). Each case times both versions alternately, best of --repeat, and checks the indices
 are equal and the coefficients within 1e-5 (same_codes) and whether both are equal bit for bit (bitwise).
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from csrtool.engine import pursuit
 
-CASES = [(6144, 13), (6144, 26), (32768, 4)]  # (vectors, atoms per vector)
+CASES = [(6144, 13), (6144, 26), (32768, 4), (192, 13), (192, 26)]  # (vectors, atoms per vector)
 
 
 def load_reference(path: Path):
@@ -46,11 +47,13 @@ def main() -> None:
         x = torch.randn(1, b, 64, generator=gen)
         times: dict[str, list[float]] = {"reference": [], "tree": []}
         out = {}
+        calls = 32 if b < 1024 else 1  # small batches: time a run of calls, as eval makes them
         for _ in range(args.repeat):
             for name, mod in (("reference", ref), ("tree", pursuit)):
                 t0 = time.perf_counter()
-                out[name] = mod.encode_groups(x, atoms, s, "omp")
-                times[name].append(time.perf_counter() - t0)
+                for _ in range(calls):
+                    out[name] = mod.encode_groups(x, atoms, s, "omp")
+                times[name].append((time.perf_counter() - t0) / calls)
         same = bool(torch.equal(out["reference"][0], out["tree"][0])
                     and torch.allclose(out["reference"][1], out["tree"][1], rtol=1e-5, atol=1e-5))
         bitwise = all(torch.equal(r, t) for r, t in zip(out["reference"], out["tree"]))
@@ -58,7 +61,7 @@ def main() -> None:
                "same_codes": same, "bitwise": bitwise}
         row["speedup"] = row["reference_s"] / row["tree_s"]
         rows.append(row)
-        print(f"{b} vectors x {s} atoms: reference {row['reference_s']:.2f} s, tree {row['tree_s']:.2f} s "
+        print(f"{b} vectors x {s} atoms: reference {row['reference_s']:.3f} s, tree {row['tree_s']:.3f} s "
               f"({row['speedup']:.2f}x), same codes: {same}, bit for bit: {bitwise}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")

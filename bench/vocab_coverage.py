@@ -62,7 +62,7 @@ def main() -> None:
         ids = tokenize(loaded.tokenizer, text)[: args.tokens]
         seen = torch.tensor([i in vocab for i in ids.tolist()])
         with torch.no_grad():
-            _, keys, values = capture_kv(loaded.model, ids[None], key_space, key_rope(loaded.model, key_space))
+            keys, values = capture_kv(loaded.model, ids[None], key_space, key_rope(loaded.model, key_space))
         row = {"text": name, "unseen_fraction": float((~seen).float().mean()), "layers": {}}
         for layer in [int(v) for v in args.layers.split(",")]:
             for kind, xs in (("k", keys), ("v", values)):

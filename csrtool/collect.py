@@ -24,7 +24,7 @@ from csrtool.engine import rope
 from csrtool.errors import CsrError
 from csrtool.formats.kvcache import KVCache
 from csrtool.keyspace import RopeParams
-from csrtool.models import Loaded, kv_shape, rope_info
+from csrtool.models import Loaded, kv_shape, last_logits, rope_info
 
 KEY_SPACES = ("auto", "post-rope", "pre-rope")  # auto: pre-rope where the model allows it (codes better), else post-rope
 PROBE_TOKENS = 512  # tokens after the collected ones kept (as ids) for train-dict's sensitivity calibration
@@ -100,14 +100,15 @@ def key_rope(model, key_space: str) -> dict | None:
 @torch.inference_mode()
 def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rope_params: dict | None = None,
                position_offset: int = 0):
-    """Run ids [B, T] and return (logits [B, T, V], keys, values) with L x [B, H, T, D] each.
+    """Run ids [B, T] and return (keys, values), L x [B, H, T, D] each (the vocabulary head runs on the last
+    position only: nobody here reads the logits).
 
     Pre-RoPE keys are the cached keys rotated back with each layer's own rotation (exactly the keys
     before RoPE, k_norm included on models that normalise keys before rotating them, as Gemma 3 does)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **last_logits(model))
     cache = out.past_key_values
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
@@ -118,7 +119,7 @@ def capture_kv(model, input_ids: torch.Tensor, key_space: str = "post-rope", rop
         rots = [rp.for_layer(i) for i in range(len(keys))]
         dev = input_ids.device
         keys = [rope.unrotate(k, r.positions(k.shape[2], dev), r.inv_freq_tensor(dev), r.scaling) for k, r in zip(keys, rots)]
-    return out.logits, keys, values
+    return keys, values
 
 
 def collect(loaded: Loaded, text: str | torch.Tensor, out_dir: Path, cfg: CollectConfig, text_source: str,
@@ -154,7 +155,7 @@ def collect(loaded: Loaded, text: str | torch.Tensor, out_dir: Path, cfg: Collec
         for done in dist.share(range(0, cfg.max_tokens, cfg.seq_len)):
             n = min(cfg.seq_len, cfg.max_tokens - done)
             window = ids[done : done + n][None].to(loaded.device)
-            _, keys, values = capture_kv(loaded.model, window, key_space, rope_params)
+            keys, values = capture_kv(loaded.model, window, key_space, rope_params)
             blocks = {}
             for layer in layers:
                 blocks[(layer, "k")] = keys[layer][0].transpose(0, 1)  # [H, T, D] -> [T, H, D]
@@ -184,7 +185,7 @@ def prompt_cache(loaded: Loaded, text: str, max_tokens: int | None, text_source:
         if max_tokens <= 0:
             raise CsrError(f"--max-tokens must be positive, got {max_tokens}")
         ids = ids[:max_tokens]
-    _, keys, values = capture_kv(loaded.model, ids[None].to(loaded.device))
+    keys, values = capture_kv(loaded.model, ids[None].to(loaded.device))
     meta = {
         "model": loaded.name,
         "dtype": str(loaded.dtype).removeprefix("torch."),

@@ -116,7 +116,7 @@ class TokenPredictor:
             part = torch.tensor(keys[lo : lo + BATCH], dtype=torch.long, device=dev)  # [n, context]
             batch = torch.cat([torch.full_like(part[:, :1], self.prefix), part], 1)
             with torch.no_grad(), suspended(self.model):  # may run inside eval's attention probes or a live cache: unobserved
-                _, ks, vs = capture_kv(self.model, batch, self.key_space, self.rope_params)
+                ks, vs = capture_kv(self.model, batch, self.key_space, self.rope_params)
             yield keys[lo : lo + BATCH], {kind: [x[:, :, -1].float() for x in xs] for kind, xs in (("k", ks), ("v", vs))}
 
     def _extend(self, keys: list[tuple[int, ...]]) -> None:

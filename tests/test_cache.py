@@ -92,7 +92,7 @@ def test_gemma3_pre_rope_codes_hold_each_layers_pre_rope_keys():
         assert layer.rope.inv_freq.tolist() == pytest.approx(rope_info(model)["layers"][0]["inv_freq"])
         coded = reconstruct(layer.k.codes())[0]  # sequence 0 (no padding): positions n_sink.. of its tokens
     assert torch.equal(out, plain)
-    _, pre, _ = capture_kv(model, out[:1], "pre-rope", rope_info(model))
+    pre, _ = capture_kv(model, out[:1], "pre-rope", rope_info(model))
     t0, tc = layer.n_sink, coded.shape[1]
     assert tc > 40
     assert torch.allclose(coded, pre[1][0, :, t0 : t0 + tc], atol=2e-3)

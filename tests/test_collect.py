@@ -53,11 +53,30 @@ def test_collect_matches_a_direct_forward_pass(tiny_llama_dir, tmp_path, text_fi
     assert res.exit_code == 0, res.output
     loaded = load_model(str(tiny_llama_dir))
     ids = tokenize(loaded.tokenizer, TEXT)[:100][None]
-    _, keys, values = capture_kv(loaded.model, ids)
+    keys, values = capture_kv(loaded.model, ids)
     reader = ActsReader(out)
     # stored as fp16: compare at fp16 precision
     assert torch.allclose(reader.load(0, "v"), values[0][0].transpose(0, 1).half().float())
     assert torch.allclose(reader.load(1, "k"), keys[1][0].transpose(0, 1).half().float())
+
+
+def test_capture_runs_the_head_on_the_last_position_only_and_keeps_the_cache_exact(tiny_llama_dir):
+    from transformers import DynamicCache
+
+    from csrtool.models import last_logits
+
+    loaded = load_model(str(tiny_llama_dir))
+    assert last_logits(loaded.model) == {"logits_to_keep": 1}
+    assert last_logits(torch.nn.Linear(2, 2)) == {}  # a forward without the argument: the plain call
+    ids = tokenize(loaded.tokenizer, TEXT)[:40][None]
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        last = loaded.model(input_ids=ids, use_cache=False, **last_logits(loaded.model))
+    assert full.logits.shape[1] == 40 and last.logits.shape[1] == 1
+    torch.testing.assert_close(last.logits[0, -1], full.logits[0, -1])
+    keys, values = capture_kv(loaded.model, ids)
+    for i, layer in enumerate(full.past_key_values.layers):
+        assert torch.equal(keys[i], layer.keys) and torch.equal(values[i], layer.values)
 
 
 def test_shards_flush_and_concatenate(tiny_llama_dir, tmp_path, text_file):
@@ -80,12 +99,12 @@ def test_pre_rope_keys_equal_the_key_projection(tiny_llama_dir):
     attn = model.model.layers[1].self_attn
     handle = attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o))
     try:
-        _, pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
+        pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
     finally:
         handle.remove()
     direct = captured["k"].view(1, ids.shape[1], 2, 8).transpose(1, 2)  # [B, H, T, D]
     assert torch.allclose(pre[1], direct, atol=1e-5)
-    _, post, _ = capture_kv(model, ids)
+    post, _ = capture_kv(model, ids)
     info = rope_info(model)
     again = rope.rotate(pre[1], torch.arange(ids.shape[1]), torch.tensor(info["inv_freq"]), info["scaling"])
     assert torch.allclose(again, post[1], atol=1e-5)
@@ -113,14 +132,14 @@ def test_gemma3_pre_rope_keys_equal_the_normed_keys_per_layer():
     hooks = [model.model.layers[i].self_attn.k_norm.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, o))
              for i in range(2)]
     try:
-        _, pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
+        pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
     finally:
         for h in hooks:
             h.remove()
     for i in range(2):
         assert captured[i].shape == pre[i].shape == (1, 2, ids.shape[1], 8)  # k_norm runs on [B, H, T, D]
         assert torch.allclose(pre[i], captured[i], atol=1e-5), i
-    _, post, _ = capture_kv(model, ids)
+    post, _ = capture_kv(model, ids)
     common = torch.tensor(rope_info(model)["inv_freq"])
     wrong = rope.unrotate(post[1], torch.arange(ids.shape[1]), common)
     assert not torch.allclose(wrong, captured[1], atol=1e-2)
@@ -210,7 +229,7 @@ def test_gpt2_style_model_captures_and_refuses_pre_rope():
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, eos_token_id=0, bos_token_id=0)).eval()
-    _, keys, values = capture_kv(model, torch.arange(20)[None])
+    keys, values = capture_kv(model, torch.arange(20)[None])
     assert len(keys) == 2 and keys[0].shape == values[1].shape == (1, 4, 20, 8)
     with pytest.raises(CsrError, match="--keys pre-rope is not supported for gpt2 models"):
         key_rope(model, "pre-rope")

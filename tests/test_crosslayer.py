@@ -110,7 +110,7 @@ def test_train_dict_writes_a_map_for_every_dictionary_with_inputs(trained):
 def test_reconstruct_subtracts_the_prediction_from_the_decoded_layer_below(trained, loaded):
     ds = load_dicts(trained / "cross.safetensors")
     ids = tokenize(loaded.tokenizer, "Five boxing wizards jump quickly; the lazy dog sleeps.")[None]
-    _, keys, values = capture_kv(loaded.model, ids)  # keys post-RoPE, as the cache holds them
+    keys, values = capture_kv(loaded.model, ids)  # keys post-RoPE, as the cache holds them
     cfg = codec.CodecConfig(2, 2, method="omp")
     tp = TokenPredictor.for_dicts(loaded, ds)
     rec = Reconstructor(ds, cfg, rope_info(loaded.model), tp)

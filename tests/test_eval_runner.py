@@ -209,6 +209,10 @@ def test_needle_trials_and_retrieval(model):
         assert acc["answers"][f"{tr.depth:g}"] == want
         hits += tr.key in want
     assert acc["accuracy"] == hits / len(trials)
+    # the prefill projects only the last position onto the vocabulary: the same next-token logits
+    full, last = (runner.CompressedFeed(model, Identity(), window=WINDOW).step(trials[0].ids, last=flag) for flag in (False, True))
+    assert full.shape[0] == trials[0].ids.shape[1] and last.shape[0] == 1
+    torch.testing.assert_close(last[0], full[-1])
 
 
 def test_run_eval_document(model, ids):

@@ -54,7 +54,7 @@ def _kmeans_dicts(loaded, n_atoms: int = 512) -> DictSet:
     from csrtool.models import rope_info
 
     ids = tokenize(loaded.tokenizer, builtin_text("calibration"))[:1024][None]
-    _, keys, values = capture_kv(loaded.model, ids, "pre-rope", rope_info(loaded.model))
+    keys, values = capture_kv(loaded.model, ids, "pre-rope", rope_info(loaded.model))
     g = torch.Generator().manual_seed(0)
     atoms = {}
     for layer, (k, v) in enumerate(zip(keys, values)):

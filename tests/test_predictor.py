@@ -91,7 +91,7 @@ def test_context_free_kv_is_the_token_after_the_prefix_and_memoised(loaded):
     p = tp.kv(1, "k", ids)
     assert p.shape == (4, 2, 8) and len(tp.index) == 3
     torch.testing.assert_close(p[0], p[2])
-    _, keys, values = capture_kv(loaded.model, torch.tensor([[tp.prefix, 66]]), "pre-rope", key_rope(loaded.model, "pre-rope"))
+    keys, values = capture_kv(loaded.model, torch.tensor([[tp.prefix, 66]]), "pre-rope", key_rope(loaded.model, "pre-rope"))
     torch.testing.assert_close(p[1], keys[1][0, :, 1])
     torch.testing.assert_close(tp.kv(0, "v", ids[1:2])[0], values[0][0, :, 1])
     assert len(tp.index) == 3  # nothing recomputed
@@ -103,7 +103,7 @@ def test_a_two_token_context_reads_the_token_before(loaded):
     p = tp.kv(1, "v", ids)
     rp = key_rope(loaded.model, "pre-rope")
     for i, seq in enumerate(([tp.prefix, tp.prefix, 65], [tp.prefix, 65, 66], [tp.prefix, 66, 67], [tp.prefix, 67, 66])):
-        _, _, values = capture_kv(loaded.model, torch.tensor([seq]), "pre-rope", rp)
+        _, values = capture_kv(loaded.model, torch.tensor([seq]), "pre-rope", rp)
         torch.testing.assert_close(p[i], values[1][0, :, -1])
     torch.testing.assert_close(tp.kv(1, "v", ids, last=2), p[2:])
     assert len(tp.index) == 4 and not torch.allclose(p[1], p[3])  # token 66 after 65 and after 67
@@ -151,7 +151,7 @@ def test_train_dict_writes_the_maps_it_trained_on(trained, loaded):
 def test_reconstruct_codes_the_residual_and_layer_zero_is_exact(trained, loaded):
     ds, plain = load_dicts(trained / "pred.safetensors"), load_dicts(trained / "plain.safetensors")
     ids = tokenize(loaded.tokenizer, "Five boxing wizards jump quickly; the lazy dog sleeps.")[None]
-    _, keys, values = capture_kv(loaded.model, ids)  # keys post-RoPE, as the cache holds them
+    keys, values = capture_kv(loaded.model, ids)  # keys post-RoPE, as the cache holds them
     cfg = codec.CodecConfig(1, 1, method="omp")
     with pytest.raises(CsrError, match="the model is needed"):
         Reconstructor(ds, cfg, rope_info(loaded.model))
@@ -341,7 +341,7 @@ def test_predictor_depth_maps_only_the_first_layers(trained, loaded):
     torch.testing.assert_close(ds.atoms["layer.1.k"], plain.atoms["layer.1.k"])  # layer 1 trained on the vectors themselves
     # eval-side decoding: layer 1 is the plain codec round trip around its mean
     ids = tokenize(loaded.tokenizer, "Five boxing wizards jump quickly.")[None]
-    _, _, values = capture_kv(loaded.model, ids)
+    _, values = capture_kv(loaded.model, ids)
     rec = Reconstructor(ds, codec.CodecConfig(1, 1, method="omp"), rope_info(loaded.model), TokenPredictor.for_dicts(loaded, ds))
     pos = torch.arange(ids.shape[1])
     torch.testing.assert_close(rec.reconstruct(1, "v", values[1], pos, ids),

@@ -87,8 +87,8 @@ def identity_dicts(key_space: str = "pre-rope", layers: int = 2) -> DictSet:
 def gemma():
     model = tiny_model("gemma3")
     ids = torch.arange(5, 45)[None]
-    _, post, values = capture_kv(model, ids)
-    _, pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
+    post, values = capture_kv(model, ids)
+    pre, _ = capture_kv(model, ids, "pre-rope", rope_info(model))
     return {"model": model, "post": post, "pre": pre, "values": values, "rope": rope_info(model)}
 
 

@@ -56,7 +56,7 @@ def calibrate(
     method = Reconstructor(ds, ref, rope_info(loaded.model), predictor)
     ids = torch.tensor([probe_ids], dtype=torch.long, device=loaded.device)
     if ds.cross_layer:  # each layer's coding reads the layers below decoded: code every layer of the window once, in order
-        _, ks, vs = capture_kv(loaded.model, ids, "post-rope", None)
+        ks, vs = capture_kv(loaded.model, ids, "post-rope", None)
         method.prime(ks, vs, ids)
     layers = list(range(n_layers)) if layers is None else list(layers)
     total = 2 * len(layers)
@@ -68,7 +68,7 @@ def calibrate(
             progress(done[0], total)
 
     kl = layer_sensitivity(loaded.model, ids, method, recent=RECENT, sink=SINK, progress=tick, layers=layers)
-    _, keys, values = capture_kv(loaded.model, ids, key_space, key_rope(loaded.model, key_space))
+    keys, values = capture_kv(loaded.model, ids, key_space, key_rope(loaded.model, key_space))
     s_max = {"k": min(n_atoms, head_dim // 2), "v": min(n_atoms, head_dim // value_split // 2)}
     s_at = {"k": s_ref[0], "v": s_ref[1]}
     curves, kls = {}, {}

@@ -51,14 +51,14 @@ def retrieve(model, tokenizer, trial: Trial, method, chunk: int, window: int, ma
     ids = trial.ids.to(device)
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        logits = feed.step(ids[:, start : start + chunk])
+        logits = feed.step(ids[:, start : start + chunk], last=True)  # only the last position's answer is read
     out = []
     nxt = logits[-1].argmax()
     for _ in range(max_new):
         out.append(int(nxt))
         if tokenizer.eos_token_id is not None and int(nxt) == tokenizer.eos_token_id:
             break
-        nxt = feed.step(nxt.view(1, 1), age=False)[-1].argmax()
+        nxt = feed.step(nxt.view(1, 1), age=False, last=True)[-1].argmax()
     return tokenizer.decode(out, skip_special_tokens=True)
 
 

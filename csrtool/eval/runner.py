@@ -37,6 +37,7 @@ from csrtool.attention_hook import attention_override, supported
 from csrtool.errors import CsrError
 from csrtool.eval import metrics, sliding
 from csrtool.eval.methods import Identity
+from csrtool.models import last_logits
 
 Progress = Callable[[str], None]
 
@@ -97,9 +98,10 @@ class CompressedFeed:
             self.cache = DynamicCache(config=model.config)
             sliding.check_layers(model, self.cache)
 
-    def step(self, ids: torch.Tensor, age: bool = True) -> torch.Tensor:
-        """Forward ids [1, n]; return logits [n, V] (float32); then age the cache."""
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+    def step(self, ids: torch.Tensor, age: bool = True, last: bool = False) -> torch.Tensor:
+        """Forward ids [1, n]; return logits [n, V] (float32; last=True: the last position's only, [1, V],
+        where the model can skip the others' vocabulary head); then age the cache."""
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, **(last_logits(self.model) if last else {}))
         self.pos += ids.shape[1]
         self.ids = torch.cat([self.ids, ids.to("cpu", torch.long)], 1)
         if age:
