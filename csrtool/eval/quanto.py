@@ -42,6 +42,20 @@ def backend_missing(backend: str) -> str | None:
     return None if ok else INSTALL[backend]
 
 
+def prebuild() -> str | None:
+    """Compile optimum-quanto's C++ extension now rather than in the first eval (it builds on first use:
+    ~30 s on 2 cores). None when it is built (or quanto is not installed), else why it could not be."""
+    if backend_missing("quanto"):
+        return None
+    try:
+        from optimum.quanto.library.extensions import get_extension
+
+        get_extension("quanto_cpp").lib
+    except Exception as exc:  # a missing compiler: the eval's quanto rows fall back to quanto's Python unpacking
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def unsupported_model(model, backend: str, q_group_size: int = Q_GROUP) -> str | None:
     """None when transformers' QuantizedCache can hold this model's cache, else why not."""
     from csrtool.eval.sliding import has_sliding
