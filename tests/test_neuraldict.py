@@ -138,6 +138,31 @@ def test_assign_is_the_nearest_centroid_in_any_chunking(unit, signed):
         torch.testing.assert_close(near, dist.min(1).values, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("unit, signed", [(True, True), (False, False)])
+def test_fast_assign_is_nearly_the_nearest_centroid_with_exact_signs(monkeypatch, unit, signed):
+    """bf16 dot products (where the hardware has them; forced here): a near-tie may go to the other centroid, never a
+    clearly farther one, and the sign is the exact match's."""
+    from csrtool.engine import pursuit
+
+    monkeypatch.setattr(pursuit, "_native_bf16_cpu", lambda: True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2000, 64, generator=g)
+    c = torch.randn(2048, 64, generator=g)
+    if unit:
+        c = torch.nn.functional.normalize(c, dim=1)
+    dist = torch.cdist(x, c).pow(2)
+    if signed:
+        dist = torch.minimum(dist, torch.cdist(x, -c).pow(2))
+    lab, sign = assign(x, c, signed=signed, fast=True)
+    exact, _ = assign(x, c, signed=signed)
+    assert not torch.equal(lab, exact) and (lab == exact).float().mean() > 0.8  # it took the bf16 path
+    near = (x - sign[:, None] * c[lab]).pow(2).sum(1)  # a wrong sign would put the row twice as far
+    best = dist.min(1).values
+    assert bool((near <= best * 1.01 + 1e-4).all())
+    monkeypatch.setattr(pursuit, "_native_bf16_cpu", lambda: False)
+    assert all(torch.equal(a, b) for a, b in zip(assign(x, c, signed=signed, fast=True), assign(x, c, signed=signed)))
+
+
 def test_kmeans_pp_distinct_and_seeded():
     x = torch.randn(300, 8)
     a = kmeans_pp(x, 50, torch.Generator().manual_seed(5))

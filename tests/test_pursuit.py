@@ -183,6 +183,53 @@ def test_gram_and_direct_forms_agree() -> None:
         torch.testing.assert_close(e1.mean(), e2.mean(), rtol=1e-4, atol=0)
 
 
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """The fast path whatever this CPU has: an emulated bf16 GEMM is slower, not different."""
+    monkeypatch.setattr(pursuit, "_native_bf16_cpu", lambda: True)
+
+
+def chosen_atoms_coefficients(x: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, method: str) -> torch.Tensor:
+    """float64 coefficients of the atoms in idx [B, S]: least squares (OMP) or matching pursuit's along them (MP)."""
+    a = atoms.double()[idx]  # [B, S, D]
+    if method == "omp":
+        return torch.linalg.lstsq(a.transpose(1, 2), x.double()[:, :, None]).solution[:, :, 0]
+    r, out = x.double().clone(), []
+    for k in range(idx.shape[1]):
+        c = (r * a[:, k]).sum(1)
+        out.append(c)
+        r = r - c[:, None] * a[:, k]
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+@pytest.mark.parametrize("form", FORMS)
+def test_fast_correlations_choose_about_as_well_with_exact_coefficients(native_bf16, method: str, form: bool) -> None:
+    x, atoms = random_case(6, 300, 2048, 64)
+    s = 8
+    idx, coef = pursuit.encode(x, atoms, s, method, gram=form, fast=True)
+    exact_idx, exact_coef = pursuit.encode(x, atoms, s, method, gram=form)
+    assert not torch.equal(idx, exact_idx)  # it took the bf16 path: some near-ties went the other way
+    assert (idx == exact_idx).all(1).float().mean() > 0.5
+    torch.testing.assert_close(coef.double(), chosen_atoms_coefficients(x, atoms, idx, method), rtol=1e-4, atol=1e-5)
+    e_fast = float(rel_err(x, pursuit.decode(idx, coef, atoms)).mean())
+    e_exact = float(rel_err(x, pursuit.decode(exact_idx, exact_coef, atoms)).mean())
+    assert abs(e_fast - e_exact) <= 0.01 * e_exact
+
+
+def test_fast_is_the_exact_path_without_native_bf16(monkeypatch) -> None:
+    x, atoms = random_case(7, 100, 1024, 64)
+    monkeypatch.setattr(pursuit, "_native_bf16_cpu", lambda: False)
+    assert not pursuit.fast_correlations(torch.float32, "cpu")
+    for method in ("mp", "omp"):
+        fast, exact = pursuit.encode(x, atoms, 6, method, fast=True), pursuit.encode(x, atoms, 6, method)
+        assert all(torch.equal(f, e) for f, e in zip(fast, exact))
+    monkeypatch.setattr(pursuit, "_native_bf16_cpu", lambda: True)
+    assert pursuit.fast_correlations(torch.float32, "cpu") and not pursuit.fast_correlations(torch.float64, "cpu")
+    fast, exact = pursuit.encode(x.double(), atoms.double(), 6, "omp", fast=True), pursuit.encode(x.double(), atoms.double(), 6, "omp")
+    assert all(torch.equal(f, e) for f, e in zip(fast, exact))  # float64 work never takes it
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_input(dtype: torch.dtype) -> None:
     x, atoms = random_case(5, 100, 256, 64)

@@ -1,6 +1,6 @@
 """k-means for dictionary initialisation: k-means++ seeding, then a few Lloyd steps.
 
-    kmeans(x [B, D], k, iters, generator, normalize, seed_rounds) -> centroids [k, D]
+    kmeans(x [B, D], k, iters, generator, normalize, seed_rounds, fast) -> centroids [k, D]
 
 Seeding is batched k-means++ (`kmeans_pp_batched`): `seed_rounds` rounds, each
 drawing k / rounds new seeds at once by D² sampling without replacement and
@@ -15,6 +15,10 @@ with the largest |cos|, flipped onto its sign): atoms are used with signed
 coefficients, so x and -x want the same atom. With `normalize=False` it is plain
 Euclidean k-means on the raw vectors.
 
+`fast=True`: the assignment's dot products run in bfloat16 where the hardware has
+native bf16 GEMMs (csrtool.engine.pursuit.fast_correlations; the match's sign from
+an exact dot product): a near-tie between two centroids may go the other way.
+
 Batched over rows (`chunk`), deterministic for a given torch.Generator, and
 allocates on x's device. Imports only torch.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from csrtool.engine.comm import LOCAL, Comm, bcast
-from csrtool.engine.pursuit import argmax_rows
+from csrtool.engine.pursuit import argmax_rows, fast_correlations
 
 
 def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -109,8 +113,8 @@ def kmeans_pp_batched(x: torch.Tensor, k: int, rounds: int = 64, generator: torc
         picked = torch.cat([picked, new])
 
 
-def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid per row: (labels [B], sign [B] of the match, +1 if not signed).
+def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int | None = None, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid per row: (labels [B], sign [B] of the match, +1 if not signed). `fast`: bf16 dot products (module doc).
 
     Rows go in chunks whose [b, k] scores stay in cache (`chunk` None: about 2M entries;
     8,192 rows x 4,096 centroids took 3x as long per row on one core, bench/ndspeed.py), and
@@ -121,8 +125,9 @@ def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int | None = N
     unit = bool(((c_sq - 1).abs() < 1e-4).all())
     if chunk is None:
         chunk = max(256, (1 << 21) // max(1, c.shape[0]))
+    low = c.T.to(torch.bfloat16).contiguous() if fast and fast_correlations(x.dtype, x.device) else None  # [D, k]
     for s in range(0, x.shape[0], chunk):
-        dot = x[s : s + chunk] @ c.T  # [b, k]
+        dot = x[s : s + chunk] @ c.T if low is None else (x[s : s + chunk].to(torch.bfloat16) @ low).float()  # [b, k]
         if unit:  # all |c| = 1: nearest is simply the largest (absolute) dot product
             score = dot.abs() if signed else dot
         elif signed:
@@ -131,7 +136,12 @@ def assign(x: torch.Tensor, c: torch.Tensor, signed: bool, chunk: int | None = N
             score = 2 * dot - c_sq
         lab = argmax_rows(score)
         labels.append(lab)
-        sg = dot.gather(1, lab[:, None])[:, 0].sign() if signed else torch.ones_like(lab, dtype=x.dtype)
+        if not signed:
+            sg = torch.ones_like(lab, dtype=x.dtype)
+        elif low is None:
+            sg = dot.gather(1, lab[:, None])[:, 0].sign()
+        else:
+            sg = (x[s : s + chunk] * c[lab]).sum(1).sign()
         signs.append(torch.where(sg == 0, torch.ones_like(sg), sg))
     return torch.cat(labels), torch.cat(signs)
 
@@ -144,6 +154,7 @@ def kmeans(
     normalize: bool = True,
     comm: Comm = LOCAL,
     seed_rounds: int | None = 64,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Centroids [k, D] of x [B, D]: k-means++ seeds, then `iters` Lloyd steps.
 
@@ -153,6 +164,7 @@ def kmeans(
     from their centroid, so all k centroids stay distinct and useful.
     Data parallel (`comm`, csrtool.engine.comm): each process holds a slice of the
     rows; the root's seeds and re-seeds are broadcast, cluster sums and counts summed.
+    fast: bf16 dot products in the Lloyd steps' assignment (module doc).
     """
     assert x.dim() == 2 and k >= 1
     xf = x.float()
@@ -174,7 +186,7 @@ def kmeans(
         c = xf.new_zeros(k, xf.shape[1])
     c = bcast(comm, c)  # [k, D]
     for _ in range(iters):
-        labels, sign = assign(xf, c, signed=normalize)
+        labels, sign = assign(xf, c, signed=normalize, fast=fast)
         sums = comm.sum(torch.zeros_like(c).index_add_(0, labels, xf * sign[:, None]))  # [k, D]
         counts = comm.sum(torch.bincount(labels, minlength=k).to(xf.dtype))  # [k]
         empty = counts == 0

@@ -185,7 +185,8 @@ def reconstruct(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str
 def init_atoms(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, comm: Comm = LOCAL) -> torch.Tensor:
     """Initial unit atoms [N, D]: k-means centroids or random training vectors (the root's)."""
     if cfg.init == "kmeans":
-        return kmeans(x, cfg.atoms, cfg.kmeans_iters, gen, normalize=True, comm=comm)
+        # fast: bf16 dot products assign the rows where the hardware has them (1.4-1.6x; docs/quality.md, eighteenth pass)
+        return kmeans(x, cfg.atoms, cfg.kmeans_iters, gen, normalize=True, comm=comm, fast=True)
     if not comm.root:
         return bcast(comm, x.new_zeros(cfg.atoms, x.shape[1]))
     pick = torch.randint(x.shape[0], (cfg.atoms,), generator=gen, device=x.device) if cfg.atoms > x.shape[0] else torch.randperm(x.shape[0], generator=gen, device=x.device)[: cfg.atoms]

@@ -29,10 +29,24 @@ saves; then the rows G[i] and u_k are computed from the atoms by GEMM instead
 Ties in argmax go to the lowest atom index. Half-precision inputs are computed
 in float32; float64 inputs stay float64. Vectors are processed in chunks, so
 memory is bounded by the chunk size, not by B.
+
+Fast correlations (`fast=True`, for codes nobody compares with others: train-dict's
+decoded calibration vectors). On float32 work where the hardware has native bfloat16
+GEMMs (x86 CPUs with avx512_bf16 or AMX, CUDA GPUs with bf16; `fast_correlations`)
+the direct form is used (unless a Gram is passed) and each step correlates the
+exact float32 residual r afresh, D·r as one bfloat16 GEMM (a0 = X·Dᵀ likewise in
+the Gram form), so the rounding is relative to r, not to x, and steers only which
+atom is picked. Every coefficient comes from exact float32 dot products (OMP:
+γ_k = (x·d_i − L[k, :k]·γ_{:k}) / L[k, k], the forward substitution itself; MP:
+c = x·d_i − Σ_j c_j·d_j·d_i): the codes carry the least-squares (OMP) or matching-
+pursuit coefficients of the atoms chosen. A near-tie between two atoms may go the
+other way, differently at other batch sizes, so compress, eval and the live cache,
+whose codes must agree, do not use it (docs/quality.md, eighteenth pass).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,6 +56,31 @@ from csrtool.engine import adaptive
 
 METHODS = ("mp", "omp")
 _CHUNK_ELEMS = 1 << 18  # default chunk: about this many [vector, atom] entries (a [B, N] slab that fits in L2)
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of a native bf16 dot product
+
+
+def fast_correlations(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether `fast=True` work of `dtype` on `device` picks atoms from bf16 correlation GEMMs (see the module doc)."""
+    if dtype != torch.float32:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _native_bf16_cpu()
+
+
+@functools.cache
+def _native_bf16_cpu() -> bool:
+    """x86 CPUs whose flags (Linux /proc/cpuinfo) include a native bf16 dot product; elsewhere, False:
+    an emulated bf16 GEMM is slower than float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return any(f in line.split() for f in _NATIVE_BF16_FLAGS)
+    except OSError:
+        pass
+    return False
 
 
 def gram(atoms: torch.Tensor) -> torch.Tensor:
@@ -57,17 +96,19 @@ def encode(
     method: str = "omp",
     chunk: int | None = None,
     gram: torch.Tensor | bool | None = None,
+    fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code each row of x [B, D] with `sparsity` atoms of `atoms` [N, D] (unit rows).
 
     Returns idx [B, S] int64 and coef [B, S] float32 on x's device. `chunk` bounds
     how many vectors are coded at once (None: sized so a chunk's [B, N] work fits
     in cache). `gram`: a precomputed D·Dᵀ [N, N] (from `gram(atoms)`), True/False
-    to force the Gram/direct form, or None to choose by cost.
+    to force the Gram/direct form, or None to choose by cost. `fast`: fast
+    correlations where the hardware has them (module doc).
     """
     if gram is not None and not isinstance(gram, bool):
         gram = gram[None]
-    idx, coef = encode_groups(x[None], atoms[None], sparsity, method, chunk, gram)
+    idx, coef = encode_groups(x[None], atoms[None], sparsity, method, chunk, gram, fast)
     return idx[0], coef[0]
 
 
@@ -121,13 +162,14 @@ def encode_groups(
     method: str = "omp",
     chunk: int | None = None,
     gram: torch.Tensor | bool | None = None,
+    fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code group g of x [G, B, D] with atoms[g] of [G, N, D]: idx, coef [G, B, S].
 
     All groups go through one bmm per chunk (e.g. one dictionary per KV head).
-    `gram` as in `encode`, with a precomputed Gram of shape [G, N, N].
+    `gram` and `fast` as in `encode`, with a precomputed Gram of shape [G, N, N].
     """
-    idx, coef, _ = _encode_all(x, atoms, sparsity, method, chunk, gram, keep_chol=False)
+    idx, coef, _ = _encode_all(x, atoms, sparsity, method, chunk, gram, keep_chol=False, fast=fast)
     g, b = x.shape[0], x.shape[1]
     return idx.view(g, b, idx.shape[1]), coef.float().view(g, b, idx.shape[1])
 
@@ -160,7 +202,7 @@ def encode_groups_adaptive(
 
 def _encode_all(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, chunk: int | None, gram: torch.Tensor | bool | None,
-    keep_chol: bool,
+    keep_chol: bool, fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """idx [G*B, S] and, rows group-major (group g's vectors are rows g*B .. g*B+B-1):
     keep_chol False: the coefficients [G*B, S] and None;
@@ -183,8 +225,9 @@ def _encode_all(
         return idx.view(0, s), gamma.view(0, s), None if chol is None else chol.view(0, s, s)  # G*B = 0 rows
     with torch.no_grad():
         atoms_c = atoms.to(device=dev, dtype=cd).contiguous()
-        if gram is None:
-            gram = b * g * max(s - 1, 1) >= n * g  # the Gram pays off when B·(S−1) ≥ N
+        low = atoms_c.transpose(1, 2).to(torch.bfloat16).contiguous() if fast and fast_correlations(cd, dev) else None  # [G, D, N]
+        if gram is None:  # the Gram pays off when B·(S−1) ≥ N, unless the direct form's GEMMs are fast ones
+            gram = low is None and b * g * max(s - 1, 1) >= n * g
         if gram is True:
             gram = atoms_c @ atoms_c.transpose(1, 2)  # [G, N, N]
         elif gram is not False:
@@ -196,7 +239,7 @@ def _encode_all(
         for start in range(0, b, per):
             stop = min(b, start + per)
             xb = x[:, start:stop].to(cd)
-            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method, scratch)
+            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method, scratch, low)
             idx[:, start:stop] = i.view(g, stop - start, s)
             if l is not None and not keep_chol:  # OMP's least-squares coefficients, chunk by chunk
                 gm = torch.linalg.solve_triangular(l.transpose(1, 2), gm[:, :, None], upper=True)[:, :, 0]
@@ -252,24 +295,35 @@ def argmax_rows(score: torch.Tensor) -> torch.Tensor:
 
 
 def _pursuit(
-    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str, scratch: _Scratch | None = None
+    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str, scratch: _Scratch | None = None,
+    low: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk: x [G, B, D], atoms [G, N, D], gram [G, N, N] or None -> idx [G*B, S], gamma [G*B, S]
     and L [G*B, S, S] (OMP; coef = L⁻ᵀγ) or None (MP; gamma are the coefficients). The results are views
-    of `scratch`'s buffers when one is given: copy them out before the next chunk."""
+    of `scratch`'s buffers when one is given: copy them out before the next chunk. `low` [G, D, N]: the atoms
+    in bf16 for fast correlations (module doc), or None."""
     g, b, d = x.shape
     n = atoms.shape[1]
     m = g * b  # rows of the flat layout
     dev, dt = x.device, x.dtype
     atoms_t = atoms.transpose(1, 2)  # [G, D, N]
     atoms_flat = atoms.view(g * n, d)  # [G*N, D]
+    x_flat = x.reshape(m, d)
     base = torch.arange(g, device=dev).mul_(n).repeat_interleave(b)  # [M] row offset of each vector's group
     scratch = scratch or _Scratch()
 
-    def buf(name: str, *shape: int) -> torch.Tensor:
-        return scratch.take(name, shape, dt, dev)
+    def buf(name: str, *shape: int, dtype: torch.dtype = dt) -> torch.Tensor:
+        return scratch.take(name, shape, dtype, dev)
 
-    a = torch.bmm(x, atoms_t, out=buf("a", g, b, n)).view(m, n)  # [M, N] correlations
+    def correlate(v: torch.Tensor, name: str) -> torch.Tensor:  # v [G, B, D] -> v·Dᵀ [M, N] (bf16 with `low`)
+        if low is None:
+            return torch.bmm(v, atoms_t, out=buf(name, g, b, n)).view(m, n)
+        return torch.bmm(v.to(torch.bfloat16), low, out=buf(name, g, b, n, dtype=torch.bfloat16)).view(m, n)
+
+    if low is None:
+        a = correlate(x, "a")  # [M, N] correlations
+    else:
+        a = buf("a", m, n).copy_(correlate(x, "a_low"))  # float32 from here: the updates below are exact
     score = buf("score", m, n)  # |a| scratch
     rows = buf("rows", m, n) if gram is not None else None  # G[i] scratch
 
@@ -278,15 +332,35 @@ def _pursuit(
             return torch.index_select(gram.view(g * n, n), 0, base + i, out=rows)
         return torch.bmm(atoms_flat.index_select(0, base + i).view(g, b, d), atoms_t).view(m, n)
 
+    def exact_dot(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x·d_i in float32 [M], and d_i [M, D]
+        atom = atoms_flat.index_select(0, base + i)
+        return (x_flat * atom).sum(1), atom
+
     idx = scratch.take("idx", (m, s), torch.long, dev)
+    residual = buf("residual", m, d).copy_(x_flat) if low is not None and gram is None else None  # fast direct form
     if method == "mp":
         coef = buf("coef", m, s)
         for k in range(s):
             i = _argmax_abs(a, score)
-            c = a.gather(1, i[:, None])  # [M, 1]
+            if low is None:
+                c = a.gather(1, i[:, None])  # [M, 1]
+            else:  # c = (x − Σ_j c_j d_j)·d_i from exact dot products
+                c, atom = exact_dot(i)
+                if k:
+                    if gram is not None:
+                        dots = gram.view(g * n, n)[(base + i)[:, None], idx[:, :k]]  # d_i·d_j [M, k]
+                    else:
+                        chosen = atoms_flat.index_select(0, (base[:, None] + idx[:, :k]).reshape(-1)).view(m, k, d)
+                        dots = torch.bmm(chosen, atom[:, :, None]).view(m, k)
+                    c = c - (coef[:, :k] * dots).sum(1)
+                c = c[:, None]
             idx[:, k], coef[:, k] = i, c[:, 0]
             if k + 1 < s:
-                a.addcmul_(gram_rows(i), c, value=-1)
+                if residual is None:
+                    a.addcmul_(gram_rows(i), c, value=-1)
+                else:  # direct form, fast: correlate the exact residual afresh (errors relative to it, not to x)
+                    residual.addcmul_(atom, c, value=-1)
+                    a.copy_(correlate(residual.view(g, b, d), "a_low"))
         return idx, coef, None
 
     diag = gram.diagonal(dim1=1, dim2=2).reshape(-1) if gram is not None else atoms_flat.pow(2).sum(1)  # [G*N]
@@ -298,6 +372,7 @@ def _pursuit(
         i = _argmax_abs(a, score, idx[:, :k] if k else None)  # [M]
         idx[:, k] = i
         di = diag[base + i]  # [M]
+        atom = None
         if k == 0:
             l, d2 = None, di
         elif gram is not None:
@@ -309,7 +384,13 @@ def _pursuit(
             d2 = di - (l * l).sum(1)
         ok = d2 > tol * di  # False: atom in the span of the support, give it coefficient 0
         lkk = torch.where(ok, d2.clamp_min(tol).sqrt(), torch.ones_like(d2))
-        gk = torch.where(ok, a.gather(1, i[:, None])[:, 0] / lkk, torch.zeros_like(d2))
+        if low is None:
+            ai = a.gather(1, i[:, None])[:, 0]  # the residual's correlation with d_i
+        else:  # the same from exact dot products: a0[i] − L[k, :k]·γ (forward substitution)
+            ai, atom = exact_dot(i)
+            if l is not None:
+                ai = ai - (l * gamma[:, :k]).sum(1)
+        gk = torch.where(ok, ai / lkk, torch.zeros_like(d2))
         chol[:, k, k], gamma[:, k] = lkk, gk
         if l is not None:
             chol[:, k, :k] = l * ok[:, None]
@@ -327,10 +408,14 @@ def _pursuit(
                 t.view(m, 1, n).baddbmm_(l.view(m, 1, k), basis[:, :k], alpha=-1)
                 torch.mul(t, scale, out=u)
         else:
-            q = atoms_flat.index_select(0, base + i) if l is None else atom
+            q = atoms_flat.index_select(0, base + i) if atom is None else atom
             if l is not None:
                 q = torch.baddbmm(q.view(m, 1, d), l.view(m, 1, k), basis[:, :k], alpha=-1).view(m, d)
             basis[:, k] = q * scale
+            if residual is not None:  # fast: correlate the exact residual x − Σ γ_j q_j afresh (errors relative to it)
+                residual.addcmul_(basis[:, k], gk[:, None], value=-1)
+                a.copy_(correlate(residual.view(g, b, d), "a_low"))
+                continue
             u = torch.bmm(basis[:, k].view(g, b, d), atoms_t).view(m, n)
         a.addcmul_(u, gk[:, None], value=-1)
     return idx, gamma, chol
