@@ -93,8 +93,8 @@ def engine_rows(repeat: int, acts: Path, dicts: Path, layer: int) -> list[dict]:
     rows = []
     for kind in ("k", "v"):
         x = reader.load(layer, kind).float()  # [T, H, D]
-        a = ds.atoms[f"layer.{layer}.{kind}"][0]  # [C, N, Dc]
-        mean = ds.means.get(f"layer.{layer}.{kind}") if hasattr(ds, "means") else None
+        a = ds.get(layer, kind)[0]  # [C, N, Dc] of group 0 (scope layer: the only one)
+        mean = ds.means.get(f"layer.{layer}.{kind}")
         v = x.reshape(-1, x.shape[-1])[:, : a.shape[-1]]
         if mean is not None:
             v = v - mean[0, : a.shape[-1]]

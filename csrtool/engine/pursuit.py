@@ -332,8 +332,9 @@ def _pursuit(
             return torch.index_select(gram.view(g * n, n), 0, base + i, out=rows)
         return torch.bmm(atoms_flat.index_select(0, base + i).view(g, b, d), atoms_t).view(m, n)
 
-    def exact_dot(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x·d_i in float32 [M], and d_i [M, D]
-        atom = atoms_flat.index_select(0, base + i)
+    def exact_dot(i: torch.Tensor, atom: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x·d_i in float32 [M], and d_i [M, D] (gathered unless given)."""
+        atom = atoms_flat.index_select(0, base + i) if atom is None else atom
         return (x_flat * atom).sum(1), atom
 
     idx = scratch.take("idx", (m, s), torch.long, dev)
@@ -347,12 +348,8 @@ def _pursuit(
             else:  # c = (x − Σ_j c_j d_j)·d_i from exact dot products
                 c, atom = exact_dot(i)
                 if k:
-                    if gram is not None:
-                        dots = gram.view(g * n, n)[(base + i)[:, None], idx[:, :k]]  # d_i·d_j [M, k]
-                    else:
-                        chosen = atoms_flat.index_select(0, (base[:, None] + idx[:, :k]).reshape(-1)).view(m, k, d)
-                        dots = torch.bmm(chosen, atom[:, :, None]).view(m, k)
-                    c = c - (coef[:, :k] * dots).sum(1)
+                    chosen = atoms_flat.index_select(0, (base[:, None] + idx[:, :k]).reshape(-1)).view(m, k, d)
+                    c = c - (coef[:, :k] * torch.bmm(chosen, atom[:, :, None]).view(m, k)).sum(1)  # Σ_j c_j d_j·d_i
                 c = c[:, None]
             idx[:, k], coef[:, k] = i, c[:, 0]
             if k + 1 < s:
@@ -387,7 +384,7 @@ def _pursuit(
         if low is None:
             ai = a.gather(1, i[:, None])[:, 0]  # the residual's correlation with d_i
         else:  # the same from exact dot products: a0[i] − L[k, :k]·γ (forward substitution)
-            ai, atom = exact_dot(i)
+            ai, atom = exact_dot(i, atom)  # the direct form gathered d_i above
             if l is not None:
                 ai = ai - (l * gamma[:, :k]).sum(1)
         gk = torch.where(ok, ai / lkk, torch.zeros_like(d2))
