@@ -11,7 +11,11 @@ avx512_bf16 (and GPUs) run bf16 GEMMs 2-3x faster. Each question against fp32 in
   2. the Gram-form OMP chunk loop (`pursuit._pursuit`) run in bf16 throughout: the naive port;
   3. with --acts and --dicts (a collection and its train-dict file): the engine's `fast=True` on real rows
      of --layer, what train-dict uses it for: the cross-layer settle (every row of a layer and kind at 4 atoms,
-     OMP) and the k-means Lloyd steps' assignment; seconds and relative error against the exact path.
+     OMP) and the k-means Lloyd steps' assignment; seconds and relative error against the exact path;
+  4. and what compress, eval and the live cache use it for (codec.FAST): the adaptive codes of --tokens
+     tokens at the plans of 1 and 2 bits per channel (codec.encode_counted, as compress calls it), of the
+     layer the plan gives the most atoms per vector, with the share of vectors whose codes (atoms, counts) come
+     out the same. (The rows minus the dictionary's mean, not what the predictions leave: the same calls.)
      (These rows are not what the dictionaries train on, which is what the predictions leave: this times the
      same calls and compares errors on the same inputs.)
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from csrtool import codec
 from csrtool.engine import kmeans, pursuit
 
 N_ATOMS = 8192
@@ -126,6 +131,54 @@ def engine_rows(repeat: int, acts: Path, dicts: Path, layer: int) -> list[dict]:
     return rows
 
 
+def codec_rows(repeat: int, acts: Path, dicts: Path, tokens: int) -> list[dict]:
+    from csrtool.calibration import allocate
+    from csrtool.formats.acts import ActsReader
+    from csrtool.formats.dicts import load_dicts
+
+    reader, ds = ActsReader(acts), load_dicts(dicts)
+    n_layers, h, d = len(reader.layers), reader.num_kv_heads, reader.head_dim
+    rows = []
+    for bits in (1.0, 2.0):
+        plan = allocate.codec_plan(ds, n_layers, h, d, bits=bits, coef=codec.DEFAULT_COEF, method="omp", adaptive=True)
+        for kind, j in (("k", 0), ("v", 1)):
+            layer = max(range(n_layers), key=lambda lay: plan.for_layer(lay).sparsity_k if j == 0 else plan.for_layer(lay).sparsity_v)
+            s = (plan.for_layer(layer).sparsity_k, plan.for_layer(layer).sparsity_v)[j]
+            x = reader.load(layer, kind).float()[:tokens]  # [T, H, D]
+            x = codec.shift(x.permute(1, 0, 2)[None].contiguous(), ds.means.get(f"layer.{layer}.{kind}"), -1.0)  # [1, H, T, D]
+            atoms = ds.atoms[f"layer.{layer}.{kind}"].float()
+
+            def run(fast: bool):
+                codec.FAST = fast
+                try:
+                    return codec.encode_counted(x, atoms, s, "omp", True, codec.DEFAULT_COEF, kind)
+                finally:
+                    codec.FAST = True
+
+            out = {name: run(fast) for name, fast in (("exact", False), ("fast", True))}
+            t = {name: best(lambda f=fast: run(f), repeat) for name, fast in (("exact", False), ("fast", True))}
+            err = {name: float((x - codec.decode_codes(i, c, atoms)).pow(2).sum() / x.pow(2).sum()) for name, (i, c, _) in out.items()}
+            same = ((out["exact"][0] == out["fast"][0]).all(-1) & (out["exact"][2] == out["fast"][2])).float().mean()
+            row = {"what": "codec_adaptive", "bits": bits, "layer": layer, "kind": kind, "vectors": x.shape[1] * x.shape[2], "sparsity": s,
+                   "max_atoms": out["exact"][0].shape[-1], "exact_s": t["exact"], "fast_s": t["fast"], "speedup": t["exact"] / t["fast"],
+                   "exact_rel_err": err["exact"], "fast_rel_err": err["fast"], "same_codes": float(same)}
+            # batch independence (what compress, eval and the live cache need to agree): fixed codes at S of all vectors
+            # at once against the same vectors coded a few at a time (a decode step codes one token's heads)
+            xg = x[0].reshape(1, -1, x.shape[-1]).contiguous()  # [1, H*T, D]
+            ag = atoms.reshape(-1, atoms.shape[-2], atoms.shape[-1])[:1]
+            for name, fast in (("exact", False), ("fast", True)):
+                whole = pursuit.encode_groups(xg, ag, s, "omp", fast=fast)[0]
+                parts = torch.cat([pursuit.encode_groups(xg[:, i : i + 3], ag, s, "omp", fast=fast)[0] for i in range(0, xg.shape[1], 3)], 1)
+                row[f"{name}_same_across_batches"] = float((whole == parts).all(-1).float().mean())
+            rows.append(row)
+            print(f"  fixed codes at S {s}, all vectors at once against 3 at a time: identical on "
+                  f"{100 * row['exact_same_across_batches']:.2f}% (exact) / {100 * row['fast_same_across_batches']:.2f}% (fast) of vectors", flush=True)
+            print(f"adaptive codes at {bits:g} b, layer {layer} {kind}: {row['vectors']} vectors, S {s} (up to {row['max_atoms']}): "
+                  f"exact {row['exact_s']:.2f} s, fast {row['fast_s']:.2f} s ({row['speedup']:.2f}x); relative error "
+                  f"{err['exact']:.5f} -> {err['fast']:.5f}; same codes on {100 * row['same_codes']:.1f}% of vectors", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -133,12 +186,17 @@ def main() -> None:
     ap.add_argument("--acts", type=Path, help="a csrtool collect directory (with --dicts): time the engine's fast path on its rows")
     ap.add_argument("--dicts", type=Path, help="its csrtool train-dict file")
     ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens of --layer the codec rows code (eval compresses ~1,000 per document)")
+    ap.add_argument("--codec-only", action="store_true", help="only the codec rows (4.)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    report = {"threads": torch.get_num_threads(), "native_bf16": pursuit.fast_correlations(torch.float32, "cpu"),
-              "gemm": gemm_rows(args.repeat), "naive_bf16_omp": naive_row(args.repeat, args.vectors, 4)}
+    report = {"threads": torch.get_num_threads(), "native_bf16": pursuit.fast_correlations(torch.float32, "cpu")}
+    if not args.codec_only:
+        report["gemm"], report["naive_bf16_omp"] = gemm_rows(args.repeat), naive_row(args.repeat, args.vectors, 4)
+        if args.acts and args.dicts:
+            report["engine"] = engine_rows(args.repeat, args.acts, args.dicts, args.layer)
     if args.acts and args.dicts:
-        report["engine"] = engine_rows(args.repeat, args.acts, args.dicts, args.layer)
+        report["codec"] = codec_rows(args.repeat, args.acts, args.dicts, args.tokens)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 

@@ -55,6 +55,7 @@ METHODS = pursuit.METHODS
 KEY_SPACES = ("post-rope", "pre-rope")  # where keys are coded: as the cache stores them, or before RoPE
 DEFAULT_WINDOW = 4  # last tokens kept verbatim: small, so short caches stay well compressed (docs/quality.md, "Numbers behind defaults")
 DEFAULT_SINK = 4  # first tokens kept uncompressed: they draw a large share of attention (attention sinks; docs/quality.md §1)
+FAST = True  # atoms picked from bf16 correlation GEMMs where the hardware has them (pursuit.fast_correlations); exact coefficients
 ADAPTIVE_DEFAULT = True  # the CLI's codes (compress, eval): per-vector adaptive counts or S atoms for every vector
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -122,7 +123,7 @@ def spans(t: int, window: int, sink: int) -> tuple[int, int, int]:
 
 def _encode_groups(x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [G, M, D], atoms [G, N, D] -> idx, coef [G, M, S]."""
-    return pursuit.encode_groups(x, atoms, sparsity, method)
+    return pursuit.encode_groups(x, atoms, sparsity, method, fast=FAST)
 
 
 def _decode_groups(idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
@@ -180,11 +181,11 @@ def encode_counted(
         if sets:
             total = adaptive_bits(xg.shape[0] * xg.shape[1], sparsity, dc, n, fmt)
             idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v",
-                                                             cost=adaptive_cost(sparsity, dc, n, fmt))
+                                                             cost=adaptive_cost(sparsity, dc, n, fmt), fast=FAST)
             idx, cf = (z.reshape(idx.shape) for z in setcode.sort_codes(idx.reshape(-1, s), cf.reshape(-1, s), counts.reshape(-1)))
         else:
             total = adaptive_slots(xg.shape[0] * xg.shape[1], sparsity, dc, n, fmt)
-            idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v")
+            idx, cf, counts = pursuit.encode_groups_adaptive(xg, ag, s, total, method, relative=kind == "v", fast=FAST)
     else:
         s = sparsity
         idx, cf = _encode_groups(xg, ag, s, method)

@@ -217,6 +217,38 @@ def test_fast_correlations_choose_about_as_well_with_exact_coefficients(native_b
     assert abs(e_fast - e_exact) <= 0.01 * e_exact
 
 
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_fast_codes_do_not_depend_on_the_batch(native_bf16, method: str) -> None:
+    """compress codes a whole cache, the live cache a token's heads at a time: with bf16 correlations the
+    same vector must get the same code either way (the rounding is elementwise), as on the exact path."""
+    x, atoms = random_case(8, 600, 1024, 64)
+    whole = pursuit.encode(x, atoms, 8, method, fast=True)
+    exact = pursuit.encode(x, atoms, 8, method)
+    assert not torch.equal(whole[0], exact[0])  # the bf16 path was taken
+    for step in (1, 3, 257):
+        parts = [pursuit.encode(x[i : i + step], atoms, 8, method, fast=True) for i in range(0, x.shape[0], step)]
+        assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
+        torch.testing.assert_close(whole[1], torch.cat([p[1] for p in parts]), rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_fast_codes_keep_exact_coefficients_and_the_error(native_bf16) -> None:
+    x, atoms = random_case(9, 400, 2048, 64)
+    xg = x.view(2, 200, 64)
+    ag = torch.stack([atoms, atoms.flip(0)])
+    fast = pursuit.encode_groups_adaptive(xg, ag, 12, 2 * 200 * 6, "omp", fast=True)
+    exact = pursuit.encode_groups_adaptive(xg, ag, 12, 2 * 200 * 6, "omp")
+    assert not torch.equal(fast[0], exact[0])
+    assert int(fast[2].sum()) <= 2 * 200 * 6
+    for g in range(2):  # each vector's coefficients: least squares on its first counts[t] atoms
+        for t in range(0, 200, 37):
+            k = int(fast[2][g, t])
+            if k:
+                ls = torch.linalg.lstsq(ag[g].double()[fast[0][g, t, :k]].T, xg[g, t].double()[:, None]).solution[:, 0]
+                torch.testing.assert_close(fast[1][g, t, :k].double(), ls, rtol=1e-4, atol=1e-5)
+    err = [float((xg - pursuit.decode_groups(i, c, ag)).pow(2).sum() / xg.pow(2).sum()) for i, c, _ in (fast, exact)]
+    assert abs(err[0] - err[1]) <= 0.01 * err[1]
+
+
 def test_fast_is_the_exact_path_without_native_bf16(monkeypatch) -> None:
     x, atoms = random_case(7, 100, 1024, 64)
     monkeypatch.setattr(pursuit, "_native_bf16_cpu", lambda: False)

@@ -30,18 +30,19 @@ Ties in argmax go to the lowest atom index. Half-precision inputs are computed
 in float32; float64 inputs stay float64. Vectors are processed in chunks, so
 memory is bounded by the chunk size, not by B.
 
-Fast correlations (`fast=True`, for codes nobody compares with others: train-dict's
-decoded calibration vectors). On float32 work where the hardware has native bfloat16
-GEMMs (x86 CPUs with avx512_bf16 or AMX, CUDA GPUs with bf16; `fast_correlations`)
-the direct form is used (unless a Gram is passed) and each step correlates the
-exact float32 residual r afresh, D·r as one bfloat16 GEMM (a0 = X·Dᵀ likewise in
-the Gram form), so the rounding is relative to r, not to x, and steers only which
-atom is picked. Every coefficient comes from exact float32 dot products (OMP:
+Fast correlations (`fast=True`: train-dict, and compress, eval and the live cache through
+codec.FAST). On float32 work where the hardware has native bfloat16 GEMMs (x86 CPUs with
+avx512_bf16 or AMX, CUDA GPUs with bf16; `fast_correlations`) the direct form is used (unless a
+Gram is passed) and each step correlates the exact float32 residual r afresh, D·r as one bfloat16
+GEMM (a0 = X·Dᵀ likewise in the Gram form), so the rounding is relative to r, not to x, and steers
+only which atom is picked. Every coefficient comes from exact float32 dot products (OMP:
 γ_k = (x·d_i − L[k, :k]·γ_{:k}) / L[k, k], the forward substitution itself; MP:
-c = x·d_i − Σ_j c_j·d_j·d_i): the codes carry the least-squares (OMP) or matching-
-pursuit coefficients of the atoms chosen. A near-tie between two atoms may go the
-other way, differently at other batch sizes, so compress, eval and the live cache,
-whose codes must agree, do not use it (docs/quality.md, eighteenth pass).
+c = x·d_i − Σ_j c_j·d_j·d_i): the codes carry the least-squares (OMP) or matching-pursuit
+coefficients of the atoms chosen. The bf16 rounding of r and of the atoms is elementwise, so a
+vector's atoms do not depend on the batch it is coded in any more than the exact path's do
+(bench/fast_correlations.py: identical codes for 100% of vectors coded all at once and three at a
+time); they differ from the exact path's on 20-40% of vectors at the same error (docs/quality.md,
+nineteenth pass). Without native bf16, and for float64, `fast=True` is the exact path bit for bit.
 """
 
 from __future__ import annotations
@@ -183,13 +184,14 @@ def encode_groups_adaptive(
     chunk: int | None = None,
     relative: bool = False,
     cost: torch.Tensor | None = None,
+    fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adaptive sparsity (engine/adaptive.py): each vector of x [G, B, D] gets 0..max_sparsity atoms,
     at most `total` over all G·B vectors (with `cost` [S_max + 1]: Σ cost[count] <= total, e.g. bits),
     minimising the summed squared error (relative: the summed error of each vector relative to its own
     energy). Returns idx, coef [G, B, S_max] (coefficients zero and indices 0 past a vector's count)
-    and counts [G, B]."""
-    idx, gamma, chol = _encode_all(x, atoms, max_sparsity, method, chunk, None, keep_chol=True)
+    and counts [G, B]. `fast` as in `encode`."""
+    idx, gamma, chol = _encode_all(x, atoms, max_sparsity, method, chunk, None, keep_chol=True, fast=fast)
     gains = gamma.pow(2)
     if relative:
         gains = gains / x.reshape(-1, x.shape[-1]).to(gains.dtype).pow(2).sum(1, keepdim=True).clamp_min(torch.finfo(gains.dtype).tiny)
