@@ -269,8 +269,8 @@ class _Rows:
                 if means is not None:
                     rows = rows - means[g, c * dc : (c + 1) * dc].to(rows.device)
                 a = atoms[g, c].to(rows.device)
-                # fast: bf16 correlations pick the atoms where the hardware has them (exact coefficients; these codes are
-                # only the maps' inputs, never compared with compress's): 1.3x faster (docs/quality.md, eighteenth pass)
+                # fast: bf16 correlations pick the atoms where the hardware has them (exact coefficients), as the
+                # codec does: 1.3x faster (docs/quality.md, eighteenth pass)
                 idx, coef = pursuit.encode(rows, a, min(XREF_SPARSITY, a.shape[0]), "omp", fast=True)
                 e = (rows - pursuit.decode(idx, coef, a)).to(err.dtype)
                 view = err[:, g] if scope == "head" else err.reshape(-1, d)

@@ -284,10 +284,41 @@ def _argmax_abs(a: torch.Tensor, buf: torch.Tensor | None = None, chosen: torch.
     return argmax_rows(score)
 
 
+def _refine(score: torch.Tensor, residual: torch.Tensor, atoms_flat: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The fast path's pick: of the two atoms with the largest bf16 |correlation| (score [M, N], chosen atoms
+    at −1), the one whose exact float32 correlation with the residual [M, D] is larger ([M] atom indices).
+
+    So bf16 only screens: the pick is the exact argmax unless a third atom comes within the bf16 rounding
+    of the best. The runner-up is the second lane of the winning block or the best lane of the second
+    block (argmax_rows' blocks), which costs two [M, W] gathers, not another pass over the [M, N] scores."""
+    m, n = score.shape
+    w = _block(n)
+    rows = torch.arange(m, device=score.device)
+    if not w:
+        cand = score.topk(min(2, n), dim=1).indices  # [M, 2]
+        cand_score = score.gather(1, cand)
+    else:
+        blocks = score.view(m, n // w, w)
+        top = blocks.amax(dim=2).topk(2, dim=1).indices  # [M, 2] the two best blocks
+        first = blocks[rows, top[:, 0]].topk(2, dim=1)  # the winning block's two best lanes
+        second = blocks[rows, top[:, 1]].max(dim=1)  # the second block's best lane
+        cand = torch.stack([top[:, 0] * w + first.indices[:, 0], top[:, 0] * w + first.indices[:, 1], top[:, 1] * w + second.indices], 1)
+        cand_score = torch.stack([first.values[:, 0], first.values[:, 1], second.values], 1)
+    atoms = atoms_flat.index_select(0, (base[:, None] + cand).reshape(-1)).view(m, cand.shape[1], -1)  # [M, c, D]
+    exact = torch.bmm(atoms, residual[:, :, None])[:, :, 0].abs()
+    exact = torch.where(cand_score < 0, -1.0, exact)  # a chosen atom (score −1) never wins
+    return cand.gather(1, exact.argmax(dim=1, keepdim=True))[:, 0]
+
+
+def _block(n: int) -> int:
+    """argmax_rows' block width for N columns (0: too few columns for blocks)."""
+    return next((w for w in (64, 32) if n % w == 0 and n >= 4 * w), 0)
+
+
 def argmax_rows(score: torch.Tensor) -> torch.Tensor:
     """score.argmax(dim=1) for [M, N] (lowest index on ties), by block maxima: see _argmax_abs."""
     m, n = score.shape
-    w = next((w for w in (64, 32) if n % w == 0 and n >= 4 * w), 0)
+    w = _block(n)
     if not w:
         return score.argmax(dim=1)
     blocks = score.view(m, n // w, w)
@@ -344,7 +375,10 @@ def _pursuit(
     if method == "mp":
         coef = buf("coef", m, s)
         for k in range(s):
-            i = _argmax_abs(a, score)
+            if residual is None:
+                i = _argmax_abs(a, score)
+            else:
+                i = _refine(torch.abs(a, out=score), residual, atoms_flat, base)
             if low is None:
                 c = a.gather(1, i[:, None])  # [M, 1]
             else:  # c = (x − Σ_j c_j d_j)·d_i from exact dot products
@@ -368,7 +402,13 @@ def _pursuit(
     gamma = buf("gamma", m, s).zero_()  # L·γ = a0[support]
     basis = buf("basis", m, max(s - 1, 1), n if gram is not None else d)  # u_k or q_k
     for k in range(s):
-        i = _argmax_abs(a, score, idx[:, :k] if k else None)  # [M]
+        if residual is None:
+            i = _argmax_abs(a, score, idx[:, :k] if k else None)  # [M]
+        else:  # fast: bf16 screens two atoms, their exact correlations pick
+            sc = torch.abs(a, out=score)
+            if k:
+                sc.scatter_(1, idx[:, :k], -1.0)
+            i = _refine(sc, residual, atoms_flat, base)
         idx[:, k] = i
         di = diag[base + i]  # [M]
         atom = None
