@@ -269,9 +269,10 @@ class _Rows:
                 if means is not None:
                     rows = rows - means[g, c * dc : (c + 1) * dc].to(rows.device)
                 a = atoms[g, c].to(rows.device)
-                # fast: bf16 correlations pick the atoms where the hardware has them (exact coefficients), as the
-                # codec does: 1.3x faster (docs/quality.md, eighteenth pass)
-                idx, coef = pursuit.encode(rows, a, min(XREF_SPARSITY, a.shape[0]), "omp", fast=True)
+                # fast: bf16 correlations pick the atoms where the hardware has them (exact coefficients), 1.3x faster;
+                # the bf16 argmax alone (no refined pick: these codes are only the maps' inputs, and the refinement
+                # cost 1.3x here for nothing measured; docs/quality.md, eighteenth and nineteenth passes)
+                idx, coef = pursuit.encode(rows, a, min(XREF_SPARSITY, a.shape[0]), "omp", fast=True, refine=False)
                 e = (rows - pursuit.decode(idx, coef, a)).to(err.dtype)
                 view = err[:, g] if scope == "head" else err.reshape(-1, d)
                 view[:, c * dc : (c + 1) * dc] = e

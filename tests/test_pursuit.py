@@ -218,6 +218,9 @@ def test_fast_picks_settle_near_ties_exactly(native_bf16, refined) -> None:
     for method in ("mp", "omp"):
         assert torch.equal(pursuit.encode(x, atoms, 1, method, fast=True)[0][:, 0], exact)
     assert refined
+    del refined[:]
+    alone = pursuit.encode(x, atoms, 1, "omp", fast=True, refine=False)[0][:, 0]  # train-dict's settle: the bf16 argmax
+    assert not refined and not torch.equal(alone, exact)
 
 
 def chosen_atoms_coefficients(x: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, method: str) -> torch.Tensor:

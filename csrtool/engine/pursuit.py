@@ -38,11 +38,15 @@ GEMM (a0 = X·Dᵀ likewise in the Gram form), so the rounding is relative to r,
 only which atom is picked. Every coefficient comes from exact float32 dot products (OMP:
 γ_k = (x·d_i − L[k, :k]·γ_{:k}) / L[k, k], the forward substitution itself; MP:
 c = x·d_i − Σ_j c_j·d_j·d_i): the codes carry the least-squares (OMP) or matching-pursuit
-coefficients of the atoms chosen. The bf16 rounding of r and of the atoms is elementwise, so a
-vector's atoms do not depend on the batch it is coded in any more than the exact path's do
-(bench/fast_correlations.py: identical codes for 100% of vectors coded all at once and three at a
-time); they differ from the exact path's on 20-40% of vectors at the same error (docs/quality.md,
-nineteenth pass). Without native bf16, and for float64, `fast=True` is the exact path bit for bit.
+coefficients of the atoms chosen. In the direct form bf16 only screens: of the two atoms with the
+largest bf16 |correlation| (`_refine`), the one with the larger exact float32 correlation with r is
+picked, so a pick differs from the exact path's only where a third atom comes within bf16 rounding
+of the best (the codes of real rows: the exact path's on 98-99% of vectors; the bf16 argmax alone,
+`refine=False`, which train-dict's settle uses: 61-81%). The bf16 rounding of r and of the atoms is
+elementwise, so a vector's atoms do not depend on the batch it is coded in any more than the exact
+path's do (bench/fast_correlations.py: identical codes for 100% of vectors coded all at once and
+three at a time; docs/quality.md, nineteenth pass). Without native bf16, and for float64,
+`fast=True` is the exact path bit for bit.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def encode(
     chunk: int | None = None,
     gram: torch.Tensor | bool | None = None,
     fast: bool = False,
+    refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code each row of x [B, D] with `sparsity` atoms of `atoms` [N, D] (unit rows).
 
@@ -105,11 +110,12 @@ def encode(
     how many vectors are coded at once (None: sized so a chunk's [B, N] work fits
     in cache). `gram`: a precomputed D·Dᵀ [N, N] (from `gram(atoms)`), True/False
     to force the Gram/direct form, or None to choose by cost. `fast`: fast
-    correlations where the hardware has them (module doc).
+    correlations where the hardware has them (module doc); `refine` False: the bf16 argmax picks alone
+    (train-dict's settle), not the better of two by exact correlations.
     """
     if gram is not None and not isinstance(gram, bool):
         gram = gram[None]
-    idx, coef = encode_groups(x[None], atoms[None], sparsity, method, chunk, gram, fast)
+    idx, coef = encode_groups(x[None], atoms[None], sparsity, method, chunk, gram, fast, refine)
     return idx[0], coef[0]
 
 
@@ -164,13 +170,14 @@ def encode_groups(
     chunk: int | None = None,
     gram: torch.Tensor | bool | None = None,
     fast: bool = False,
+    refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code group g of x [G, B, D] with atoms[g] of [G, N, D]: idx, coef [G, B, S].
 
     All groups go through one bmm per chunk (e.g. one dictionary per KV head).
-    `gram` and `fast` as in `encode`, with a precomputed Gram of shape [G, N, N].
+    `gram`, `fast` and `refine` as in `encode`, with a precomputed Gram of shape [G, N, N].
     """
-    idx, coef, _ = _encode_all(x, atoms, sparsity, method, chunk, gram, keep_chol=False, fast=fast)
+    idx, coef, _ = _encode_all(x, atoms, sparsity, method, chunk, gram, keep_chol=False, fast=fast, refine=refine)
     g, b = x.shape[0], x.shape[1]
     return idx.view(g, b, idx.shape[1]), coef.float().view(g, b, idx.shape[1])
 
@@ -204,7 +211,7 @@ def encode_groups_adaptive(
 
 def _encode_all(
     x: torch.Tensor, atoms: torch.Tensor, sparsity: int, method: str, chunk: int | None, gram: torch.Tensor | bool | None,
-    keep_chol: bool, fast: bool = False,
+    keep_chol: bool, fast: bool = False, refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """idx [G*B, S] and, rows group-major (group g's vectors are rows g*B .. g*B+B-1):
     keep_chol False: the coefficients [G*B, S] and None;
@@ -241,7 +248,7 @@ def _encode_all(
         for start in range(0, b, per):
             stop = min(b, start + per)
             xb = x[:, start:stop].to(cd)
-            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method, scratch, low)
+            i, gm, l = _pursuit(xb, atoms_c, gram if gram is not False else None, s, method, scratch, low, refine)
             idx[:, start:stop] = i.view(g, stop - start, s)
             if l is not None and not keep_chol:  # OMP's least-squares coefficients, chunk by chunk
                 gm = torch.linalg.solve_triangular(l.transpose(1, 2), gm[:, :, None], upper=True)[:, :, 0]
@@ -329,7 +336,7 @@ def argmax_rows(score: torch.Tensor) -> torch.Tensor:
 
 def _pursuit(
     x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, s: int, method: str, scratch: _Scratch | None = None,
-    low: torch.Tensor | None = None,
+    low: torch.Tensor | None = None, refine: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk: x [G, B, D], atoms [G, N, D], gram [G, N, N] or None -> idx [G*B, S], gamma [G*B, S]
     and L [G*B, S, S] (OMP; coef = L⁻ᵀγ) or None (MP; gamma are the coefficients). The results are views
@@ -372,10 +379,11 @@ def _pursuit(
 
     idx = scratch.take("idx", (m, s), torch.long, dev)
     residual = buf("residual", m, d).copy_(x_flat) if low is not None and gram is None else None  # fast direct form
+    picks = residual is not None and refine  # bf16 screens two atoms, exact correlations with the residual pick (_refine)
     if method == "mp":
         coef = buf("coef", m, s)
         for k in range(s):
-            if residual is None:
+            if not picks:
                 i = _argmax_abs(a, score)
             else:
                 i = _refine(torch.abs(a, out=score), residual, atoms_flat, base)
@@ -402,7 +410,7 @@ def _pursuit(
     gamma = buf("gamma", m, s).zero_()  # L·γ = a0[support]
     basis = buf("basis", m, max(s - 1, 1), n if gram is not None else d)  # u_k or q_k
     for k in range(s):
-        if residual is None:
+        if not picks:
             i = _argmax_abs(a, score, idx[:, :k] if k else None)  # [M]
         else:  # fast: bf16 screens two atoms, their exact correlations pick
             sc = torch.abs(a, out=score)
