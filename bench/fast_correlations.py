@@ -10,14 +10,15 @@ avx512_bf16 (and GPUs) run bf16 GEMMs 2-3x faster. Each question against fp32 in
      at the engine's chunk shapes (256 vectors; eval's 192);
   2. the Gram-form OMP chunk loop (`pursuit._pursuit`) run in bf16 throughout: the naive port;
   3. with --acts and --dicts (a collection and its train-dict file): the engine's `fast=True` on real rows
-     of --layer, what train-dict uses it for: the cross-layer settle (every row of a layer and kind at 4 atoms,
-     OMP) and the k-means Lloyd steps' assignment; seconds and relative error against the exact path;
-  4. and what compress, eval and the live cache use it for (codec.FAST): the adaptive codes of --tokens
-     tokens at the plans of 1 and 2 bits per channel (codec.encode_counted, as compress calls it), of the
-     layer the plan gives the most atoms per vector, with the share of vectors whose codes (atoms, counts) come
-     out the same. (The rows minus the dictionary's mean, not what the predictions leave: the same calls.)
-     (These rows are not what the dictionaries train on, which is what the predictions leave: this times the
-     same calls and compares errors on the same inputs.)
+     of --layer, what train-dict uses it for: the cross-layer settle (every row of a layer and kind at
+     4 atoms, OMP, the bf16 argmax alone as settle runs it: refine=False) and the k-means Lloyd steps'
+     assignment; seconds and relative error against the exact path;
+  4. and what compress, eval and the live cache use it for (codec.FAST, refined picks): the adaptive codes
+     of --tokens tokens at the plans of 1 and 2 bits per channel (codec.encode_counted, as compress calls
+     it), of the layer the plan gives the most atoms per vector, with the share of vectors whose codes
+     (atoms, counts) come out the same, and whether fixed codes depend on the batch they are coded in.
+  (Rows 3-4 code the collected rows, minus the dictionary's mean for 4, not what the predictions leave,
+  which is what the dictionaries train on and the codec codes: the same calls, errors on the same inputs.)
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def engine_rows(repeat: int, acts: Path, dicts: Path, layer: int) -> list[dict]:
         v, atoms = v.contiguous(), a[0].float().contiguous()
         out = {}
         for name, fast in (("exact", False), ("fast", True)):
-            out[name] = pursuit.encode(v, atoms, 4, "omp", fast=fast)
-        t = {name: best(lambda f=fast: pursuit.encode(v, atoms, 4, "omp", fast=f), repeat) for name, fast in (("exact", False), ("fast", True))}
+            out[name] = pursuit.encode(v, atoms, 4, "omp", fast=fast, refine=False)
+        t = {name: best(lambda f=fast: pursuit.encode(v, atoms, 4, "omp", fast=f, refine=False), repeat) for name, fast in (("exact", False), ("fast", True))}
         row = {"what": "settle", "layer": layer, "kind": kind, "vectors": v.shape[0], "atoms": atoms.shape[0], "sparsity": 4,
                "exact_s": t["exact"], "fast_s": t["fast"], "speedup": t["exact"] / t["fast"],
                "exact_rel_err": rel_err(v, *out["exact"], atoms), "fast_rel_err": rel_err(v, *out["fast"], atoms),
