@@ -285,19 +285,28 @@ def _argmax_abs(a: torch.Tensor, buf: torch.Tensor | None = None, chosen: torch.
     argmax inside the winning block. The first block holding the maximum, then the
     first lane in it, is the lowest index holding it: same answer as argmax.
     """
+    return argmax_rows(_abs_scores(a, buf, chosen))
+
+
+def _abs_scores(a: torch.Tensor, buf: torch.Tensor | None, chosen: torch.Tensor | None) -> torch.Tensor:
+    """|a| [M, N] (into `buf` if given) with the `chosen` [M, k] columns at −1, below every candidate."""
     score = torch.abs(a, out=buf) if buf is not None else a.abs()
     if chosen is not None:
         score.scatter_(1, chosen, -1.0)
-    return argmax_rows(score)
+    return score
 
 
-def _refine(score: torch.Tensor, residual: torch.Tensor, atoms_flat: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The fast path's pick: of the two atoms with the largest bf16 |correlation| (score [M, N], chosen atoms
-    at −1), the one whose exact float32 correlation with the residual [M, D] is larger ([M] atom indices).
+def _refine(
+    a: torch.Tensor, buf: torch.Tensor | None, chosen: torch.Tensor | None, residual: torch.Tensor, atoms_flat: torch.Tensor,
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """The fast path's pick, in place of _argmax_abs(a, buf, chosen): of the two atoms with the largest bf16
+    |correlation| a [M, N], the one whose exact float32 correlation with the residual [M, D] is larger ([M] atom indices).
 
     So bf16 only screens: the pick is the exact argmax unless a third atom comes within the bf16 rounding
     of the best. The runner-up is the second lane of the winning block or the best lane of the second
-    block (argmax_rows' blocks), which costs two [M, W] gathers, not another pass over the [M, N] scores."""
+    block (argmax_rows' blocks): three candidates, two [M, W] gathers, not another pass over the [M, N] scores."""
+    score = _abs_scores(a, buf, chosen)
     m, n = score.shape
     w = _block(n)
     rows = torch.arange(m, device=score.device)
@@ -383,10 +392,7 @@ def _pursuit(
     if method == "mp":
         coef = buf("coef", m, s)
         for k in range(s):
-            if not picks:
-                i = _argmax_abs(a, score)
-            else:
-                i = _refine(torch.abs(a, out=score), residual, atoms_flat, base)
+            i = _refine(a, score, None, residual, atoms_flat, base) if picks else _argmax_abs(a, score)
             if low is None:
                 c = a.gather(1, i[:, None])  # [M, 1]
             else:  # c = (x − Σ_j c_j d_j)·d_i from exact dot products
@@ -410,13 +416,8 @@ def _pursuit(
     gamma = buf("gamma", m, s).zero_()  # L·γ = a0[support]
     basis = buf("basis", m, max(s - 1, 1), n if gram is not None else d)  # u_k or q_k
     for k in range(s):
-        if not picks:
-            i = _argmax_abs(a, score, idx[:, :k] if k else None)  # [M]
-        else:  # fast: bf16 screens two atoms, their exact correlations pick
-            sc = torch.abs(a, out=score)
-            if k:
-                sc.scatter_(1, idx[:, :k], -1.0)
-            i = _refine(sc, residual, atoms_flat, base)
+        chosen = idx[:, :k] if k else None
+        i = _refine(a, score, chosen, residual, atoms_flat, base) if picks else _argmax_abs(a, score, chosen)  # [M]
         idx[:, k] = i
         di = diag[base + i]  # [M]
         atom = None
